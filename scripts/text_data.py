@@ -1,0 +1,379 @@
+"""Text corpora for language-model training, shared by the stages.
+
+Reads RedPajama-style JSONL (`{"text": ..., "meta": {"redpajama_set_name": ...}}`) as plain `.jsonl`, `.jsonl.gz`,
+`.jsonl.zst` and `.zip` archives of them; every bad record is reported as `file:line: what is wrong` (or, when asked,
+skipped and counted). Documents are split into train/validation by a hash of their text (so no document, nor an
+exact duplicate of it, lands on both sides), tokenized once with `datasets.map` (cached on disk), and packed into
+full blocks with EOS after every document: no padding anywhere. Sources can be mixed by weight.
+"""
+
+from __future__ import annotations
+
+import ast
+import gzip
+import hashlib
+import io
+import json
+import logging
+import os
+import zipfile
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from itertools import chain
+from typing import IO
+
+import datasets
+import torch
+
+logger = logging.getLogger(__name__)
+
+JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst")
+SKIP_HINT = " (pass --skip_bad_records to skip and count such records)"
+FORMAT_VERSION = "text_data-v1"  # bump to invalidate cached tokenized/packed datasets after a format change
+
+
+class BadRecordError(ValueError):
+    """A corpus problem, always phrased as `location: what is wrong`."""
+
+
+@dataclass
+class SkipReport:
+    """Bad records that were skipped (with --skip_bad_records), by reason, with the first few locations."""
+
+    counts: Counter = field(default_factory=Counter)
+    examples: list[str] = field(default_factory=list)
+    max_examples: int = 5
+
+    def add(self, location: str, reason: str) -> None:
+        self.counts[reason.split(" (")[0]] += 1
+        if len(self.examples) < self.max_examples:
+            self.examples.append(f"{location}: {reason}")
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def summary(self) -> str:
+        if not self.total:
+            return "no bad records"
+        reasons = ", ".join(f"{n} x {reason}" for reason, n in self.counts.most_common())
+        return f"skipped {self.total} bad record(s): {reasons}; first: " + "; ".join(self.examples)
+
+
+# ---------------------------------------------------------------------------------------------------------- reading
+
+def is_jsonl_name(name: str) -> bool:
+    return name.endswith(JSONL_SUFFIXES)
+
+
+def source_name_of_file(path: str) -> str:
+    """`data/c4.jsonl.zst` -> `c4`: the per-file source name used when records carry no set name."""
+    name = os.path.basename(path.split("!")[-1])
+    for suffix in sorted(JSONL_SUFFIXES, key=len, reverse=True):
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def _decompressed(name: str, raw: IO[bytes]) -> IO[bytes]:
+    if name.endswith(".gz"):
+        return gzip.GzipFile(fileobj=raw)
+    if name.endswith(".zst"):
+        try:
+            import zstandard
+        except ImportError as e:
+            raise ImportError(f"{name}: reading .zst needs the `zstandard` package (pip install zstandard)") from e
+        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw))
+    return raw
+
+
+def open_jsonl_streams(path: str) -> Iterator[tuple[str, IO[bytes]]]:
+    """Yield (display name, binary line stream) for `path`, or for each JSONL member of a `.zip` (sorted by name)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such file")
+    if path.endswith(".zip"):
+        with zipfile.ZipFile(path) as archive:
+            names = sorted(n for n in archive.namelist() if is_jsonl_name(n) and not n.endswith("/"))
+            if not names:
+                raise BadRecordError(f"{path}: the zip archive holds no {'/'.join(JSONL_SUFFIXES)} file")
+            for name in names:
+                with archive.open(name) as raw:
+                    yield f"{path}!{name}", _decompressed(name, raw)
+        return
+    if not is_jsonl_name(path):
+        raise BadRecordError(f"{path}: unsupported file type; expected {', '.join(JSONL_SUFFIXES)} or .zip")
+    with open(path, "rb") as raw:
+        yield path, _decompressed(path, raw)
+
+
+def parse_record(raw_line: bytes) -> dict:
+    """One JSONL line -> the record dict; BadRecordError says what is wrong (the caller adds file:line)."""
+    try:
+        line = raw_line.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise BadRecordError(f"not valid UTF-8 (byte 0x{raw_line[e.start]:02x} at column {e.start + 1})") from None
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise BadRecordError(f"malformed JSON ({e.msg} at column {e.colno})") from None
+    if not isinstance(record, dict):
+        raise BadRecordError(f"record is a JSON {type(record).__name__}, not an object")
+    if "text" not in record:
+        raise BadRecordError('record has no "text" field')
+    if not isinstance(record["text"], str):
+        raise BadRecordError(f'"text" is a {type(record["text"]).__name__}, not a string')
+    if not record["text"].strip():
+        raise BadRecordError('"text" is empty')
+    return record
+
+
+def set_name_of(record: dict) -> str | None:
+    """`meta.redpajama_set_name`; some RedPajama dumps store `meta` as a JSON or Python-literal string."""
+    meta = record.get("meta")
+    if isinstance(meta, str):
+        for parse in (json.loads, ast.literal_eval):
+            try:
+                meta = parse(meta)
+                break
+            except (ValueError, SyntaxError):
+                continue
+    if isinstance(meta, dict) and isinstance(meta.get("redpajama_set_name"), str):
+        return meta["redpajama_set_name"]
+    return None
+
+
+def iter_jsonl_records(path: str, skip_bad_records: bool = False, report: SkipReport | None = None,
+                       ) -> Iterator[dict]:
+    """Yield each good record of `path` with `location` ("file:line") added; raise or count bad ones."""
+    report = report if report is not None else SkipReport()
+
+    def bad(location: str, reason: str) -> None:
+        if not skip_bad_records:
+            raise BadRecordError(f"{location}: {reason}{SKIP_HINT}")
+        report.add(location, reason)
+
+    for name, stream in open_jsonl_streams(path):
+        line_no, n_good = 0, 0
+        try:
+            for line_no, raw_line in enumerate(stream, start=1):
+                if not raw_line.strip():
+                    continue  # blank lines carry no record
+                try:
+                    record = parse_record(raw_line)
+                except BadRecordError as e:
+                    bad(f"{name}:{line_no}", str(e))
+                    continue
+                n_good += 1
+                record["location"] = f"{name}:{line_no}"
+                yield record
+        except BadRecordError:
+            raise
+        except Exception as e:  # a truncated or corrupt .gz/.zst/.zip member: nothing after it can be trusted
+            raise BadRecordError(f"{name}: cannot read past line {line_no}: {type(e).__name__}: {e}") from e
+        if n_good == 0:
+            bad(name, "empty file (no records)" if line_no == 0 else "no valid records")
+
+
+def document_rows(files: list[str], skip_bad_records: bool, mix_by: str, signature: str) -> Iterator[dict]:
+    """Rows for `datasets`: good documents, plus (when skipping) one row per bad record so the count survives caching.
+
+    `signature` (paths, sizes, mtimes) is unused here but part of the cache key: changed files are re-read.
+    """
+    del signature
+    for path in files:
+        report = SkipReport(max_examples=10**9)
+        for record in iter_jsonl_records(path, skip_bad_records, report):
+            source = set_name_of(record) if mix_by == "set_name" else None
+            yield {"text": record["text"], "source": source or source_name_of_file(path), "error": ""}
+        for example in report.examples:
+            yield {"text": "", "source": "", "error": example}
+
+
+def files_signature(files: list[str]) -> str:
+    return json.dumps([(os.path.abspath(f), os.path.getsize(f), os.path.getmtime(f)) for f in files if
+                       os.path.isfile(f)])
+
+
+# ------------------------------------------------------------------------------------------------- split and pack
+
+def is_validation_document(text: str, percentage: float) -> bool:
+    """Deterministic document-level split: the same text always goes to the same side, in any pass or order."""
+    bucket = int.from_bytes(hashlib.sha1(text.encode("utf-8")).digest()[:8], "big") % 10_000
+    return bucket < round(percentage * 100)
+
+
+def tokenize_documents(batch: dict, tokenizer, eos_token_id: int) -> dict:
+    ids = tokenizer(batch["text"], add_special_tokens=False, verbose=False)["input_ids"]
+    return {"input_ids": [doc + [eos_token_id] for doc in ids]}  # EOS after every document, so between any two
+
+
+def pack_blocks(batch: dict, block_size: int) -> dict:
+    """Concatenate a batch of documents and cut full blocks; the tail shorter than a block is dropped (no padding)."""
+    stream = list(chain.from_iterable(batch["input_ids"]))
+    usable = len(stream) // block_size * block_size
+    return {"input_ids": [stream[i: i + block_size] for i in range(0, usable, block_size)]}
+
+
+def collate_blocks(examples: list[dict]) -> dict[str, torch.Tensor]:
+    """Packed blocks are all full, so the batch is a plain stack; labels = inputs (the model shifts them)."""
+    input_ids = torch.tensor([e["input_ids"] for e in examples], dtype=torch.long)
+    return {"input_ids": input_ids, "labels": input_ids.clone()}
+
+
+def parse_source_weights(spec: str | None) -> dict[str, float] | None:
+    """`"RedPajamaC4=0.2,RedPajamaCommonCrawl=0.8"` -> {name: weight}; weights need not sum to 1."""
+    if not spec:
+        return None
+    weights = {}
+    for item in spec.split(","):
+        name, sep, value = item.strip().rpartition("=")
+        try:
+            weight = float(value)
+        except ValueError:
+            weight = -1.0
+        if not sep or not name or weight < 0:
+            raise ValueError(f"--source_weights: cannot read {item!r}; expected NAME=WEIGHT, e.g. RedPajamaC4=0.2")
+        weights[source_name_of_file(name) if is_jsonl_name(name) else name] = weight
+    if sum(weights.values()) <= 0:
+        raise ValueError("--source_weights: at least one weight must be positive")
+    return weights
+
+
+@dataclass
+class LMDatasets:
+    train: datasets.Dataset | datasets.IterableDataset
+    eval: datasets.Dataset | datasets.IterableDataset | None
+    skip_report: SkipReport
+    sources: dict[str, int] = field(default_factory=dict)  # documents per training source (map-style only)
+
+
+class _CountingFilter:
+    """Filter for streaming rows that keeps good documents and counts the bad ones as they stream past."""
+
+    def __init__(self, report: SkipReport):
+        self.report = report
+
+    def __call__(self, row: dict) -> bool:
+        if row["error"]:
+            location, _, reason = row["error"].partition(": ")
+            self.report.add(location, reason)
+            return False
+        return True
+
+
+def load_documents(files: list[str], skip_bad_records: bool, mix_by: str, streaming: bool, cache_dir: str | None,
+                   report: SkipReport):
+    """All documents of `files` as a dataset with columns text/source (bad records dropped, counted in `report`)."""
+    gen_kwargs = {"files": list(files), "skip_bad_records": skip_bad_records, "mix_by": mix_by,
+                  "signature": files_signature(files)}
+    if streaming:
+        rows = datasets.IterableDataset.from_generator(document_rows, gen_kwargs=gen_kwargs)
+        return rows.filter(_CountingFilter(report)).remove_columns("error")
+    try:
+        rows = datasets.Dataset.from_generator(document_rows, gen_kwargs=gen_kwargs, cache_dir=cache_dir)
+    except datasets.exceptions.DatasetGenerationError as e:
+        cause = e.__cause__ or e.__context__
+        if isinstance(cause, (BadRecordError, FileNotFoundError, ImportError)):
+            raise cause from None  # the file:line message, not the datasets wrapper
+        raise
+    bad = rows.filter(lambda error: error != "", input_columns="error")
+    for error in bad["error"]:
+        location, _, reason = error.partition(": ")
+        report.add(location, reason)
+    return rows.filter(lambda error: error == "", input_columns="error").remove_columns("error")
+
+
+def _fingerprint(*parts) -> str:
+    return hashlib.sha256("\x00".join(map(str, (FORMAT_VERSION, *parts))).encode()).hexdigest()[:32]
+
+
+def tokenize_and_pack(docs, tokenizer, block_size: int, num_proc: int | None = None):
+    """Documents -> full blocks of `block_size` token ids (cached for map-style datasets)."""
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ValueError("the tokenizer has no eos_token: packing needs one to separate documents")
+    if isinstance(docs, datasets.IterableDataset):
+        tokenized = docs.map(tokenize_documents, batched=True, remove_columns=["text", "source"],
+                             fn_kwargs={"tokenizer": tokenizer, "eos_token_id": eos})
+        return tokenized.map(pack_blocks, batched=True, fn_kwargs={"block_size": block_size})
+    # Explicit fingerprints: hashing a tokenizer object is not stable across processes, so key on its JSON instead.
+    tokenizer_id = hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode()).hexdigest()
+    tokenized = docs.map(tokenize_documents, batched=True, num_proc=num_proc, remove_columns=["text", "source"],
+                         fn_kwargs={"tokenizer": tokenizer, "eos_token_id": eos},
+                         new_fingerprint=_fingerprint(docs._fingerprint, tokenizer_id, eos),
+                         desc="Tokenizing documents")
+    packed = tokenized.map(pack_blocks, batched=True, num_proc=num_proc, fn_kwargs={"block_size": block_size},
+                           new_fingerprint=_fingerprint(tokenized._fingerprint, block_size),
+                           desc=f"Packing blocks of {block_size}")
+    if len(packed) == 0:
+        n_tokens = sum(len(ids) for ids in tokenized["input_ids"])
+        raise ValueError(f"corpus smaller than one block: {len(docs)} document(s), {n_tokens} tokens < block_size "
+                         f"{block_size}; add text or lower --block_size")
+    return packed
+
+
+def _select_source(docs, name: str):
+    return docs.filter(lambda source: source == name, input_columns="source")
+
+
+def mix_sources(docs, weights: dict[str, float], tokenizer, block_size: int, num_proc: int | None, seed: int,
+                stopping_strategy: str, available: list[str] | None):
+    """Pack each source separately, then interleave blocks with the given probabilities."""
+    if available is not None:
+        unknown = sorted(set(weights) - set(available))
+        unweighted = sorted(set(available) - set(weights))
+        if unknown:
+            raise ValueError(f"--source_weights names {unknown}, not in the corpus; its sources are {available}")
+        if unweighted:
+            raise ValueError(f"--source_weights gives no weight to {unweighted} (give 0 to leave a source out)")
+    names = [n for n, w in weights.items() if w > 0]
+    total = sum(weights[n] for n in names)
+    packed = [tokenize_and_pack(_select_source(docs, n), tokenizer, block_size, num_proc) for n in names]
+    if len(packed) == 1:
+        return packed[0]
+    return datasets.interleave_datasets(packed, probabilities=[weights[n] / total for n in names], seed=seed,
+                                        stopping_strategy=stopping_strategy)
+
+
+def build_lm_datasets(train_files: list[str], tokenizer, block_size: int = 2048,
+                      validation_files: list[str] | None = None, validation_split_percentage: float = 5.0,
+                      source_weights: dict[str, float] | None = None, mix_by: str = "set_name",
+                      mixing_stopping_strategy: str = "all_exhausted", streaming: bool = False,
+                      num_proc: int | None = None, skip_bad_records: bool = False, cache_dir: str | None = None,
+                      seed: int = 42) -> LMDatasets:
+    """Packed training blocks (mixed by `source_weights` if given) and packed held-out blocks.
+
+    Held-out text is `validation_files` when given, else the documents whose text hash falls in the first
+    `validation_split_percentage` percent (never a block cut out of a training document).
+    """
+    if not train_files:
+        raise ValueError("no training files given (--train_files)")
+    report = SkipReport()
+    docs = load_documents(train_files, skip_bad_records, mix_by, streaming, cache_dir, report)
+    split_here = not validation_files and validation_split_percentage > 0
+    if split_here:
+        pct = validation_split_percentage
+        train_docs = docs.filter(lambda text: not is_validation_document(text, pct), input_columns="text")
+        eval_docs = docs.filter(lambda text: is_validation_document(text, pct), input_columns="text")
+    else:
+        train_docs = docs
+        eval_docs = (load_documents(validation_files, skip_bad_records, mix_by, streaming, cache_dir, report)
+                     if validation_files else None)
+
+    sources = {} if streaming else dict(Counter(train_docs["source"]))
+    if not streaming and len(train_docs) == 0:
+        raise ValueError(f"no training documents left in {train_files} after the validation split")
+    if eval_docs is not None and not streaming and len(eval_docs) == 0:
+        raise ValueError(f"the validation split is empty ({len(docs)} documents, {validation_split_percentage}%): "
+                         "raise --validation_split_percentage or pass --validation_files")
+
+    if source_weights:
+        train = mix_sources(train_docs, source_weights, tokenizer, block_size, num_proc, seed,
+                            mixing_stopping_strategy, None if streaming else sorted(sources))
+    else:
+        train = tokenize_and_pack(train_docs, tokenizer, block_size, num_proc)
+    if streaming:
+        train = train.shuffle(seed=seed, buffer_size=1000)
+    eval_blocks = tokenize_and_pack(eval_docs, tokenizer, block_size, num_proc) if eval_docs is not None else None
+    return LMDatasets(train=train, eval=eval_blocks, skip_report=report, sources=sources)
