@@ -1,0 +1,46 @@
+# Set-up contract: `make demo` and `make test` work on a fresh machine (they install first).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+EXTRAS ?= train,audio,demo,dev
+# CPU-only machines (like CI) pin the CPU torch wheel; machines with a GPU take torch from wherever they get it.
+CONSTRAINTS := $(if $(shell command -v nvidia-smi 2>/dev/null),,-c constraints-cpu.txt)
+SYSTEM_PACKAGES := ffmpeg flite espeak-ng sox chromium npm
+PYTEST_ARGS ?=
+
+.PHONY: install system-packages test test-fast demo lint bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: setup.cfg constraints-cpu.txt Makefile
+	$(MAKE) system-packages
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet $(CONSTRAINTS) -e ".[$(EXTRAS)]"
+	touch $@
+
+# Audio decoding (ffmpeg), speech synthesis for tests (flite, espeak-ng, sox), the browser for the app test
+# (chromium) and npm (the demo corpus). Installed only when missing, and only where we may (root).
+system-packages:
+	@missing=""; for p in $(SYSTEM_PACKAGES); do command -v $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	  else echo "Please install:$$missing (e.g. sudo apt-get install$$missing)"; fi; \
+	fi
+
+test: install
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q $(PYTEST_ARGS) tests
+
+test-fast: install
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not slow" tests
+
+demo: install
+	HF_HUB_OFFLINE=1 $(PY) scripts/demo.py
+
+lint: install
+	$(VENV)/bin/ruff check .
+
+bench: install
+	HF_HUB_OFFLINE=1 $(PY) scripts/benchmark.py
+
+clean:
+	rm -rf outputs demo_runs .pytest_cache

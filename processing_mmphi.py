@@ -1,0 +1,266 @@
+"""MMPhiProcessor: CLIP image processor + Phi tokenizer (+ optional speech transcription) -> model inputs.
+
+`<image>` in the text is expanded to `image_seq_length` image tokens (one per projected patch feature). `<audio>` is
+replaced by the transcript of the matching audio clip (speech joins the prompt as text, as in the seed).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Sequence
+
+import numpy as np
+from transformers import AutoTokenizer, BatchFeature, CLIPImageProcessor, ProcessorMixin
+
+try:
+    from PIL import Image
+except ImportError:  # pillow is a hard dependency of the image processor; keep remote-code scanning happy
+    Image = None
+
+IMAGE_TOKEN = "<image>"
+AUDIO_TOKEN = "<audio>"
+PAD_TOKEN = "<pad>"
+PLACEHOLDER_PATTERN = re.compile(f"{re.escape(IMAGE_TOKEN)}|{re.escape(AUDIO_TOKEN)}")
+
+# Phi-2 has no chat template. "User:/Assistant:" turns; the `{% generation %}` block (answer + EOS) is what training
+# puts the loss on, and `add_generation_prompt` ends the prompt with "Assistant:" exactly as in training.
+CHAT_TEMPLATE = (
+    "{%- macro render(content) -%}"
+    "{%- if content is string -%}{{ content }}"
+    "{%- else -%}{%- for item in content -%}"
+    "{%- if item['type'] == 'image' -%}{{ '<image>\\n' }}"
+    "{%- elif item['type'] == 'audio' -%}{{ '<audio>\\n' }}"
+    "{%- elif item['type'] == 'text' -%}{{ item['text'] }}"
+    "{%- endif -%}{%- endfor -%}{%- endif -%}"
+    "{%- endmacro -%}"
+    "{%- for message in messages -%}"
+    "{%- if message['role'] == 'system' -%}{{ 'System: ' + render(message['content']) + '\\n' }}"
+    "{%- elif message['role'] == 'user' -%}{{ 'User: ' + render(message['content']) + '\\n' }}"
+    "{%- elif message['role'] == 'assistant' -%}{{ 'Assistant:' }}"
+    "{%- generation -%}{{ ' ' + render(message['content']) + eos_token }}{%- endgeneration -%}{{ '\\n' }}"
+    "{%- else -%}{{ raise_exception('Unknown role: ' + message['role']) }}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ 'Assistant:' }}{%- endif -%}"
+)
+
+
+def to_rgb(image):
+    """Any PIL mode -> RGB. Transparent pixels become white rather than black (what a viewer would show)."""
+    if Image is None or not isinstance(image, Image.Image) or image.mode == "RGB":
+        return image
+    if image.mode in ("P", "PA", "LA", "RGBA", "La") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    if image.mode.startswith("I;16") or image.mode in ("I", "F"):  # 16/32-bit greyscale: rescale to 8 bit first
+        array = np.asarray(image, dtype=np.float32)
+        span = max(float(array.max() - array.min()), 1e-6)
+        return Image.fromarray(((array - array.min()) / span * 255).astype(np.uint8)).convert("RGB")
+    return image.convert("RGB")
+
+
+def _flatten(items) -> list:
+    if items is None:
+        return []
+    if isinstance(items, (list, tuple)):
+        return [leaf for item in items for leaf in _flatten(item)]
+    return [items]
+
+
+class MMPhiProcessor(ProcessorMixin):
+    """`processor(text=..., images=..., audio=...)` -> `input_ids`, `attention_mask`, `pixel_values`.
+
+    Args:
+        image_processor (`CLIPImageProcessor`): resizes/crops/normalises images for the vision tower.
+        tokenizer: the Phi tokenizer, with `<image>` and `<pad>` added (see `from_components`).
+        chat_template (`str`, *optional*): defaults to MM-Phi's "User:/Assistant:" template.
+        image_seq_length (`int`): image tokens per image (49 for 224 px at patch 32 without CLS).
+    """
+
+    valid_processor_kwargs = None  # our __call__ takes explicit arguments
+
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, image_seq_length: int = 49, **kwargs):
+        self.image_seq_length = image_seq_length
+        self.image_token = IMAGE_TOKEN
+        self.audio_placeholder = AUDIO_TOKEN
+        self.transcriber = None  # a speech_mmphi.SpeechTranscriber, created on first audio input or set by the user
+        super().__init__(image_processor, tokenizer, chat_template=chat_template or CHAT_TEMPLATE)
+        if IMAGE_TOKEN not in tokenizer.get_vocab():
+            raise ValueError(
+                f"The tokenizer has no {IMAGE_TOKEN} token: build the processor with MMPhiProcessor.from_components "
+                "(it adds <image> and <pad>) or add it with tokenizer.add_special_tokens."
+            )
+        self.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+        tokenizer.padding_side = "left"  # batched generation; training collators pad themselves
+
+    @classmethod
+    def from_components(
+        cls,
+        vision_model: str,
+        text_model: str,
+        image_seq_length: int | None = None,
+        vision_feature_select_strategy: str = "default",
+    ) -> MMPhiProcessor:
+        """Processor for a CLIP checkpoint + a Phi checkpoint (ids or paths): the CLIP image processor (or CLIP's
+        defaults at the tower's image size), the Phi tokenizer with `<image>` and a pad token distinct from EOS."""
+        from transformers import AutoConfig
+
+        vision_config = AutoConfig.from_pretrained(vision_model)
+        vision_config = getattr(vision_config, "vision_config", vision_config)
+        try:
+            image_processor = CLIPImageProcessor.from_pretrained(vision_model)
+        except OSError:  # a bare tower without preprocessor_config.json: CLIP's normalisation at the tower's size
+            size = vision_config.image_size
+            crop_size = {"height": size, "width": size}
+            image_processor = CLIPImageProcessor(size={"shortest_edge": size}, crop_size=crop_size)
+        tokenizer = AutoTokenizer.from_pretrained(text_model)
+        add_mmphi_tokens(tokenizer)
+        if image_seq_length is None:
+            image_seq_length = (vision_config.image_size // vision_config.patch_size) ** 2
+            image_seq_length += 0 if vision_feature_select_strategy == "default" else 1
+        return cls(image_processor=image_processor, tokenizer=tokenizer, image_seq_length=image_seq_length)
+
+    def __call__(
+        self,
+        text: str | Sequence[str] | None = None,
+        images=None,
+        audio=None,
+        return_tensors: str | None = "pt",
+        padding: bool | str = True,
+        truncation: bool | None = None,
+        max_length: int | None = None,
+        transcriber=None,
+        **kwargs,
+    ) -> BatchFeature:
+        """Tokenize `text` with each `<image>` expanded to `image_seq_length` image tokens and each `<audio>` replaced
+        by the transcript of the matching clip. Images/audio are matched to placeholders in order, across the batch.
+        The transcripts (`speech_mmphi.Transcript`) are returned as `.transcripts` on the result, not as a key, so
+        `model.generate(**inputs)` keeps working."""
+        kwargs.pop("sampling_rate", None)  # set by ProcessorMixin.apply_chat_template; our audio carries its own
+        if kwargs.pop("videos", None) is not None:
+            raise ValueError("MMPhiProcessor does not take videos.")
+        if text is None:
+            raise ValueError("MMPhiProcessor needs `text` (use '<image>' / '<audio>' to place images and speech).")
+        texts = [text] if isinstance(text, str) else list(text)
+        if not all(isinstance(t, str) for t in texts):
+            raise ValueError("`text` must be a string or a list of strings.")
+
+        image_list = [to_rgb(image) for image in _flatten(images)]
+        clips = _flatten(audio)
+        _check_placeholder_count(texts, IMAGE_TOKEN, len(image_list), "image")
+        _check_placeholder_count(texts, AUDIO_TOKEN, len(clips), "audio clip")
+        transcripts = self._transcribe(clips, transcriber)
+        expanded, replacement_offsets = self._expand_placeholders(texts, [t.text for t in transcripts])
+        data = dict(
+            self.tokenizer(
+                expanded, padding=padding, truncation=truncation, max_length=max_length, return_tensors=None, **kwargs
+            )
+        )
+        if kwargs.get("return_offsets_mapping"):  # lets apply_chat_template align assistant masks after expansion
+            data["text_replacement_offsets"] = replacement_offsets
+        if image_list:
+            data["pixel_values"] = self.image_processor(image_list, return_tensors="pt")["pixel_values"]
+        batch = BatchFeature(data, tensor_type=return_tensors, skip_tensor_conversion=["text_replacement_offsets"])
+        if audio is not None:
+            batch.transcripts = transcripts
+        return batch
+
+    def _transcribe(self, clips: list, transcriber) -> list:
+        if not clips:
+            return []
+        transcriber = transcriber or self.get_transcriber()
+        return [transcriber.transcribe(clip) for clip in clips]
+
+    def _expand_placeholders(self, texts: list[str], transcript_texts: list[str]):
+        """Each `<image>` -> `image_seq_length` image tokens, each `<audio>` -> its transcript (in order). Also
+        returns, per text, the character spans before/after each replacement (ProcessorMixin's offset format)."""
+        pending_transcripts = iter(transcript_texts)
+        expanded, all_offsets = [], []
+        for text in texts:
+            pieces, offsets, last, shift = [], [], 0, 0
+            for match in PLACEHOLDER_PATTERN.finditer(text):
+                if match.group() == IMAGE_TOKEN:
+                    replacement = IMAGE_TOKEN * self.image_seq_length
+                else:
+                    replacement = next(pending_transcripts)
+                start, end = match.span()
+                pieces += [text[last:start], replacement]
+                new_start = start + shift
+                offsets.append({"span": (start, end), "new_span": (new_start, new_start + len(replacement))})
+                shift += len(replacement) - (end - start)
+                last = end
+            pieces.append(text[last:])
+            expanded.append("".join(pieces))
+            all_offsets.append(offsets)
+        return expanded, all_offsets
+
+    def get_transcriber(self, **kwargs):
+        """The speech model, loaded once and reused (speech_mmphi is imported only when audio is used)."""
+        if self.transcriber is None:
+            try:
+                from speech_mmphi import SpeechTranscriber
+            except ImportError:
+                try:
+                    from .speech_mmphi import SpeechTranscriber
+                except ImportError as error:
+                    raise ImportError(
+                        "Audio input needs speech_mmphi.py and the audio extra: pip install 'mmphi[audio]'"
+                    ) from error
+            self.transcriber = SpeechTranscriber(**kwargs)
+        return self.transcriber
+
+    def _multimodal_inputs_from_conversations(self, conversations, audio_loading_params, load_audio_from_video=False):
+        """Chat messages: `{"type": "image", "image"|"path"|"url": ...}` and `{"type": "audio", "audio"|"path": ...}`.
+        Audio is passed on undecoded: our transcriber loads files, bytes and arrays itself."""
+        batch_images, batch_audio = [], []
+        for conversation in conversations:
+            images = []
+            for message in conversation:
+                content = message.get("content")
+                if isinstance(content, str) or content is None:
+                    continue
+                for block in content:
+                    if block.get("type") == "image":
+                        images.extend(block[k] for k in ("image", "url", "path") if k in block)
+                    elif block.get("type") == "audio":
+                        batch_audio.extend(block[k] for k in ("audio", "path", "url") if k in block)
+            batch_images.append([_load_image(image) for image in images])
+        return batch_images, [[] for _ in conversations], batch_audio, {}
+
+    @property
+    def model_input_names(self) -> list[str]:
+        return ["input_ids", "attention_mask", "pixel_values"]
+
+
+def _check_placeholder_count(texts: list[str], placeholder: str, n_inputs: int, what: str) -> None:
+    n_placeholders = sum(t.count(placeholder) for t in texts)
+    if n_placeholders != n_inputs:
+        raise ValueError(
+            f"The text has {n_placeholders} {placeholder} placeholder(s) but {n_inputs} {what}(s) were given: "
+            f"put one {placeholder} in the text for each {what}."
+        )
+
+
+def _load_image(image):
+    if isinstance(image, (str, os.PathLike)):
+        try:
+            with Image.open(image) as opened:
+                opened.load()
+                return opened.copy()
+        except (OSError, SyntaxError) as error:
+            raise ValueError(f"Cannot read image {image}: {error}") from error
+    return image
+
+
+def add_mmphi_tokens(tokenizer) -> None:
+    """Add `<image>` (special, never split) and a pad token distinct from EOS: the model must learn to emit EOS, so
+    padding may never share its id. Left padding, for batched generation."""
+    tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
+    if tokenizer.pad_token is None or tokenizer.pad_token == tokenizer.eos_token:
+        tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
+    tokenizer.padding_side = "left"
+
+
+__all__ = ["MMPhiProcessor", "add_mmphi_tokens", "to_rgb", "CHAT_TEMPLATE"]

@@ -1,0 +1,65 @@
+"""Shared bits of the training scripts: stage defaults on top of HF's argument dataclasses.
+
+The seed trained with `paged_adamw_8bit`, fp16 on CUDA and gradient accumulation 4; we keep those defaults, add
+gradient checkpointing, and choose the precision by device (bf16 where the GPU supports it, fp32 on CPU) unless the
+user passes `--fp16`/`--bf16` explicitly.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from dataclasses import dataclass, field
+
+import torch
+from transformers import TrainingArguments
+
+logger = logging.getLogger(__name__)
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO_ROOT not in sys.path:  # scripts import the model files from the repo root
+    sys.path.insert(0, REPO_ROOT)
+
+
+def explicit_precision_flags(argv: list[str] | None = None) -> bool:
+    """True when the user chose a precision on the command line (then we never override it)."""
+    argv = sys.argv[1:] if argv is None else argv
+    return any(a.split("=")[0] in ("--fp16", "--bf16") for a in argv)
+
+
+def resolve_precision(args) -> None:
+    """Pick fp16/bf16 by device when the user did not: bf16 on GPUs that support it, fp16 on older GPUs, fp32 on CPU.
+
+    fp16=True on a CPU does nothing in Trainer (no autocast) and bf16=True fails without `use_cpu`, so on CPU we
+    turn both off rather than pretend.
+    """
+    on_gpu = torch.cuda.is_available() and not getattr(args, "use_cpu", False)
+    if not on_gpu:
+        if args.fp16 or args.bf16:
+            logger.warning("No CUDA device: training in fp32 instead of fp16/bf16.")
+        args.fp16 = args.bf16 = False
+        return
+    if explicit_precision_flags():
+        return
+    args.bf16 = torch.cuda.is_bf16_supported()
+    args.fp16 = not args.bf16
+
+
+@dataclass
+class StageTrainingArguments(TrainingArguments):
+    """`TrainingArguments` with the MM-Phi stage defaults; every Trainer flag still works."""
+
+    output_dir: str = field(default="outputs/run")
+    optim: str = field(default="paged_adamw_8bit")
+    gradient_accumulation_steps: int = field(default=4)
+    gradient_checkpointing: bool = field(default=True)
+    lr_scheduler_type: str = field(default="cosine")
+    warmup_steps: float = field(default=0.03)
+    logging_steps: float = field(default=10)
+    save_safetensors: bool = field(default=True)
+    report_to: str | list[str] | None = field(default="none")
+
+    def __post_init__(self):
+        resolve_precision(self)
+        super().__post_init__()

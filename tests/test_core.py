@@ -1,0 +1,384 @@
+"""Core issue: config, model and processor of MM-Phi on the tiny offline default (CPU, seconds)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from build_model import build_from_components, build_tiny, save_mmphi, save_tiny_clip, tiny_tokenizer
+from PIL import Image
+from transformers import (
+    CLIPConfig,
+    CLIPModel,
+    CLIPVisionConfig,
+    CLIPVisionModel,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    PhiConfig,
+    PhiForCausalLM,
+)
+
+from configuration_mmphi import TINY_TEXT_CONFIG, TINY_VISION_CONFIG, MMPhiConfig
+from modeling_mmphi import MMPhiForCausalLM, MMPhiModel
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    model, processor = build_tiny(seed=0)
+    return model.eval(), processor
+
+
+def colour_image(colour=(200, 30, 30), size=(64, 48)):
+    return Image.new("RGB", size, colour)
+
+
+# --- configuration -----------------------------------------------------------------------------------------------
+
+
+def test_config_defaults_describe_tinyclip_and_phi2():
+    config = MMPhiConfig()
+    vision, text = config.vision_config, config.text_config
+    assert (vision.hidden_size, vision.patch_size, vision.image_size) == (640, 32, 224)
+    assert (vision.num_hidden_layers, vision.num_attention_heads, vision.intermediate_size) == (12, 10, 2560)
+    assert (text.hidden_size, text.num_hidden_layers, text.num_attention_heads) == (2560, 32, 32)
+    assert (text.intermediate_size, text.vocab_size) == (10240, 51200)
+    assert text.rope_parameters["partial_rotary_factor"] == pytest.approx(0.4)
+    assert config.projector_type == "linear" and config.vision_feature_layer == -1
+    assert config.vision_feature_select_strategy == "default" and config.image_seq_length == 49
+
+
+def test_config_accepts_dicts_and_objects_and_checks_fields():
+    as_dicts = MMPhiConfig(vision_config=dict(TINY_VISION_CONFIG), text_config=dict(TINY_TEXT_CONFIG))
+    as_objects = MMPhiConfig(
+        vision_config=CLIPVisionConfig(**TINY_VISION_CONFIG), text_config=PhiConfig(**TINY_TEXT_CONFIG)
+    )
+    assert as_dicts.to_dict() == as_objects.to_dict()
+    assert MMPhiConfig.tiny(vision_feature_select_strategy="full").image_seq_length == 50
+    with pytest.raises(ValueError, match="projector_type"):
+        MMPhiConfig.tiny(projector_type="resampler")
+    with pytest.raises(ValueError, match="image_seq_length"):
+        MMPhiConfig.tiny(image_seq_length=10)
+
+
+# --- model -------------------------------------------------------------------------------------------------------
+
+
+def test_parameter_names_and_logits_match_llava():
+    torch.manual_seed(0)
+    config = MMPhiConfig.tiny(projector_type="mlp2x_gelu")
+    llava = LlavaForConditionalGeneration(
+        LlavaConfig(
+            vision_config=config.vision_config.to_dict(),
+            text_config=config.text_config.to_dict(),
+            image_token_index=config.image_token_index,
+            image_seq_length=config.image_seq_length,
+            vision_feature_layer=-1,
+            vision_feature_select_strategy="default",
+            projector_hidden_act="gelu",
+        )
+    ).eval()
+    ours = MMPhiForCausalLM(config).eval()
+    result = ours.load_state_dict(llava.state_dict(), strict=False)
+    assert result.missing_keys == ["lm_head.bias"] and result.unexpected_keys == []  # Llava's head has no bias
+    torch.nn.init.zeros_(ours.lm_head.bias)
+
+    input_ids = torch.tensor([[7] * 3 + [config.image_token_index] * 49 + [11, 12, 13]] * 2)
+    pixel_values = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        expected = llava(input_ids=input_ids, pixel_values=pixel_values).logits
+        actual = ours(input_ids=input_ids, pixel_values=pixel_values).logits
+    torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_linear_projector_is_the_seeds_single_layer():
+    model = MMPhiForCausalLM(MMPhiConfig.tiny())
+    projector_params = {n for n, _ in model.named_parameters() if "multi_modal_projector" in n}
+    assert projector_params == {f"model.multi_modal_projector.linear_1.{p}" for p in ("weight", "bias")}
+    assert model.lm_head.bias is not None
+
+
+def test_image_features_shape(tiny):
+    model, _ = tiny
+    features = model.get_image_features(torch.randn(3, 3, 224, 224))
+    assert features.shape == (3, 49, TINY_TEXT_CONFIG["hidden_size"])
+
+
+def test_image_token_count_mismatch_is_a_clear_error(tiny):
+    model, _ = tiny
+    image_token = model.config.image_token_index
+    with pytest.raises(ValueError, match="48 image tokens .* 1 image"):
+        model(input_ids=torch.tensor([[5] + [image_token] * 48]), pixel_values=torch.randn(1, 3, 224, 224))
+    with pytest.raises(ValueError, match="no pixel_values"):
+        model(input_ids=torch.tensor([[5] + [image_token] * 49]))
+
+
+def test_loss_only_where_labels_are_set(tiny):
+    model, processor = tiny
+    batch = processor(text=["<image>\nWhat colour is it? red"], images=[colour_image()])
+    labels = torch.full_like(batch["input_ids"], -100)
+    labels[0, -3:] = batch["input_ids"][0, -3:]
+    with torch.no_grad():
+        out = model(**batch, labels=labels)
+    logits = out.logits[0, :-1]
+    targets = labels[0, 1:]
+    keep = targets != -100
+    expected = torch.nn.functional.cross_entropy(logits[keep], targets[keep])
+    torch.testing.assert_close(out.loss, expected)
+    # The loss is an average over the labelled positions only: padding those few more changes nothing else
+    assert keep.sum() == 3
+
+
+def test_greedy_generation_same_with_and_without_cache(tiny):
+    model, processor = tiny
+    batch = processor(text=["<image>\nWhat shape is this?"], images=[colour_image()])
+    with torch.no_grad():
+        cached = model.generate(**batch, max_new_tokens=12, do_sample=False, use_cache=True)
+        uncached = model.generate(**batch, max_new_tokens=12, do_sample=False, use_cache=False)
+    assert torch.equal(cached, uncached)
+
+
+def test_batched_left_padded_generation_equals_one_by_one(tiny):
+    model, processor = tiny
+    prompts = ["<image>\nWhat colour?", "<image>\nHow many shapes are there in this picture, please?", "Hello there"]
+    images = [[colour_image((10, 200, 10))], [colour_image((10, 10, 200))], []]
+    batch = processor(text=prompts, images=images)
+    assert processor.tokenizer.padding_side == "left"
+    with torch.no_grad():
+        batched = model.generate(**batch, max_new_tokens=8, do_sample=False)[:, -8:]
+        for i, prompt in enumerate(prompts):
+            single = processor(text=[prompt], images=images[i] or None)
+            one = model.generate(**single, max_new_tokens=8, do_sample=False)[:, -8:]
+            assert torch.equal(batched[i : i + 1], one), f"prompt {i}"
+
+
+def test_gradient_only_reaches_trainable_parts(tiny):
+    model, processor = build_tiny(seed=1)
+    model.train()
+    model.model.vision_tower.requires_grad_(False)
+    model.model.language_model.requires_grad_(False)
+    model.lm_head.requires_grad_(False)
+    batch = processor(text=["<image>\nA red square"], images=[colour_image()])
+    model(**batch, labels=batch["input_ids"]).loss.backward()
+    for name, param in model.named_parameters():
+        if "multi_modal_projector" in name:
+            assert param.grad is not None and param.grad.abs().sum() > 0, name
+        else:
+            assert param.grad is None, name
+
+
+def test_gradient_checkpointing_and_sdpa_give_the_same_loss(tmp_path, tiny):
+    model, processor = tiny
+    save_mmphi(model, processor, str(tmp_path))
+    batch = processor(text=["<image>\nA red square"], images=[colour_image()])
+    eager = MMPhiForCausalLM.from_pretrained(str(tmp_path), attn_implementation="eager")
+    sdpa = MMPhiForCausalLM.from_pretrained(str(tmp_path), attn_implementation="sdpa")
+    assert sdpa.model.language_model.config._attn_implementation == "sdpa"
+    sdpa.train()
+    sdpa.activation_checkpointing_enable()
+    assert sdpa.model.language_model.gradient_checkpointing
+    loss = sdpa(**batch, labels=batch["input_ids"]).loss
+    loss.backward()
+    with torch.no_grad():
+        reference = eager.train()(**batch, labels=batch["input_ids"]).loss
+    torch.testing.assert_close(loss.detach(), reference, atol=1e-5, rtol=1e-5)
+    assert sdpa.model.multi_modal_projector.linear_1.weight.grad is not None
+
+
+def test_4bit_loading_quantizes_only_the_language_model(tmp_path, tiny):
+    bnb = pytest.importorskip("bitsandbytes")
+    from transformers import BitsAndBytesConfig
+
+    model, processor = tiny
+    save_mmphi(model, processor, str(tmp_path))
+    quantized = MMPhiForCausalLM.from_pretrained(
+        str(tmp_path), quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4")
+    )
+    kinds = {name: type(module) for name, module in quantized.named_modules()}
+    assert kinds["model.language_model.layers.0.self_attn.q_proj"] is bnb.nn.Linear4bit
+    assert kinds["model.multi_modal_projector.linear_1"] is torch.nn.Linear
+    assert kinds["model.vision_tower.encoder.layers.0.self_attn.q_proj"] is torch.nn.Linear
+    assert kinds["lm_head"] is torch.nn.Linear
+    batch = processor(text=["<image>\nWhat colour?"], images=[colour_image()])
+    with torch.no_grad():
+        quantized_logits = quantized(**batch).logits
+        full_logits = model(**batch).logits
+    assert quantized_logits.shape == full_logits.shape and torch.isfinite(quantized_logits).all()
+    # 4-bit weights approximate the full ones: the predictions agree far better than chance
+    agreement = (quantized_logits.argmax(-1) == full_logits.argmax(-1)).float().mean()
+    assert agreement > 0.5
+
+
+# --- from_components ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def component_checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("components")
+    torch.manual_seed(0)
+    phi = PhiForCausalLM(PhiConfig(**TINY_TEXT_CONFIG))
+    phi.save_pretrained(root / "phi")
+    tiny_tokenizer().__class__.from_pretrained(os.path.join(REPO_ROOT, "assets", "tiny-tokenizer")).save_pretrained(
+        root / "phi"
+    )
+    clip = CLIPModel(CLIPConfig(vision_config=dict(TINY_VISION_CONFIG), text_config={"hidden_size": 32,
+                     "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2}, projection_dim=32))
+    clip.save_pretrained(root / "clip")
+    save_tiny_clip(str(root / "clip_vision"))
+    return root, phi.eval()
+
+
+@pytest.mark.parametrize("vision_kind", ["clip", "clip_vision"])
+def test_from_components_copies_weights(component_checkpoints, vision_kind):
+    root, phi = component_checkpoints
+    model, processor = build_from_components(str(root / vision_kind), str(root / "phi"))
+    model.eval()
+    if vision_kind == "clip":
+        source = CLIPModel.from_pretrained(root / "clip").vision_model
+    else:
+        source = CLIPVisionModel.from_pretrained(root / "clip_vision")
+    for name, tensor in source.state_dict().items():
+        torch.testing.assert_close(model.model.vision_tower.state_dict()[name], tensor, msg=name)
+    # <image> and a pad token distinct from EOS were added; text-only logits equal the Phi checkpoint's
+    tokenizer = processor.tokenizer
+    assert tokenizer.pad_token_id != tokenizer.eos_token_id
+    assert model.config.image_token_index == tokenizer.convert_tokens_to_ids("<image>")
+    assert model.get_input_embeddings().weight.shape[0] >= len(tokenizer)
+    ids = tokenizer("The whale swam", return_tensors="pt").input_ids
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits[..., : phi.config.vocab_size], phi(input_ids=ids).logits)
+
+
+def test_resize_when_tokens_do_not_fit(tmp_path):
+    tokenizer = tiny_tokenizer().__class__.from_pretrained(os.path.join(REPO_ROOT, "assets", "tiny-tokenizer"))
+    full_vocab = len(tokenizer)  # no spare rows: <image>/<pad> must grow the embeddings and the biased head
+    phi = PhiForCausalLM(PhiConfig(**{**TINY_TEXT_CONFIG, "vocab_size": full_vocab}))
+    phi.save_pretrained(tmp_path / "phi")
+    tokenizer.save_pretrained(tmp_path / "phi")
+    save_tiny_clip(str(tmp_path / "clip"))
+    model, processor = build_from_components(str(tmp_path / "clip"), str(tmp_path / "phi"))
+    assert model.get_input_embeddings().weight.shape[0] >= len(processor.tokenizer) > full_vocab
+    assert model.lm_head.bias.shape[0] == model.lm_head.weight.shape[0]
+    batch = processor(text=["<image>\nhi"], images=[colour_image()])
+    assert model(**batch).logits.shape[-1] == model.config.text_config.vocab_size
+
+
+# --- processor ---------------------------------------------------------------------------------------------------
+
+
+def test_processor_expands_image_placeholders(tiny):
+    _, processor = tiny
+    batch = processor(text=["<image>\nQ1", "<image> and <image>\nQ2"], images=[colour_image()] * 3)
+    image_id = processor.image_token_id
+    assert set(batch) == {"input_ids", "attention_mask", "pixel_values"}
+    assert batch["pixel_values"].shape == (3, 3, 224, 224)
+    assert (batch["input_ids"] == image_id).sum(1).tolist() == [49, 98]
+    assert processor.batch_decode(batch["input_ids"], skip_special_tokens=True)[1].strip() == "and \nQ2"
+
+
+def test_processor_placeholder_mismatch_is_a_clear_error(tiny):
+    _, processor = tiny
+    with pytest.raises(ValueError, match="2 <image> placeholder.*1 image"):
+        processor(text="<image><image> two?", images=[colour_image()])
+    with pytest.raises(ValueError, match="0 <image> placeholder.*1 image"):
+        processor(text="no placeholder", images=colour_image())
+    with pytest.raises(ValueError, match="1 <audio> placeholder.*0 audio"):
+        processor(text="<audio> what was said?")
+
+
+@pytest.mark.parametrize("mode", ["L", "RGBA", "P", "CMYK", "I;16", "LA", "1"])
+def test_processor_converts_any_image_mode(tiny, mode):
+    _, processor = tiny
+    image = Image.new(mode, (40, 30))
+    batch = processor(text="<image>\nwhat?", images=image)
+    assert batch["pixel_values"].shape == (1, 3, 224, 224)
+
+
+def test_transparent_pixels_become_white(tiny):
+    _, processor = tiny
+    transparent = processor(text="<image>", images=Image.new("RGBA", (32, 32), (0, 0, 0, 0)))["pixel_values"]
+    white = processor(text="<image>", images=Image.new("RGB", (32, 32), (255, 255, 255)))["pixel_values"]
+    torch.testing.assert_close(transparent, white)
+
+
+def test_chat_template_round_trip_and_assistant_mask(tiny):
+    _, processor = tiny
+    image = colour_image()
+    messages = [
+        {"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "What colour?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "Red."}]},
+        {"role": "user", "content": "How many shapes?"},
+        {"role": "assistant", "content": "Two."},
+    ]
+    text = processor.apply_chat_template(messages)
+    eos = processor.tokenizer.eos_token
+    assert text == f"User: <image>\nWhat colour?\nAssistant: Red.{eos}\nUser: How many shapes?\nAssistant: Two.{eos}\n"
+    prompt = processor.apply_chat_template(messages[:1], add_generation_prompt=True)
+    assert prompt == "User: <image>\nWhat colour?\nAssistant:"
+    out = processor.apply_chat_template(
+        messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True, return_tensors="pt"
+    )
+    assert out["pixel_values"].shape == (1, 3, 224, 224)
+    assert (out["input_ids"] == processor.image_token_id).sum() == 49
+    answer_ids = out["input_ids"][0][out["assistant_masks"][0].bool()]
+    assert processor.tokenizer.decode(answer_ids) == f" Red.{eos} Two.{eos}"
+
+
+# --- save / load -------------------------------------------------------------------------------------------------
+
+FRESH_PROCESS_LOAD = r"""
+import json, sys, torch
+from PIL import Image
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoProcessor
+path = sys.argv[1]
+assert not any(p.rstrip("/").endswith("main") and "scripts" not in p for p in sys.path if p)  # repo not importable
+try:
+    import modeling_mmphi  # noqa: F401
+    raise SystemExit("the repo is importable: the test would not prove the folder is self-contained")
+except ImportError:
+    pass
+config = AutoConfig.from_pretrained(path, trust_remote_code=True)
+base = AutoModel.from_pretrained(path, trust_remote_code=True)
+model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True).eval()
+processor = AutoProcessor.from_pretrained(path, trust_remote_code=True)
+batch = processor(text=["<image>\nWhat colour?"], images=[Image.new("RGB", (64, 48), (200, 30, 30))])
+with torch.no_grad():
+    logits = model(**batch).logits
+json.dump({"config": type(config).__name__, "base": type(base).__name__, "model": type(model).__name__,
+           "processor": type(processor).__name__, "logits": logits[0, -5:].tolist()}, sys.stdout)
+"""
+
+
+def test_round_trip_through_auto_classes_in_a_fresh_process(tmp_path, tiny):
+    model, processor = tiny
+    folder = tmp_path / "mmphi"
+    save_mmphi(model, processor, str(folder))
+    for name in ("model.safetensors", "config.json", "modeling_mmphi.py", "configuration_mmphi.py",
+                 "processing_mmphi.py", "processor_config.json", "chat_template.jinja", "tokenizer.json"):
+        assert (folder / name).exists(), name
+    assert not list(folder.glob("*.bin"))
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"))
+    result = subprocess.run(
+        [sys.executable, "-c", FRESH_PROCESS_LOAD, str(folder)], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    loaded = json.loads(result.stdout.strip().splitlines()[-1])
+    assert loaded["config"] == "MMPhiConfig" and loaded["base"] == "MMPhiModel"
+    assert loaded["model"] == "MMPhiForCausalLM" and loaded["processor"] == "MMPhiProcessor"
+    batch = processor(text=["<image>\nWhat colour?"], images=[colour_image()])
+    with torch.no_grad():
+        expected = model(**batch).logits[0, -5:]
+    torch.testing.assert_close(torch.tensor(loaded["logits"]), expected)
+
+
+def test_auto_model_returns_image_hidden_states(tiny):
+    model, processor = tiny
+    base = MMPhiModel(model.config)
+    batch = processor(text=["<image>\nhi"], images=[colour_image()])
+    out = base(**batch)
+    assert out.last_hidden_state.shape[:2] == batch["input_ids"].shape
+    assert out.image_hidden_states.shape == (1, 49, model.config.text_config.hidden_size)
