@@ -15,6 +15,7 @@ import hashlib
 import io
 import json
 import logging
+import math
 import os
 import zipfile
 from collections import Counter
@@ -197,10 +198,39 @@ def files_signature(files: list[str]) -> str:
 
 # ------------------------------------------------------------------------------------------------- split and pack
 
+HASH_BITS = 56  # fits arrow's int64
+
+
+def document_hash(text: str) -> int:
+    """A stable per-text number: the split keys on it, so a text (and any exact duplicate) has one side only."""
+    return int.from_bytes(hashlib.sha1(text.encode("utf-8")).digest()[:7], "big")
+
+
 def is_validation_document(text: str, percentage: float) -> bool:
-    """Deterministic document-level split: the same text always goes to the same side, in any pass or order."""
-    bucket = int.from_bytes(hashlib.sha1(text.encode("utf-8")).digest()[:8], "big") % 10_000
-    return bucket < round(percentage * 100)
+    """Streaming split: a text is held out when its hash falls in the lowest `percentage` of the hash range."""
+    return document_hash(text) < percentage / 100 * 2**HASH_BITS
+
+
+def validation_cutoff(hashes: list[int], percentage: float) -> int:
+    """Map-style split: the hash at rank ceil(percentage% of N) (at least one document), so the count is exact."""
+    ranked = sorted(hashes)
+    k = max(1, math.ceil(len(ranked) * percentage / 100))
+    return ranked[min(k, len(ranked)) - 1]
+
+
+def split_documents(docs, percentage: float):
+    """(train, validation) documents; a document is on exactly one side, whatever the order or pass."""
+    if isinstance(docs, datasets.IterableDataset):
+        return (docs.filter(lambda text: not is_validation_document(text, percentage), input_columns="text"),
+                docs.filter(lambda text: is_validation_document(text, percentage), input_columns="text"))
+    hashed = docs.map(lambda texts: {"doc_hash": [document_hash(t) for t in texts]}, input_columns="text",
+                      batched=True, new_fingerprint=_fingerprint(docs._fingerprint, "doc_hash"))
+    if len(hashed) == 0:
+        return hashed, hashed
+    cutoff = validation_cutoff(hashed["doc_hash"], percentage)
+    train = hashed.filter(lambda h: h > cutoff, input_columns="doc_hash")
+    held_out = hashed.filter(lambda h: h <= cutoff, input_columns="doc_hash")
+    return train.remove_columns("doc_hash"), held_out.remove_columns("doc_hash")
 
 
 def tokenize_documents(batch: dict, tokenizer, eos_token_id: int) -> dict:
@@ -344,8 +374,9 @@ def build_lm_datasets(train_files: list[str], tokenizer, block_size: int = 2048,
                       seed: int = 42) -> LMDatasets:
     """Packed training blocks (mixed by `source_weights` if given) and packed held-out blocks.
 
-    Held-out text is `validation_files` when given, else the documents whose text hash falls in the first
-    `validation_split_percentage` percent (never a block cut out of a training document).
+    Held-out text is `validation_files` when given, else the `validation_split_percentage` percent of documents with
+    the lowest text hashes (whole documents, never a block cut out of a training document). A stream cannot rank,
+    so there the percentage applies to the hash range (about that share of documents).
     """
     if not train_files:
         raise ValueError("no training files given (--train_files)")
@@ -353,9 +384,7 @@ def build_lm_datasets(train_files: list[str], tokenizer, block_size: int = 2048,
     docs = load_documents(train_files, skip_bad_records, mix_by, streaming, cache_dir, report)
     split_here = not validation_files and validation_split_percentage > 0
     if split_here:
-        pct = validation_split_percentage
-        train_docs = docs.filter(lambda text: not is_validation_document(text, pct), input_columns="text")
-        eval_docs = docs.filter(lambda text: is_validation_document(text, pct), input_columns="text")
+        train_docs, eval_docs = split_documents(docs, validation_split_percentage)
     else:
         train_docs = docs
         eval_docs = (load_documents(validation_files, skip_bad_records, mix_by, streaming, cache_dir, report)
