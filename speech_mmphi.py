@@ -88,11 +88,12 @@ def _import_pydub():
             warnings.simplefilter("ignore", DeprecationWarning)
             from pydub import AudioSegment
             from pydub.exceptions import CouldntDecodeError
+            from pydub.utils import get_prober_name
     except ImportError as err:
         raise ImportError("Decoding audio files needs pydub: pip install pydub (and the ffmpeg binary)") from err
-    if shutil.which(AudioSegment.converter) is None:
-        raise ImportError("Decoding audio files needs the ffmpeg binary on PATH (e.g. apt-get install ffmpeg)")
-    return AudioSegment, CouldntDecodeError
+    if shutil.which(AudioSegment.converter) is None or shutil.which(get_prober_name()) is None:
+        raise ImportError("Decoding audio files needs ffmpeg and ffprobe on PATH (e.g. apt-get install ffmpeg)")
+    return AudioSegment, CouldntDecodeError, get_prober_name()
 
 
 def _describe(audio) -> str:
@@ -129,12 +130,10 @@ def _declared_wav_seconds(path: str) -> float | None:
     return None
 
 
-def _probe(path: str) -> tuple[dict, str]:
+def _probe(path: str, prober: str) -> tuple[dict, str]:
     """ffprobe's format/streams JSON and its stderr (which says when a duration is only a bitrate estimate)."""
-    from pydub.utils import get_prober_name
-
     result = subprocess.run(
-        [get_prober_name(), "-v", "warning", "-of", "json", "-show_format", "-show_streams", path],
+        [prober, "-v", "warning", "-of", "json", "-show_format", "-show_streams", path],
         capture_output=True,
         text=True,
         errors="replace",
@@ -189,7 +188,7 @@ def _segment_to_float(segment) -> np.ndarray:
 
 def _decode_file(path: str, name: str) -> tuple[np.ndarray, int]:
     """Decode an audio file with pydub/ffmpeg; every failure becomes an AudioError naming the input."""
-    AudioSegment, CouldntDecodeError = _import_pydub()
+    AudioSegment, CouldntDecodeError, prober = _import_pydub()
     try:
         size = os.path.getsize(path)
     except OSError as err:
@@ -197,7 +196,7 @@ def _decode_file(path: str, name: str) -> tuple[np.ndarray, int]:
     if size == 0:
         raise AudioError(f"{name}: empty file (0 bytes)")
 
-    info, probe_stderr = _probe(path)
+    info, probe_stderr = _probe(path, prober)
     streams = info.get("streams", [])
     audio_streams = [s for s in streams if s.get("codec_type") == "audio"]
     if not audio_streams:
@@ -459,6 +458,15 @@ class SpeechTranscriber:
             notices.append(f"no speech detected in {loaded.name}")
             logger.warning(notices[-1])
         return Transcript(text, loaded.audio_seconds, loaded.truncated, "; ".join(notices) or None)
+
+    def __deepcopy__(self, memo):
+        # A handle on a loaded model: copies share it (HF deep-copies processors, e.g. in `to_dict`/`save_pretrained`,
+        # and a CTranslate2 model cannot be copied).
+        return self
+
+    def __getstate__(self) -> dict:
+        # Pickling (datasets' fingerprinting, spawned DataLoader workers) sends the settings; the model reloads lazily.
+        return {**self.__dict__, "_model": None}
 
     def __repr__(self) -> str:
         return (

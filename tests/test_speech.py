@@ -347,3 +347,148 @@ def test_word_error_rate():
     assert word_error_rate("the cat", "the big cat") == pytest.approx(1 / 2)  # insertion
     assert word_error_rate("", "") == 0.0 and word_error_rate("", "noise") == 1.0
     assert speech_mmphi.normalize_words("Don't STOP, it's fine!") == ["don't", "stop", "it's", "fine"]
+
+
+def test_speech_module_needs_only_the_stdlib_to_be_loaded_as_remote_code():
+    """transformers refuses remote code whose unguarded imports are not installed: audio packages stay optional."""
+    import sys
+
+    from transformers.dynamic_module_utils import get_imports
+
+    assert set(get_imports(speech_mmphi.__file__)) <= set(sys.stdlib_module_names)
+
+
+def test_transcriber_survives_deepcopy_and_pickle(transcriber):
+    import copy
+    import pickle
+
+    assert copy.deepcopy(transcriber) is transcriber  # shares the loaded model (HF deep-copies processors)
+    restored = pickle.loads(pickle.dumps(transcriber))
+    assert restored.model_name_or_path == transcriber.model_name_or_path and restored._model is None  # lazy reload
+
+
+# ---------------------------------------------------------------------------------------------- processor path
+
+
+@pytest.fixture(scope="module")
+def tiny_model_and_processor():
+    build_model = pytest.importorskip("build_model")
+    return build_model.build_tiny(seed=0)
+
+
+@pytest.fixture
+def processor(tiny_model_and_processor):
+    processor = tiny_model_and_processor[1]
+    yield processor
+    processor.transcriber = None  # tests below may set it
+
+
+def _expected_ids(processor, prompt: str, transcript: str) -> list[int]:
+    return processor.tokenizer(prompt.replace("<audio>", transcript))["input_ids"]
+
+
+def test_processor_puts_the_transcript_where_the_audio_placeholder_was(processor, transcriber, clips):
+    prompt = "User: <image>\n<audio>\nWhat did I say?\nAssistant:"
+    image = np.full((32, 32, 3), 200, dtype=np.uint8)
+    batch = processor(text=prompt, images=image, audio=clips["dir"] / "first.wav", transcriber=transcriber)
+    (transcript,) = batch.transcripts
+    assert word_error_rate(FIRST_TEXT, transcript.text) <= 0.10, transcript.text
+    image_text = "<image>" * processor.image_seq_length
+    expected = _expected_ids(processor, prompt.replace("<image>", image_text), transcript.text)
+    assert batch["input_ids"][0].tolist() == expected
+    decoded = processor.tokenizer.decode(batch["input_ids"][0]).replace(image_text, "<image>")
+    assert decoded == f"User: <image>\n{transcript.text}\nWhat did I say?\nAssistant:"
+    assert "pixel_values" in batch and "<audio>" not in decoded
+
+
+def test_processor_matches_clips_to_placeholders_in_order_across_the_batch(processor, transcriber, clips):
+    texts = ["User: <audio>\nAssistant:", "User: Repeat this: <audio>\nAssistant:"]
+    audio = [clips["dir"] / "late0.wav", clips["dir"] / "late1.wav"]
+    batch = processor(text=texts, audio=audio, transcriber=transcriber)
+    assert [word_error_rate(s, t.text) <= 0.10 for s, t in zip(LATE_SENTENCES, batch.transcripts, strict=True)] == [
+        True,
+        True,
+    ]
+    for row, (text, transcript) in enumerate(zip(texts, batch.transcripts, strict=True)):
+        mask = batch["attention_mask"][row].bool()
+        assert batch["input_ids"][row][mask].tolist() == _expected_ids(processor, text, transcript.text)
+
+
+def test_processor_reports_a_placeholder_count_mismatch_before_transcribing(processor, clips):
+    with pytest.raises(ValueError, match="1 <audio> placeholder"):  # no transcriber exists: nothing was loaded
+        processor(text="User: <audio>\nAssistant:", audio=[clips["dir"] / "first.wav"] * 2)
+    with pytest.raises(ValueError, match="0 <audio> placeholder"):
+        processor(text="User: hello\nAssistant:", audio=clips["dir"] / "first.wav")
+    assert processor.transcriber is None
+
+
+def test_processor_passes_audio_errors_through(processor, transcriber, tmp_path):
+    path = tmp_path / "empty.wav"
+    path.write_bytes(b"")
+    with pytest.raises(AudioError, match="empty.wav: empty file"):
+        processor(text="<audio>", audio=path, transcriber=transcriber)
+
+
+def test_chat_messages_accept_audio_content(processor, transcriber, clips):
+    processor.transcriber = transcriber  # the processor's own, reused across calls
+    messages = [
+        {
+            "role": "user",
+            "content": [{"type": "audio", "path": str(clips["dir"] / "first.wav")}, {"type": "text", "text": "Why?"}],
+        }
+    ]
+    out = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
+    decoded = processor.tokenizer.decode(out["input_ids"][0])
+    assert decoded.startswith("User: ") and decoded.endswith("\nWhy?\nAssistant:")
+    spoken = decoded.removeprefix("User: ").removesuffix("\nWhy?\nAssistant:")
+    assert word_error_rate(FIRST_TEXT, spoken) <= 0.10, decoded
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="processing_mmphi drops `sampling_rate` (kwargs.pop) and _flatten splits an (array, rate) tuple; "
+    "see the speech helper's report for the fix",
+)
+@pytest.mark.parametrize("form", ["array + sampling_rate", "(array, rate) tuple"])
+def test_processor_accepts_waveforms_with_their_rate(processor, transcriber, clips, form):
+    waveform = clips["first"].astype(np.float32) / 32768
+    if form == "array + sampling_rate":
+        batch = processor(text="<audio>", audio=waveform, sampling_rate=RATE, transcriber=transcriber)
+    else:
+        batch = processor(text="<audio>", audio=(waveform, RATE), transcriber=transcriber)
+    assert word_error_rate(FIRST_TEXT, batch.transcripts[0].text) <= 0.10
+
+
+def test_saved_model_folder_carries_the_speech_module(tiny_model_and_processor, transcriber, clips, tmp_path):
+    """After audio use the processor still saves; a fresh process loads it with trust_remote_code and transcribes
+    with the speech_mmphi.py copied next to the model (imported relatively, not from this checkout)."""
+    import os
+    import sys
+
+    build_model = pytest.importorskip("build_model")
+    model, processor = tiny_model_and_processor
+    processor.transcriber = transcriber  # holds a CTranslate2 model, which cannot be deep-copied
+    try:
+        build_model.save_mmphi(model, processor, str(tmp_path / "mmphi"))
+    finally:
+        processor.transcriber = None
+    with open(speech_mmphi.__file__) as source:
+        assert (tmp_path / "mmphi" / "speech_mmphi.py").read_text() == source.read()
+    code = (
+        "import sys; sys.modules['speech_mmphi'] = None\n"  # only the copy next to the model may be used
+        "from transformers import AutoProcessor\n"
+        f"processor = AutoProcessor.from_pretrained({str(tmp_path / 'mmphi')!r}, trust_remote_code=True)\n"
+        f"transcriber = processor.get_transcriber(model_name_or_path={MODEL_PATH!r})\n"
+        f"batch = processor(text='User: <audio>\\nAssistant:', audio={str(clips['dir'] / 'first.wav')!r})\n"
+        "print(type(transcriber).__module__)\n"
+        "print(batch.transcripts[0].text)\n"
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
+    env.pop("PYTHONPATH", None)
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    module, text = result.stdout.strip().splitlines()[-2:]
+    assert module.startswith("transformers_modules.") and module.endswith(".speech_mmphi")
+    assert word_error_rate(FIRST_TEXT, text) <= 0.10, text
