@@ -47,6 +47,9 @@ BACKENDS = ("auto", "whisperx", "faster-whisper")
 # A decoded file shorter than its header's declared length by more than this is truncated, not "slightly padded".
 TRUNCATION_TOLERANCE_SECONDS = 0.25
 TRUNCATION_TOLERANCE_FRACTION = 0.02
+# Compressed files longer than this are decoded only up to the window (a whole 10-minute mp3 takes seconds); their
+# length then comes from the container, and damage after the window goes unnoticed (it is never transcribed).
+FULL_DECODE_SECONDS = 120.0
 
 
 class AudioError(ValueError):
@@ -159,17 +162,20 @@ def _ffmpeg_reason(stderr: str, path: str, max_lines: int = 2) -> str:
     return "; ".join(problems[-max_lines:]) or "no details"
 
 
-def _declared_seconds(path: str, info: dict, probe_stderr: str) -> float | None:
-    """The length the file claims to have, for the truncation check (None when the file does not say)."""
-    wav_seconds = _declared_wav_seconds(path)
-    if wav_seconds is not None:
-        return wav_seconds  # ffprobe reports a truncated WAV's actual length, the header keeps the intended one
-    if "Estimating duration from bitrate" in probe_stderr:
-        return None  # a guess (e.g. VBR mp3 without a Xing header), not a declaration
+def _container_seconds(info: dict) -> float | None:
     try:
         return float(info.get("format", {}).get("duration"))
     except (TypeError, ValueError):
         return None
+
+
+def _truncation_error(name: str, declared: float, decoded: float) -> AudioError | None:
+    tolerance = TRUNCATION_TOLERANCE_SECONDS + TRUNCATION_TOLERANCE_FRACTION * declared
+    if decoded + tolerance >= declared:
+        return None
+    return AudioError(
+        f"{name}: truncated or corrupt file: it declares {declared:.2f} s of audio but only {decoded:.2f} s decode"
+    )
 
 
 def _segment_to_float(segment) -> np.ndarray:
@@ -186,8 +192,9 @@ def _segment_to_float(segment) -> np.ndarray:
     return samples
 
 
-def _decode_file(path: str, name: str) -> tuple[np.ndarray, int]:
-    """Decode an audio file with pydub/ffmpeg; every failure becomes an AudioError naming the input."""
+def _decode_file(path: str, name: str, max_seconds: float | None) -> tuple[np.ndarray, int, float]:
+    """Decode an audio file with pydub/ffmpeg -> (mono float32 samples of the first `max_seconds`, their rate, the
+    file's whole length in seconds). Every failure becomes an AudioError naming the input."""
     AudioSegment, CouldntDecodeError, prober = _import_pydub()
     try:
         size = os.path.getsize(path)
@@ -197,8 +204,7 @@ def _decode_file(path: str, name: str) -> tuple[np.ndarray, int]:
         raise AudioError(f"{name}: empty file (0 bytes)")
 
     info, probe_stderr = _probe(path, prober)
-    streams = info.get("streams", [])
-    audio_streams = [s for s in streams if s.get("codec_type") == "audio"]
+    audio_streams = [s for s in info.get("streams", []) if s.get("codec_type") == "audio"]
     if not audio_streams:
         found = info.get("format", {}).get("format_name")
         if found:
@@ -210,35 +216,47 @@ def _decode_file(path: str, name: str) -> tuple[np.ndarray, int]:
         tag = stream.get("codec_tag") or stream.get("codec_tag_string") or "?"
         raise AudioError(f"{name}: unsupported audio sample format / codec (format tag {tag}); ffmpeg cannot decode it")
 
+    # What the file says its length is: a WAV header keeps the intended size (ffprobe reports what is left of a
+    # truncated WAV); otherwise the container's duration, unless ffprobe only guessed it from the bitrate.
+    wav_seconds = _declared_wav_seconds(path)
+    container_seconds = _container_seconds(info)
+    guessed = "Estimating duration from bitrate" in probe_stderr
+    declared = wav_seconds if wav_seconds is not None else (None if guessed else container_seconds)
+    window_only = (
+        wav_seconds is None  # pydub reads a WAV whole anyway (no ffmpeg), and the header allows an exact check
+        and max_seconds is not None
+        and container_seconds is not None
+        and container_seconds > max(FULL_DECODE_SECONDS, max_seconds)
+    )
     try:
-        segment = AudioSegment.from_file(path)
+        segment = AudioSegment.from_file(path, duration=max_seconds + 1.0 if window_only else None)
     except CouldntDecodeError as err:
         raise AudioError(f"{name}: corrupt or undecodable audio ({_ffmpeg_reason(str(err), path)})") from err
     except Exception as err:  # pydub indexes ffprobe output blindly; any failure here means a broken file
         raise AudioError(f"{name}: corrupt or undecodable audio ({type(err).__name__}: {err})") from err
 
+    rate = segment.frame_rate
+    decoded_seconds = int(segment.frame_count()) / rate
+    total_seconds = container_seconds if window_only else decoded_seconds
+    expected = min(declared or container_seconds, max_seconds) if window_only else declared
+    if expected is not None and (error := _truncation_error(name, expected, decoded_seconds)):
+        raise error
+    if max_seconds is not None and decoded_seconds > max_seconds:
+        segment = segment.get_sample_slice(0, int(round(max_seconds * rate)))  # convert only what is transcribed
     try:
-        samples = _segment_to_float(segment)
+        return _segment_to_float(segment), rate, total_seconds
     except AudioError as err:
         raise AudioError(f"{name}: {err}") from err
-    seconds = len(samples) / segment.frame_rate
-    declared = _declared_seconds(path, info, probe_stderr)
-    tolerance = TRUNCATION_TOLERANCE_SECONDS + TRUNCATION_TOLERANCE_FRACTION * (declared or 0.0)
-    if declared is not None and seconds + tolerance < declared:
-        raise AudioError(
-            f"{name}: truncated or corrupt file: it declares {declared:.2f} s of audio but only {seconds:.2f} s decode"
-        )
-    return samples, segment.frame_rate
 
 
-def _decode_bytes(data: bytes, name: str) -> tuple[np.ndarray, int]:
+def _decode_bytes(data: bytes, name: str, max_seconds: float | None) -> tuple[np.ndarray, int, float]:
     # A real file, not a pipe: ffmpeg cannot seek in a pipe, and m4a/mp4 often keep their index at the end.
     if len(data) == 0:
         raise AudioError(f"{name}: empty audio (0 bytes)")
     with tempfile.NamedTemporaryFile(suffix=".audio") as tmp:
         tmp.write(data)
         tmp.flush()
-        return _decode_file(tmp.name, name)
+        return _decode_file(tmp.name, name, max_seconds)
 
 
 def _array_to_float(array, sampling_rate, name: str) -> tuple[np.ndarray, int]:
@@ -287,28 +305,34 @@ def _resample(samples: np.ndarray, orig_rate: int, target_rate: int = SAMPLING_R
     return (np.fft.irfft(spectrum, n_out) * (n_out / len(samples))).astype(np.float32)
 
 
-def _decode_any(audio, sampling_rate) -> tuple[np.ndarray, int, str]:
-    """Every accepted input form -> (mono float32 samples, their rate, the input's name)."""
+def _decode_any(audio, sampling_rate, max_seconds: float | None) -> tuple[np.ndarray, int, float, str]:
+    """Every accepted input form -> (mono float32 samples, their rate, the input's length in seconds, its name).
+    Files may come back already cut to `max_seconds`; waveforms come back whole."""
     name = _describe(audio)
+
+    def waveform(array, rate):
+        samples, rate = _array_to_float(array, rate, name)
+        return samples, rate, len(samples) / rate, name
+
     if isinstance(audio, tuple) and len(audio) == 2:
-        array, rate = audio
-        return (*_array_to_float(array, rate, name), name)
+        return waveform(*audio)
     if isinstance(audio, dict):
         if audio.get("array") is not None:
-            return (*_array_to_float(audio["array"], audio.get("sampling_rate", sampling_rate), name), name)
+            return waveform(audio["array"], audio.get("sampling_rate", sampling_rate))
         if audio.get("bytes") is not None:
-            return (*_decode_bytes(bytes(audio["bytes"]), name), name)
+            return (*_decode_bytes(bytes(audio["bytes"]), name, max_seconds), name)
         if audio.get("path"):
-            return (*_decode_file(os.fspath(audio["path"]), name), name)
+            return (*_decode_file(os.fspath(audio["path"]), name, max_seconds), name)
         raise AudioError(f"audio dict needs 'array' + 'sampling_rate', 'bytes' or 'path'; got keys {sorted(audio)}")
     if isinstance(audio, (str, os.PathLike)):
-        return (*_decode_file(os.fspath(audio), name), name)
+        return (*_decode_file(os.fspath(audio), name, max_seconds), name)
     if isinstance(audio, (bytes, bytearray, memoryview)):
-        return (*_decode_bytes(bytes(audio), name), name)
+        return (*_decode_bytes(bytes(audio), name, max_seconds), name)
     if isinstance(audio, io.IOBase):
-        return (*_decode_bytes(audio.read(), getattr(audio, "name", "<audio file object>")), name)
+        name = getattr(audio, "name", "<audio file object>")
+        return (*_decode_bytes(audio.read(), name, max_seconds), name)
     if hasattr(audio, "shape") or isinstance(audio, list):
-        return (*_array_to_float(audio, sampling_rate, name), name)
+        return waveform(audio, sampling_rate)
     raise AudioError(f"unsupported audio input type {type(audio).__name__}: pass a path, bytes, or a waveform")
 
 
@@ -322,10 +346,9 @@ class LoadedAudio:
 
 def load_audio(audio, sampling_rate=None, max_audio_seconds: float | None = 10.0) -> LoadedAudio:
     """Decode `audio` to mono 16 kHz float32 and keep its first `max_audio_seconds` (None keeps everything)."""
-    samples, rate, name = _decode_any(audio, sampling_rate)
+    samples, rate, audio_seconds, name = _decode_any(audio, sampling_rate, max_audio_seconds)
     if len(samples) == 0:
         raise AudioError(f"{name}: contains no audio samples")
-    audio_seconds = len(samples) / rate
     truncated = max_audio_seconds is not None and audio_seconds > max_audio_seconds
     if truncated:  # cut before resampling: a long recording is never resampled whole
         samples = samples[: int(round(max_audio_seconds * rate))]

@@ -167,6 +167,23 @@ def test_long_clip_keeps_only_the_first_10_seconds(transcriber, clips, caplog):
     assert not said_late_only & set(speech_mmphi.normalize_words(result.text)), result.text
 
 
+def test_long_compressed_file_is_decoded_only_up_to_the_window(clips, tmp_path):
+    """A 2.5-minute mp3: only the window is decoded; the length comes from the container; a copy cut inside the
+    window is still reported as truncated."""
+    long_mp3 = tmp_path / "long.mp3"
+    ffmpeg_options = ["-stream_loop", "17", "-i", str(clips["dir"] / "first.wav"), "-ar", "22050", "-b:a", "32k"]
+    subprocess.run(["ffmpeg", "-v", "error", "-y", *ffmpeg_options, str(long_mp3)], check=True)
+    expected_seconds = 18 * len(clips["first"]) / RATE
+    assert expected_seconds > speech_mmphi.FULL_DECODE_SECONDS
+    loaded = load_audio(long_mp3, max_audio_seconds=10.0)
+    assert loaded.truncated and len(loaded.samples) == 10 * RATE
+    assert loaded.audio_seconds == pytest.approx(expected_seconds, abs=0.2)
+    cut = tmp_path / "cut_long.mp3"
+    cut.write_bytes(long_mp3.read_bytes()[:20_000])  # about 5 s of 32 kbit/s
+    with pytest.raises(AudioError, match="cut_long.mp3: truncated"):
+        load_audio(cut, max_audio_seconds=10.0)
+
+
 def test_max_audio_seconds_is_configurable(clips):
     loaded = load_audio(clips["dir"] / "long.wav", max_audio_seconds=None)
     assert not loaded.truncated and len(loaded.samples) == int(round(clips["long_seconds"] * RATE))
@@ -459,6 +476,7 @@ def test_processor_accepts_waveforms_with_their_rate(processor, transcriber, cli
     assert word_error_rate(FIRST_TEXT, batch.transcripts[0].text) <= 0.10
 
 
+@pytest.mark.slow  # a fresh Python process: imports transformers and loads Whisper again (~12 s idle)
 def test_saved_model_folder_carries_the_speech_module(tiny_model_and_processor, transcriber, clips, tmp_path):
     """After audio use the processor still saves; a fresh process loads it with trust_remote_code and transcribes
     with the speech_mmphi.py copied next to the model (imported relatively, not from this checkout)."""
