@@ -16,6 +16,7 @@ The real run (one 40 GB GPU): `--config_name phi-2 --tokenizer_name microsoft/ph
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -119,15 +120,33 @@ def parse_args(argv: list[str] | None = None):
     return parser.parse_args_into_dataclasses(args=argv)
 
 
+def parse_overrides(overrides: str | None) -> dict:
+    """`"hidden_size=64,resid_pdrop=0.1,qk_layernorm=true"` -> typed dict (JSON literals, else strings)."""
+    parsed = {}
+    for item in (overrides or "").split(","):
+        if not item.strip():
+            continue
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--config_overrides: cannot read {item!r}; expected key=value")
+        try:
+            parsed[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            parsed[key.strip()] = value
+    return parsed
+
+
 def build_config(config_name: str, overrides: str | None = None) -> PhiConfig:
-    """A preset (`phi-2`, `tiny`) written out in the repo, or any config path/hub id."""
+    """A preset (`phi-2`, `tiny`) written out in the repo, or any Phi config path/hub id. Overrides go in before the
+    config is built, so a preset's derived values follow them (num_key_value_heads after num_attention_heads)."""
     if config_name in CONFIG_PRESETS:
-        config = PhiConfig(**CONFIG_PRESETS[config_name])
+        base = dict(CONFIG_PRESETS[config_name])
     else:
-        config = AutoConfig.from_pretrained(config_name)
-    if overrides:
-        config.update_from_string(overrides)
-    return config
+        loaded = AutoConfig.from_pretrained(config_name)
+        if not isinstance(loaded, PhiConfig):
+            raise ValueError(f"{config_name}: a {type(loaded).__name__}; stage 0 trains PhiForCausalLM (a phi config)")
+        base = loaded.to_dict()
+    return PhiConfig(**{**base, **parse_overrides(overrides)})
 
 
 def count_parameters(config: PhiConfig) -> int:
