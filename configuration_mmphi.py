@@ -87,7 +87,8 @@ class MMPhiConfig(PretrainedConfig):
         projector_hidden_act (`str`): activation between the two layers of `mlp2x_gelu`.
         image_token_index (`int`): id of the `<image>` token (50295: the first id after Phi-2's 50295 tokens).
         image_seq_length (`int`): image tokens per image (49 for 224 px at patch 32 without CLS).
-        vision_feature_layer (`int`): hidden-state index of the tower to use (-1: last, as the seed did).
+        vision_feature_layer (`int` or `list[int]`): hidden-state index of the tower to use (-1: last, as the seed
+            did; -2: LLaVA's penultimate); a list concatenates those layers' features (the projector input widens).
         vision_feature_select_strategy (`str`): `"default"` drops CLS, `"full"` keeps it.
     """
 
@@ -105,7 +106,7 @@ class MMPhiConfig(PretrainedConfig):
     multimodal_projector_bias: bool = True
     image_token_index: int = 50295
     image_seq_length: int | None = None
-    vision_feature_layer: int = -1
+    vision_feature_layer: int | list[int] = -1
     vision_feature_select_strategy: Literal["default", "full"] = "default"
     tie_word_embeddings: bool = False
 

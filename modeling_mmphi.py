@@ -49,7 +49,9 @@ class MMPhiMultiModalProjector(nn.Module):
 
     def __init__(self, config: MMPhiConfig):
         super().__init__()
-        vision_hidden, text_hidden = config.vision_config.hidden_size, config.text_config.hidden_size
+        layers = config.vision_feature_layer
+        n_layers = 1 if isinstance(layers, int) else len(layers)
+        vision_hidden, text_hidden = config.vision_config.hidden_size * n_layers, config.text_config.hidden_size
         bias = config.multimodal_projector_bias
         self.linear_1 = nn.Linear(vision_hidden, text_hidden, bias=bias)
         if config.projector_type == "mlp2x_gelu":
@@ -121,7 +123,9 @@ class MMPhiModel(MMPhiPreTrainedModel):
         input, and what `--cache_vision_features` stores."""
         tower_dtype = self.vision_tower.get_input_embeddings().weight.dtype
         outputs = self.vision_tower(pixel_values.to(tower_dtype), output_hidden_states=True, return_dict=True)
-        features = outputs.hidden_states[self.config.vision_feature_layer]
+        layers = self.config.vision_feature_layer
+        layers = [layers] if isinstance(layers, int) else layers
+        features = torch.cat([outputs.hidden_states[layer] for layer in layers], dim=-1)
         if self.config.vision_feature_select_strategy == "default":
             features = features[:, 1:]
         return features

@@ -67,17 +67,20 @@ def test_config_accepts_dicts_and_objects_and_checks_fields():
 # --- model -------------------------------------------------------------------------------------------------------
 
 
-def test_parameter_names_and_logits_match_llava():
+@pytest.mark.parametrize("feature_layer,strategy", [(-1, "default"), (-2, "full"), ([-3, -1], "default")])
+def test_parameter_names_and_logits_match_llava(feature_layer, strategy):
     torch.manual_seed(0)
-    config = MMPhiConfig.tiny(projector_type="mlp2x_gelu")
+    config = MMPhiConfig.tiny(
+        projector_type="mlp2x_gelu", vision_feature_layer=feature_layer, vision_feature_select_strategy=strategy
+    )
     llava = LlavaForConditionalGeneration(
         LlavaConfig(
             vision_config=config.vision_config.to_dict(),
             text_config=config.text_config.to_dict(),
             image_token_index=config.image_token_index,
             image_seq_length=config.image_seq_length,
-            vision_feature_layer=-1,
-            vision_feature_select_strategy="default",
+            vision_feature_layer=feature_layer,
+            vision_feature_select_strategy=strategy,
             projector_hidden_act="gelu",
         )
     ).eval()
@@ -86,12 +89,14 @@ def test_parameter_names_and_logits_match_llava():
     assert result.missing_keys == ["lm_head.bias"] and result.unexpected_keys == []  # Llava's head has no bias
     torch.nn.init.zeros_(ours.lm_head.bias)
 
-    input_ids = torch.tensor([[7] * 3 + [config.image_token_index] * 49 + [11, 12, 13]] * 2)
+    input_ids = torch.tensor([[7] * 3 + [config.image_token_index] * config.image_seq_length + [11, 12, 13]] * 2)
     pixel_values = torch.randn(2, 3, 224, 224)
     with torch.no_grad():
         expected = llava(input_ids=input_ids, pixel_values=pixel_values).logits
         actual = ours(input_ids=input_ids, pixel_values=pixel_values).logits
+        from_embeds = ours(inputs_embeds=ours.get_input_embeddings()(input_ids), pixel_values=pixel_values).logits
     torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(from_embeds, actual)
 
 
 def test_linear_projector_is_the_seeds_single_layer():
