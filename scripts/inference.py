@@ -246,13 +246,14 @@ def generate_answers(model, processor, inputs, options: GenerationOptions, strea
 
 
 def stream_answer(model, processor, inputs, options: GenerationOptions) -> Iterator[str]:
-    """Yield the answer as it grows (cumulative text). Generation runs in a thread feeding a TextIteratorStreamer."""
+    """Yield the answer as it grows (cumulative text); the last value is exactly `generate_answers`' answer.
+    Generation runs in a thread that feeds a TextIteratorStreamer."""
     streamer = TextIteratorStreamer(processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
-    errors = []
+    result, errors = [], []
 
     def run():
         try:
-            generate_answers(model, processor, inputs, options, streamer=streamer)
+            result.extend(generate_answers(model, processor, inputs, options, streamer=streamer))
         except Exception as error:  # re-raised in the caller's thread below
             errors.append(error)
             streamer.end()
@@ -262,10 +263,12 @@ def stream_answer(model, processor, inputs, options: GenerationOptions) -> Itera
     text = ""
     for chunk in streamer:
         text += chunk
-        yield text.lstrip()
+        if text.strip():
+            yield text.lstrip()
     thread.join()
     if errors:
         raise errors[0]
+    yield result[0]
 
 
 class ConsoleStreamer(TextStreamer):

