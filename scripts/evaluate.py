@@ -1,0 +1,392 @@
+"""Evaluate an MM-Phi folder (or a base + PEFT adapter) offline; scores go to a JSON file and stdout.
+
+    python scripts/evaluate.py --task vqa --model_name_or_path outputs/stage2/merged \
+        --data_path data/synthetic/llava_heldout.json --image_folder data/synthetic/images --output_file vqa.json
+    python scripts/evaluate.py --task caption --model_name_or_path outputs/stage1 \
+        --data_path data/synthetic/captions_val.json --image_folder data/synthetic/images --output_file cap.json
+    python scripts/evaluate.py --task perplexity --model_name_or_path outputs/stage0 --data_path data/corpus/c4.jsonl
+
+- vqa: a LLaVA-format file. Each human turn is a question and the next gpt turn its answer; earlier turns of the
+  same conversation (with their reference answers) are the context, the image comes with the first turn. Greedy,
+  batched, left-padded generation; normalized exact match as the VQA evaluation normalizes answers (lowercase,
+  punctuation, articles, number words); overall and per question type (the record's type field, else inferred).
+- caption: a COCO captions file; one caption per image with the stage-1 captioning prompt; BLEU-4 (sacrebleu) and
+  CIDEr-D (scripts/metrics.py) against all references of each image.
+- perplexity: JSONL (`{"text": ...}`, also .gz/.zst/.zip) or plain-text files; token-weighted, sliding windows.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+import sys
+import time
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+
+import common  # noqa: F401  (puts the repo root on sys.path)
+import mmphi_data
+import torch
+from metrics import corpus_bleu4, corpus_cider, normalize_vqa_answer, vqa_exact_match
+from transformers import AutoModelForCausalLM, AutoProcessor, AutoTokenizer, HfArgumentParser
+
+logger = logging.getLogger("evaluate")
+
+DEFAULT_MAX_NEW_TOKENS = {"vqa": 16, "caption": 40}
+
+
+@dataclass
+class EvaluationArguments:
+    task: str = field(metadata={"help": "what to evaluate", "choices": ["vqa", "caption", "perplexity"]})
+    model_name_or_path: str = field(metadata={"help": "an MM-Phi folder (or, for perplexity, any causal LM folder)"})
+    data_path: list[str] = field(
+        default_factory=list,
+        metadata={"help": "vqa: LLaVA JSON; caption: COCO captions JSON; perplexity: JSONL/.txt files (several ok)"},
+    )
+    image_folder: str | None = field(default=None, metadata={"help": "where the data's image paths are relative to"})
+    adapter: str | None = field(default=None, metadata={"help": "a PEFT adapter (stage 2) applied on the model"})
+    output_file: str | None = field(default=None, metadata={"help": "write the scores here as JSON"})
+    predictions_file: str | None = field(default=None, metadata={"help": "write every prediction here as JSONL"})
+    batch_size: int = field(default=16, metadata={"help": "prompts (or perplexity windows) per forward"})
+    max_new_tokens: int | None = field(default=None, metadata={"help": "default: 16 for vqa, 40 for caption"})
+    max_samples: int | None = field(default=None, metadata={"help": "evaluate at most this many questions/images"})
+    caption_prompt: str | None = field(default=None, metadata={"help": "default: stage 1's captioning prompt"})
+    max_length: int | None = field(
+        default=None, metadata={"help": "perplexity window in tokens (default: the model's context, at most 2048)"}
+    )
+    stride: int | None = field(
+        default=None,
+        metadata={"help": "perplexity: tokens scored per window, < max_length (default max_length - 1: windows "
+                          "overlap by one token); smaller strides give each token more context"},
+    )
+    skip_bad_records: bool = field(default=False, metadata={"help": "skip (and count) bad records instead of failing"})
+    dtype: str = field(
+        default="auto", metadata={"help": "auto (fp32 on CPU, bf16/fp16 on GPU), float32, bfloat16 or float16"}
+    )
+    device: str | None = field(default=None, metadata={"help": "default: cuda if available, else cpu"})
+
+
+# ------------------------------------------------------------------------------------------------ model loading
+
+def pick_dtype(name: str, device: str) -> torch.dtype:
+    if name != "auto":
+        return getattr(torch, name)
+    if device.startswith("cuda"):
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def load_model(args: EvaluationArguments):
+    """The model (with the adapter applied, if any) in eval mode on the chosen device."""
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = AutoModelForCausalLM.from_pretrained(
+        args.model_name_or_path, trust_remote_code=True, dtype=pick_dtype(args.dtype, device)
+    )
+    if args.adapter:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, args.adapter)
+    return model.to(device).eval()
+
+
+def load_processor(args: EvaluationArguments):
+    """The adapter folder's processor when it has one (stage 2 saves it there), else the model's."""
+    for path in (args.adapter, args.model_name_or_path):
+        if path and os.path.exists(os.path.join(path, "processor_config.json")):
+            return AutoProcessor.from_pretrained(path, trust_remote_code=True)
+    raise FileNotFoundError(f"{args.model_name_or_path}: no processor_config.json (not an MM-Phi folder?)")
+
+
+# -------------------------------------------------------------------------------------------------------- VQA
+
+QUESTION_TYPE_PATTERNS = [  # used only when the data carries no question type
+    ("colour", re.compile(r"\b(colou?r)\b")),
+    ("count", re.compile(r"\bhow many\b|\bnumber of\b|\bcount\b")),
+    ("shape", re.compile(r"\bshape\b|\bwhat kind of (object|figure)\b")),
+    ("size", re.compile(r"\b(size|big|small|large|larger|smaller|bigger)\b")),
+    ("position", re.compile(r"\bwhere\b|\bwhich (side|corner|half|part)\b|\b(left|right|top|bottom|above|below)\b")),
+]
+
+
+def infer_question_type(question: str, answer: str) -> str:
+    normalized_answer = normalize_vqa_answer(answer)
+    if normalized_answer in ("yes", "no"):
+        return "yes/no"
+    text = question.replace("<image>", " ").lower()
+    for name, pattern in QUESTION_TYPE_PATTERNS:
+        if pattern.search(text):
+            return name
+    return "number" if normalized_answer.isdigit() else "other"
+
+
+@dataclass
+class EvalItem:
+    """One prompt to answer: chat messages ending in a user turn, its image (a path) and the reference(s)."""
+
+    record_id: str
+    messages: list[dict]
+    image: str | None
+    question: str
+    references: list[str]
+    location: str = ""
+    turn: int = 0
+    question_type: str = ""
+    prediction: str = ""
+
+
+def vqa_items(conversations: list[mmphi_data.Conversation]) -> list[EvalItem]:
+    """One item per (human, gpt) pair; the earlier turns, with their reference answers, are the context."""
+    items = []
+    for conversation in conversations:
+        messages = conversation.messages()
+        for turn, pair in enumerate(conversation.turns):
+            items.append(EvalItem(
+                record_id=conversation.id, messages=messages[: 2 * turn + 1], image=conversation.image,
+                question=pair.question, references=[pair.answer], location=conversation.location, turn=turn,
+                question_type=pair.question_type or infer_question_type(pair.question, pair.answer),
+            ))
+    return items
+
+
+def caption_items(images: list[mmphi_data.CaptionedImage], prompt: str) -> list[EvalItem]:
+    """One item per image: stage 1's captioning prompt with the image; all its captions are the references."""
+    items = []
+    for image in images:
+        conversation = mmphi_data.Conversation(id=str(image.image_id), image=image.image,
+                                               turns=[mmphi_data.Turn(prompt, "")])
+        items.append(EvalItem(record_id=str(image.image_id), messages=conversation.messages()[:1], image=image.image,
+                              question=prompt, references=list(image.captions), location=image.location))
+    return items
+
+
+def drop_unreadable_images(items: list[EvalItem], skip_bad_records: bool, report: mmphi_data.SkipReport,
+                           num_threads: int = 8) -> list[EvalItem]:
+    """Decode every image once before generating (threads), so a long evaluation never dies half-way on a bad
+    file: the error names the record and file, or with --skip_bad_records the items are dropped and counted."""
+    paths = sorted({item.image for item in items if item.image is not None})
+    with ThreadPoolExecutor(max_workers=num_threads) as pool:
+        checked = zip(paths, pool.map(mmphi_data.check_image_file, paths), strict=True)
+        problems = {path: problem for path, problem in checked if problem}
+    kept = []
+    for item in items:
+        problem = problems.get(item.image)
+        if problem is None:
+            kept.append(item)
+        elif not skip_bad_records:
+            raise mmphi_data.BadRecordError(f"{item.location}: {problem}{mmphi_data.SKIP_HINT}")
+        elif item.turn == 0:  # count a record once, not once per question
+            report.add(item.location, problem)
+    return kept
+
+
+@torch.no_grad()
+def generate_answers(model, processor, items: list[EvalItem], batch_size: int, max_new_tokens: int) -> None:
+    """Greedy answers into `item.prediction`. Prompts are batched by length (left padding stays small), the images
+    of a batch are read with it, and the prompt ends in "Assistant:" exactly as in training."""
+    device = next(model.parameters()).device
+    tokenizer = processor.tokenizer
+    prompts = [processor.apply_chat_template(item.messages, add_generation_prompt=True) for item in items]
+    order = sorted(range(len(items)), key=lambda i: len(prompts[i]))
+    for start in range(0, len(order), batch_size):
+        batch = order[start: start + batch_size]
+        images = [[mmphi_data.load_image(items[i].image)] if items[i].image else [] for i in batch]
+        inputs = processor(text=[prompts[i] for i in batch], images=images if any(images) else None)
+        inputs = {k: v.to(device) for k, v in inputs.items()}
+        if "pixel_values" in inputs:
+            inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+        output = model.generate(
+            **inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+        )
+        new_tokens = output[:, inputs["input_ids"].shape[1]:]
+        for i, text in zip(batch, tokenizer.batch_decode(new_tokens, skip_special_tokens=True), strict=True):
+            items[i].prediction = text.strip()
+
+
+def score_vqa(items: list[EvalItem]) -> dict:
+    by_type: dict[str, list[bool]] = defaultdict(list)
+    for item in items:
+        by_type[item.question_type].append(vqa_exact_match(item.prediction, item.references))
+    correct = [c for results in by_type.values() for c in results]
+    return {
+        "accuracy": sum(correct) / len(correct) if correct else 0.0,
+        "questions": len(correct),
+        "per_type": {
+            name: {"accuracy": sum(results) / len(results), "questions": len(results)}
+            for name, results in sorted(by_type.items())
+        },
+    }
+
+
+def evaluate_vqa(args: EvaluationArguments, model, processor) -> tuple[dict, list[dict]]:
+    report = mmphi_data.SkipReport()
+    conversations = mmphi_data.load_llava_records(one_data_path(args), args.image_folder, args.skip_bad_records,
+                                                  report)
+    items = drop_unreadable_images(vqa_items(conversations)[: args.max_samples], args.skip_bad_records, report)
+    if not items:
+        raise ValueError(f"{one_data_path(args)}: no (question, answer) pairs to evaluate")
+    generate_answers(model, processor, items, args.batch_size, args.max_new_tokens or DEFAULT_MAX_NEW_TOKENS["vqa"])
+    scores = {**score_vqa(items), "skipped_bad_records": report.total}
+    predictions = [{"id": i.record_id, "turn": i.turn, "type": i.question_type, "question": i.question,
+                    "answer": i.references[0], "prediction": i.prediction,
+                    "correct": vqa_exact_match(i.prediction, i.references)} for i in items]
+    return scores, predictions
+
+
+def evaluate_caption(args: EvaluationArguments, model, processor) -> tuple[dict, list[dict]]:
+    report = mmphi_data.SkipReport()
+    images = mmphi_data.load_coco_records(one_data_path(args), args.image_folder, args.skip_bad_records, report)
+    items = caption_items(images[: args.max_samples], args.caption_prompt or mmphi_data.CAPTION_PROMPT)
+    items = drop_unreadable_images(items, args.skip_bad_records, report)
+    if not items:
+        raise ValueError(f"{one_data_path(args)}: no captioned images to evaluate")
+    generate_answers(model, processor, items, args.batch_size,
+                     args.max_new_tokens or DEFAULT_MAX_NEW_TOKENS["caption"])
+    captions, references = [i.prediction for i in items], [i.references for i in items]
+    scores = {**corpus_bleu4(captions, references), "cider": corpus_cider(captions, references),
+              "images": len(items), "skipped_bad_records": report.total}
+    predictions = [{"image_id": i.record_id, "image": i.image, "prediction": i.prediction,
+                    "references": i.references} for i in items]
+    return scores, predictions
+
+
+def one_data_path(args: EvaluationArguments) -> str:
+    if len(args.data_path) != 1:
+        raise ValueError(f"--task {args.task} takes one --data_path file, got {len(args.data_path)}")
+    return args.data_path[0]
+
+
+# ------------------------------------------------------------------------------------------------- perplexity
+
+def read_text_documents(paths: list[str], skip_bad_records: bool):
+    """Documents of JSONL files (via text_data, with its bad-record handling) or whole plain-text files."""
+    from text_data import SkipReport, is_jsonl_name, iter_jsonl_records
+
+    report = SkipReport()
+    documents = []
+    for path in paths:
+        if is_jsonl_name(path) or path.endswith(".zip"):
+            documents += [r["text"] for r in iter_jsonl_records(path, skip_bad_records, report)]
+            continue
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path}: no such file")
+        try:
+            with open(path, encoding="utf-8") as handle:
+                text = handle.read()
+        except UnicodeDecodeError as error:
+            raise ValueError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start})") from None
+        if text.strip():
+            documents.append(text)
+        elif skip_bad_records:
+            report.add(path, "empty file")
+        else:
+            raise ValueError(f"{path}: empty file (pass --skip_bad_records to skip it)")
+    return documents, report
+
+
+def perplexity_windows(token_ids: list[int], max_length: int, stride: int) -> list[tuple[list[int], int]]:
+    """(window, number of tokens scored at its end): every token after the first is scored exactly once, each with
+    the `max_length - 1` tokens before it as context at most (HF's strided perplexity, without its unscored gaps)."""
+    if not 0 < stride < max_length:
+        raise ValueError(f"the stride must be in 1..max_length - 1 ({max_length - 1}), got {stride}")
+    windows, scored_until = [], 1  # token 0 has no context to be predicted from
+    while scored_until < len(token_ids):
+        end = min(scored_until + stride, len(token_ids))
+        windows.append((token_ids[max(0, end - max_length): end], end - scored_until))
+        scored_until = end
+    return windows
+
+
+@torch.no_grad()
+def evaluate_perplexity(args: EvaluationArguments, model, tokenizer) -> tuple[dict, list[dict]]:
+    documents, report = read_text_documents(args.data_path, args.skip_bad_records)
+    documents = documents[: args.max_samples]
+    if not documents:
+        raise ValueError(f"{args.data_path}: no text to evaluate")
+    context = getattr(model.config.get_text_config(), "max_position_embeddings", 2048)
+    max_length = args.max_length or min(context, 2048)
+    stride = args.stride or max_length - 1
+    eos = tokenizer.eos_token_id
+    bos = eos if tokenizer.bos_token_id is None else tokenizer.bos_token_id
+    windows = []
+    for text in documents:  # BOS gives the first word a context; predicting the final EOS is part of the text
+        token_ids = [bos] + tokenizer(text, add_special_tokens=False)["input_ids"] + [eos]
+        windows += perplexity_windows(token_ids, max_length, stride)
+    device = next(model.parameters()).device
+    total_nll, total_tokens = 0.0, 0
+    windows.sort(key=lambda w: len(w[0]))
+    for start in range(0, len(windows), args.batch_size):
+        batch = windows[start: start + args.batch_size]
+        width = max(len(ids) for ids, _ in batch)
+        input_ids = torch.full((len(batch), width), tokenizer.pad_token_id or 0, dtype=torch.long)
+        attention_mask = torch.zeros_like(input_ids)
+        labels = torch.full_like(input_ids, -100)
+        for row, (ids, new) in enumerate(batch):  # right padding: positions stay those of an unpadded window
+            input_ids[row, : len(ids)] = torch.tensor(ids)
+            attention_mask[row, : len(ids)] = 1
+            labels[row, len(ids) - new: len(ids)] = torch.tensor(ids[len(ids) - new:])
+        logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).logits.float()
+        targets = labels[:, 1:].to(device)
+        nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), targets, reduction="sum",
+                                                ignore_index=-100)
+        total_nll += nll.item()
+        total_tokens += int((targets != -100).sum())
+    mean_nll = total_nll / total_tokens
+    return {"perplexity": math.exp(mean_nll) if mean_nll < 700 else math.inf, "loss": mean_nll,
+            "tokens": total_tokens, "documents": len(documents), "max_length": max_length, "stride": stride,
+            "skipped_bad_records": report.total}, []
+
+
+# ------------------------------------------------------------------------------------------------------- main
+
+def run_evaluation(args: EvaluationArguments) -> dict:
+    if not args.data_path:
+        raise ValueError("--data_path is required")
+    started = time.perf_counter()
+    model = load_model(args)
+    if args.task == "perplexity":
+        tokenizer = AutoTokenizer.from_pretrained(args.adapter or args.model_name_or_path)
+        scores, predictions = evaluate_perplexity(args, model, tokenizer)
+    else:
+        processor = load_processor(args)
+        evaluate_task = evaluate_vqa if args.task == "vqa" else evaluate_caption
+        scores, predictions = evaluate_task(args, model, processor)
+    result = {"task": args.task, "model": args.model_name_or_path, "adapter": args.adapter,
+              "data": args.data_path, **scores, "seconds": round(time.perf_counter() - started, 2)}
+    write_outputs(args, result, predictions)
+    return result
+
+
+def write_outputs(args: EvaluationArguments, result: dict, predictions: list[dict]) -> None:
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.output_file:
+        os.makedirs(os.path.dirname(os.path.abspath(args.output_file)), exist_ok=True)
+        with open(args.output_file, "w", encoding="utf-8") as handle:
+            handle.write(text + "\n")
+    if args.predictions_file and predictions:
+        os.makedirs(os.path.dirname(os.path.abspath(args.predictions_file)), exist_ok=True)
+        with open(args.predictions_file, "w", encoding="utf-8") as handle:
+            handle.writelines(json.dumps(p) + "\n" for p in predictions)
+
+
+def parse_args(argv: list[str] | None = None) -> EvaluationArguments:
+    parser = HfArgumentParser(EvaluationArguments)
+    argv = sys.argv[1:] if argv is None else argv
+    (args,) = parser.parse_args_into_dataclasses(args=argv)
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    args = parse_args(argv)
+    logger.info("evaluating: %s", asdict(args))
+    return run_evaluation(args)
+
+
+if __name__ == "__main__":
+    main()
