@@ -43,6 +43,8 @@ from configuration_mmphi import PHI2_TEXT_CONFIG, TINY_TEXT_CONFIG
 logger = logging.getLogger("pretrain_phi2")
 
 CONFIG_PRESETS = {"phi-2": PHI2_TEXT_CONFIG, "tiny": TINY_TEXT_CONFIG}
+DEMO_TRAIN_FILES = ("data/corpus/cc.jsonl", "data/corpus/c4.jsonl")  # written by scripts/prepare_corpus.py
+DEMO_MAX_STEPS = 300
 
 
 @dataclass
@@ -237,6 +239,24 @@ def run_pretraining(model_args: ModelArguments, data_args: DataArguments,
 
         metrics["loss_curve"] = plot_trainer_state(training_args.output_dir)
     return metrics
+
+
+def demo_args(output_dir: str = "outputs/stage0", train_files: tuple[str, ...] = DEMO_TRAIN_FILES,
+              max_steps: int = DEMO_MAX_STEPS, eval_steps: int = 100, max_eval_blocks: int | None = 256,
+              extra: list[str] | tuple[str, ...] = ()) -> list[str]:
+    """The offline demo's recipe for the `tiny` preset: block 128, batch 16, no accumulation (BENCHMARKS.md, Stage 0).
+
+    No activation checkpointing: a 3.3M-parameter model has no memory to save, and recomputing costs CPU time.
+    `main(demo_args())` trains it; `python scripts/pretrain_phi2.py $(demo args)` is the same run.
+    """
+    args = ["--config_name", "tiny", "--tokenizer_name", "assets/tiny-tokenizer", "--train_files", *train_files,
+            "--output_dir", output_dir, "--block_size", "128", "--per_device_train_batch_size", "16",
+            "--gradient_accumulation_steps", "1", "--gradient_checkpointing", "false", "--max_steps", str(max_steps),
+            "--learning_rate", "2e-3", "--warmup_steps", "0.05", "--logging_steps", "25",
+            "--eval_steps", str(eval_steps), "--save_steps", str(max_steps), "--disable_tqdm", "true"]
+    if max_eval_blocks is not None:
+        args += ["--max_eval_blocks", str(max_eval_blocks)]
+    return [*args, *extra]
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -175,3 +175,40 @@ def test_plot_logs_draws_any_stage_and_rejects_an_empty_history(tmp_path):
     (tmp_path / "trainer_state.json").write_text(json.dumps({"log_history": [{"step": 1, "learning_rate": 1.0}]}))
     with pytest.raises(ValueError, match="no loss entries"):
         plot_trainer_state(str(tmp_path))
+
+
+# --------------------------------------------------------------------------------------------------- benchmark
+
+def test_demo_recipe_parses_into_cpu_friendly_arguments():
+    from pretrain_phi2 import demo_args, parse_args
+
+    model_args, data_args, training_args = parse_args(demo_args("outputs/x", max_steps=10))
+    assert model_args.config_name == "tiny" and data_args.block_size == 128
+    assert training_args.max_steps == 10 and not training_args.gradient_checkpointing
+    assert not (training_args.fp16 or training_args.bf16)  # no CUDA here: fp32 instead of failing
+
+
+def test_unigram_baseline_is_the_smoothed_frequency_model():
+    from bench_pretrain import unigram_perplexity
+
+    train = [[1, 1, 1, 2], [1, 2, 3, 1]]
+    held_out = [[0, 1, 2, 3]]  # the first token of a block is never a target
+    counts = {t: train[0].count(t) + train[1].count(t) + 1 for t in range(5)}  # add-one over a 5-token vocabulary
+    total = sum(counts.values())
+    expected = math.exp(-sum(math.log(counts[t] / total) for t in (1, 2, 3)) / 3)
+    assert unigram_perplexity(train, held_out, vocab_size=5) == pytest.approx(expected)
+
+
+def test_memory_plan_estimate_and_measurement_path():
+    from bench_pretrain import estimate_memory, measure_memory
+
+    config = build_config("phi-2")
+    plan = estimate_memory(config, micro_batch=4, block_size=2048, n_params=count_parameters(config))
+    assert plan.weights_fp32 == plan.gradients_fp32 == 4 * plan.parameters
+    parts = (plan.weights_fp32, plan.gradients_fp32, plan.adam_8bit_states, plan.checkpointed_layer_inputs,
+             plan.one_layer_recompute, plan.logits_and_loss)
+    assert plan.total == pytest.approx(sum(parts))
+    # the measuring path itself runs (on CPU here, where it reports no CUDA peak)
+    result = measure_memory(build_config("tiny", TEST_OVERRIDES), micro_batch=2, block_size=16, steps=2,
+                            peak_tflops=None)
+    assert result["tokens_per_second"] > 0 and math.isfinite(result["loss"])
