@@ -138,7 +138,7 @@ class MMPhiProcessor(ProcessorMixin):
         by the transcript of the matching clip. Images/audio are matched to placeholders in order, across the batch.
         The transcripts (`speech_mmphi.Transcript`) are returned as `.transcripts` on the result, not as a key, so
         `model.generate(**inputs)` keeps working."""
-        kwargs.pop("sampling_rate", None)  # set by ProcessorMixin.apply_chat_template; our audio carries its own
+        sampling_rate = kwargs.pop("sampling_rate", None)  # for waveform clips; files, bytes and dicts carry their own
         if kwargs.pop("videos", None) is not None:
             raise ValueError("MMPhiProcessor does not take videos.")
         if text is None:
@@ -148,10 +148,10 @@ class MMPhiProcessor(ProcessorMixin):
             raise ValueError("`text` must be a string or a list of strings.")
 
         image_list = [to_rgb(image) for image in _flatten(images)]
-        clips = _flatten(audio)
+        clips = _flatten_audio(audio)
         _check_placeholder_count(texts, IMAGE_TOKEN, len(image_list), "image")
         _check_placeholder_count(texts, AUDIO_TOKEN, len(clips), "audio clip")
-        transcripts = self._transcribe(clips, transcriber)
+        transcripts = self._transcribe(clips, transcriber, sampling_rate)
         expanded, replacement_offsets = self._expand_placeholders(texts, [t.text for t in transcripts])
         data = dict(
             self.tokenizer(
@@ -167,11 +167,11 @@ class MMPhiProcessor(ProcessorMixin):
             batch.transcripts = transcripts
         return batch
 
-    def _transcribe(self, clips: list, transcriber) -> list:
+    def _transcribe(self, clips: list, transcriber, sampling_rate: int | None = None) -> list:
         if not clips:
             return []
         transcriber = transcriber or self.get_transcriber()
-        return [transcriber.transcribe(clip) for clip in clips]
+        return [transcriber.transcribe(clip, sampling_rate=sampling_rate) for clip in clips]
 
     def _expand_placeholders(self, texts: list[str], transcript_texts: list[str]):
         """Each `<image>` -> `image_seq_length` image tokens, each `<audio>` -> its transcript (in order). Also
@@ -197,13 +197,14 @@ class MMPhiProcessor(ProcessorMixin):
         return expanded, all_offsets
 
     def get_transcriber(self, **kwargs):
-        """The speech model, loaded once and reused (speech_mmphi is imported only when audio is used)."""
-        if self.transcriber is None:
-            try:
-                from speech_mmphi import SpeechTranscriber
+        """The speech model, loaded once and reused; passing kwargs (e.g. `model_name_or_path`) replaces it.
+        speech_mmphi is imported only when audio is used, so loading the processor needs no audio packages."""
+        if self.transcriber is None or kwargs:
+            try:  # the copy shipped beside this file (remote code) first, then an installed one
+                from .speech_mmphi import SpeechTranscriber
             except ImportError:
                 try:
-                    from .speech_mmphi import SpeechTranscriber
+                    from speech_mmphi import SpeechTranscriber
                 except ImportError as error:
                     raise ImportError(
                         "Audio input needs speech_mmphi.py and the audio extra: pip install 'mmphi[audio]'"
@@ -232,6 +233,21 @@ class MMPhiProcessor(ProcessorMixin):
     @property
     def model_input_names(self) -> list[str]:
         return ["input_ids", "attention_mask", "pixel_values"]
+
+
+def _flatten_audio(audio) -> list:
+    """Audio clips in order. An (array, sampling_rate) pair and a waveform given as a list of numbers are one clip."""
+    if audio is None:
+        return []
+    if isinstance(audio, tuple) and len(audio) == 2 and isinstance(audio[1], (int, float)) and not isinstance(
+        audio[1], bool
+    ):
+        return [audio]
+    if isinstance(audio, (list, tuple)):
+        if audio and all(isinstance(x, (int, float)) for x in audio):
+            return [audio]
+        return [clip for item in audio for clip in _flatten_audio(item)]
+    return [audio]
 
 
 def _check_placeholder_count(texts: list[str], placeholder: str, n_inputs: int, what: str) -> None:

@@ -470,11 +470,6 @@ def test_chat_messages_accept_audio_content(processor, transcriber, clips):
     assert word_error_rate(FIRST_TEXT, spoken) <= 0.10, decoded
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="processing_mmphi drops `sampling_rate` (kwargs.pop) and _flatten splits an (array, rate) tuple; "
-    "see the speech helper's report for the fix",
-)
 @pytest.mark.parametrize("form", ["array + sampling_rate", "(array, rate) tuple"])
 def test_processor_accepts_waveforms_with_their_rate(processor, transcriber, clips, form):
     waveform = clips["first"].astype(np.float32) / 32768
