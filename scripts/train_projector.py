@@ -1,0 +1,270 @@
+"""Stage 1: pretrain the projector on image captions (COCO 2017 format) with HF Trainer.
+
+The vision tower and the language model are frozen (`requires_grad_(False)`; the optimizer sees only the projector).
+Each caption is one teacher-forced sample: a fixed captioning prompt with the image as the user turn, the caption as
+the assistant turn; the loss is on the caption tokens and the EOS that ends them (one forward per batch).
+Validation is split by image (`--val_fraction`, or a separate `--eval_data_path`). Every `TrainingArguments` flag
+works (`--resume_from_checkpoint`, `--report_to tensorboard`, `accelerate launch`).
+
+    # the real recipe (GPU): TinyCLIP + Phi-2 from scripts/build_model.py, COCO 2017 captions
+    python scripts/train_projector.py --model_name_or_path outputs/mmphi-base \
+        --data_path coco/annotations/captions_train2017.json --image_folder coco/train2017 \
+        --eval_data_path coco/annotations/captions_val2017.json --eval_image_folder coco/val2017 \
+        --cache_vision_features --per_device_train_batch_size 32 --output_dir outputs/stage1
+
+    # the offline tiny pipeline (2-core CPU, a few minutes), see BENCHMARKS.md "Stage 1"
+    python scripts/make_synthetic_data.py --output_dir data/synthetic
+    python scripts/build_model.py --preset tiny --output_dir outputs/mmphi-tiny
+    python scripts/train_projector.py --model_name_or_path outputs/mmphi-tiny \
+        --data_path data/synthetic/captions_train.json --image_folder data/synthetic/images \
+        --train_vision_tower --output_dir outputs/stage1-tiny ...   (flags in TINY_RECIPE below)
+
+`--cache_vision_features` runs the frozen tower once over every image, stores its features as safetensors
+(`--feature_cache_dir`, reused while the tower is unchanged) and trains from them. `--train_vision_tower` is for the
+tiny pipeline only: its tower is random (no pretrained CLIP exists offline), so stage 1 also teaches it to see; the
+real recipe keeps TinyCLIP frozen. `--validate_data` scans the data files (records and every image) and exits.
+The output folder is a complete MM-Phi checkpoint (loads with AutoModelForCausalLM, trust_remote_code=True).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+
+import common  # noqa: F401  (puts the repo root on sys.path)
+import torch
+from build_model import save_mmphi
+from common import StageTrainingArguments
+from mmphi_data import (
+    CAPTION_PROMPT,
+    ConversationDataset,
+    LengthGroupedTrainerMixin,
+    MMPhiDataCollator,
+    SkipReport,
+    cache_vision_features,
+    caption_conversations,
+    load_coco_records,
+    padding_fraction,
+    split_by_image,
+    validate_coco_file,
+    validation_exit,
+)
+from transformers import HfArgumentParser, Trainer, set_seed
+
+from modeling_mmphi import MMPhiForCausalLM
+from processing_mmphi import MMPhiProcessor
+
+logger = logging.getLogger("train_projector")
+
+# The tiny pipeline's stage 1 on a 2-core CPU (see BENCHMARKS.md "Stage 1" for what it reaches).
+TINY_RECIPE = ("--train_vision_tower --max_steps 300 --per_device_train_batch_size 16 --gradient_accumulation_steps 1 "
+               "--learning_rate 2e-3 --gradient_checkpointing false --optim adamw_torch --warmup_steps 20")
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str = field(metadata={"help": "an MM-Phi folder (scripts/build_model.py)"})
+    train_vision_tower: bool = field(
+        default=False,
+        metadata={"help": "also train the vision tower: ONLY for the tiny pipeline, whose tower is random (no "
+                          "pretrained CLIP offline); the real recipe keeps TinyCLIP frozen"},
+    )
+    attn_implementation: str = field(default="sdpa", metadata={"help": "eager, sdpa, flash_attention_2, ..."})
+
+
+@dataclass
+class DataArguments:
+    data_path: str = field(metadata={"help": "COCO captions JSON (annotations/captions_train2017.json)"})
+    image_folder: str | None = field(default=None, metadata={"help": "folder of the images (default: the JSON's)"})
+    eval_data_path: str | None = field(
+        default=None, metadata={"help": "held-out COCO captions JSON; without it --val_fraction of the images"}
+    )
+    eval_image_folder: str | None = field(default=None, metadata={"help": "images of --eval_data_path"})
+    val_fraction: float = field(default=0.02, metadata={"help": "fraction of images held out (split by image)"})
+    max_eval_samples: int | None = field(default=2000, metadata={"help": "evaluate on at most this many captions"})
+    max_train_images: int | None = field(default=None, metadata={"help": "use at most this many training images"})
+    max_length: int = field(default=128, metadata={"help": "tokens per sample (image tokens included)"})
+    caption_prompt: str = field(default=CAPTION_PROMPT, metadata={"help": "the fixed user turn of every sample"})
+    skip_bad_records: bool = field(
+        default=False, metadata={"help": "skip bad records/images (counted and reported) instead of failing"}
+    )
+    validate_data: bool = field(default=False, metadata={"help": "scan the data (records + images) and exit"})
+    cache_vision_features: bool = field(
+        default=False, metadata={"help": "run the frozen tower once, store its features, train from them"}
+    )
+    feature_cache_dir: str | None = field(
+        default=None, metadata={"help": "where cached features live (default: <output_dir>/vision_features)"}
+    )
+
+
+@dataclass
+class ProjectorTrainingArguments(StageTrainingArguments):
+    """Stage defaults, with what projector pretraining wants: a high learning rate (LLaVA uses 1e-3), no weight
+    decay, and the image tensors kept in the batches."""
+
+    output_dir: str = field(default="outputs/stage1")
+    learning_rate: float = field(default=1e-3)
+    weight_decay: float = field(default=0.0)
+    remove_unused_columns: bool = field(default=False)
+    report_to: None | str | list[str] = field(default="none")  # typed so HfArgumentParser accepts it
+
+
+class ProjectorTrainer(LengthGroupedTrainerMixin, Trainer):
+    pass
+
+
+def parse_args(argv: list[str] | None = None):
+    parser = HfArgumentParser((ModelArguments, DataArguments, ProjectorTrainingArguments))
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) == 1 and argv[0].endswith(".json"):
+        return parser.parse_json_file(argv[0])
+    return parser.parse_args_into_dataclasses(args=argv)
+
+
+def freeze_for_stage1(model: MMPhiForCausalLM, train_vision_tower: bool = False) -> list[str]:
+    """Everything frozen except the projector (and the tower when asked); returns the trainable parameter names."""
+    model.requires_grad_(False)
+    model.model.multi_modal_projector.requires_grad_(True)
+    if train_vision_tower:
+        model.model.vision_tower.requires_grad_(True)
+    return [name for name, param in model.named_parameters() if param.requires_grad]
+
+
+def load_model(model_args: ModelArguments, training_args) -> MMPhiForCausalLM:
+    """Frozen parts in the training precision's dtype (half the memory on GPU); trained parts in fp32, as mixed
+    precision needs for its master weights."""
+    dtype = torch.bfloat16 if training_args.bf16 else torch.float16 if training_args.fp16 else torch.float32
+    model = MMPhiForCausalLM.from_pretrained(
+        model_args.model_name_or_path, dtype=dtype, attn_implementation=model_args.attn_implementation
+    )
+    model.model.multi_modal_projector.float()
+    if model_args.train_vision_tower:
+        model.model.vision_tower.float()
+    return model
+
+
+def load_caption_data(data_args: DataArguments, seed: int):
+    """(train images, eval images, skip report): the split is by image, so no image is on both sides."""
+    report = SkipReport()
+    images = load_coco_records(data_args.data_path, data_args.image_folder, data_args.skip_bad_records, report)
+    if data_args.eval_data_path:
+        train_images = images
+        eval_images = load_coco_records(data_args.eval_data_path, data_args.eval_image_folder,
+                                        data_args.skip_bad_records, report)
+        overlap = {i.image for i in train_images} & {i.image for i in eval_images}
+        if overlap:
+            raise ValueError(f"{len(overlap)} image(s) are in both the training and the eval file, e.g. "
+                             f"{sorted(overlap)[0]}: validation must be held out by image")
+    else:
+        train_images, eval_images = split_by_image(images, data_args.val_fraction, seed)
+    if data_args.max_train_images is not None:
+        train_images = train_images[: data_args.max_train_images]
+    return train_images, eval_images, report
+
+
+def validate(data_args: DataArguments) -> int:
+    status = 0
+    for path, folder in ((data_args.data_path, data_args.image_folder),
+                         (data_args.eval_data_path, data_args.eval_image_folder)):
+        if path:
+            status |= validation_exit(path, *validate_coco_file(path, folder))
+    return status
+
+
+def build_datasets(model, processor, data_args: DataArguments, training_args, train_images, eval_images):
+    store = None
+    if data_args.cache_vision_features:
+        cache_dir = data_args.feature_cache_dir or os.path.join(training_args.output_dir, "vision_features")
+        start = time.perf_counter()
+        with training_args.main_process_first(desc="caching vision features"):
+            store = cache_vision_features(model, processor, [i.image for i in train_images + eval_images], cache_dir)
+        logger.info("vision features ready in %.1f s", time.perf_counter() - start)
+    kwargs = dict(max_length=data_args.max_length, vision_features=store, skip_bad_records=data_args.skip_bad_records)
+    train = ConversationDataset(caption_conversations(train_images, data_args.caption_prompt), processor, **kwargs)
+    eval_conversations = caption_conversations(eval_images, data_args.caption_prompt)[: data_args.max_eval_samples]
+    evaluation = ConversationDataset(eval_conversations, processor, **kwargs) if eval_conversations else None
+    return train, evaluation
+
+
+@dataclass
+class Stage1:
+    """What `build_trainer` sets up: the trainer, its parts, and the data reports."""
+
+    trainer: ProjectorTrainer
+    model: MMPhiForCausalLM
+    processor: MMPhiProcessor
+    collator: MMPhiDataCollator
+    train: ConversationDataset
+    evaluation: ConversationDataset | None
+    report: SkipReport
+    trainable: list[str]
+
+
+def build_trainer(model_args: ModelArguments, data_args: DataArguments, training_args) -> Stage1:
+    if data_args.cache_vision_features and model_args.train_vision_tower:
+        raise ValueError("--cache_vision_features needs a frozen tower; drop --train_vision_tower")
+    set_seed(training_args.seed)
+    processor = MMPhiProcessor.from_pretrained(model_args.model_name_or_path)
+    model = load_model(model_args, training_args)
+    trainable = freeze_for_stage1(model, model_args.train_vision_tower)
+    logger.info("training %d tensors (%.2fM parameters): %s", len(trainable),
+                sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6,
+                "projector + vision tower" if model_args.train_vision_tower else "projector only")
+
+    train_images, eval_images, report = load_caption_data(data_args, training_args.seed)
+    train, evaluation = build_datasets(model, processor, data_args, training_args, train_images, eval_images)
+    logger.info("%d training captions (%d images), %d eval captions (%d images)", len(train), len(train_images),
+                len(evaluation) if evaluation else 0, len(eval_images))
+    if evaluation is None:
+        training_args.eval_strategy = "no"
+    collator = MMPhiDataCollator(processor)
+    trainer = ProjectorTrainer(model=model, args=training_args, train_dataset=train, eval_dataset=evaluation,
+                               data_collator=collator)
+    return Stage1(trainer, model, processor, collator, train, evaluation, report, trainable)
+
+
+def run_stage1(model_args: ModelArguments, data_args: DataArguments, training_args) -> dict:
+    """Train the projector, save a complete MM-Phi folder to output_dir, return the metrics."""
+    stage = build_trainer(model_args, data_args, training_args)
+    trainer, train = stage.trainer, stage.train
+    start = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    metrics = dict(result.metrics)
+    metrics["train_wall_s"] = round(time.perf_counter() - start, 1)
+    metrics["padding_fraction"] = round(stage.collator.padding_fraction, 4)  # before evaluation adds its batches
+    if stage.evaluation is not None:
+        metrics.update(trainer.evaluate())
+    skipped = stage.report.total + train.skipped.total
+    metrics.update(
+        trainable_parameters=sum(p.numel() for p in stage.model.parameters() if p.requires_grad),
+        padding_fraction_random_order=round(padding_fraction(train.lengths, training_args.train_batch_size), 4),
+        truncated=train.truncation.truncated,
+        dropped_too_long=train.truncation.dropped,
+        skipped_bad_records=skipped,
+    )
+    if skipped:
+        logger.warning("Bad input: %s", "; ".join(r.summary() for r in (stage.report, train.skipped) if r.total))
+    if trainer.is_world_process_zero():
+        save_mmphi(stage.model, stage.processor, training_args.output_dir)
+        trainer.log_metrics("all", metrics)
+        trainer.save_metrics("all", metrics)
+        trainer.save_state()
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> dict | None:
+    model_args, data_args, training_args = parse_args(argv)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    if data_args.validate_data:
+        sys.exit(validate(data_args))
+    metrics = run_stage1(model_args, data_args, training_args)
+    print(json.dumps({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, indent=1))
+    return metrics
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,364 @@
+"""The shared data module (scripts/mmphi_data.py) and the synthetic data generator, on the tiny default (CPU, fast)."""
+
+import json
+import os
+import random
+from pathlib import Path
+
+import mmphi_data as md
+import pytest
+import torch
+from build_model import build_tiny
+from make_synthetic_data import COLOURS, generate
+from PIL import Image
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    model, processor = build_tiny(seed=0)
+    return model.eval(), processor
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory):
+    root = tmp_path_factory.mktemp("synthetic")
+    return generate(str(root), num_images=40, val_fraction=0.25, seed=3)
+
+
+def llava_file(tmp_path, records, name="llava.json"):
+    path = tmp_path / name
+    path.write_text(json.dumps(records))
+    return str(path)
+
+
+def red_png(folder, name="red.png"):
+    Image.new("RGB", (32, 32), (200, 20, 20)).save(os.path.join(folder, name))
+    return name
+
+
+def turns(*pairs):
+    out = []
+    for question, answer in pairs:
+        out += [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]
+    return out
+
+
+# --- synthetic data ----------------------------------------------------------------------------------------------
+
+
+def test_synthetic_images_match_their_ground_truth(synthetic):
+    scenes = json.loads(Path(synthetic["scenes"]).read_text())
+    assert {s["count"] for s in scenes} == {1, 2, 3, 4}
+    for scene in scenes:
+        image = Image.open(os.path.join(synthetic["images"], scene["file_name"])).convert("RGB")
+        assert len(scene["boxes"]) == scene["count"]
+        for x0, y0, x1, y1 in scene["boxes"]:
+            centre = image.getpixel(((x0 + x1) // 2, (y0 + y1) // 2))  # inside every shape kind
+            assert max(abs(a - b) for a, b in zip(centre, COLOURS[scene["colour"]], strict=True)) <= 12, scene
+        corner = image.getpixel((1, 1))
+        assert min(corner) >= 235  # background
+
+
+def test_synthetic_answers_are_the_ground_truth(synthetic):
+    scenes = {s["file_name"]: s for s in json.loads(Path(synthetic["scenes"]).read_text())}
+    conversations = md.load_llava_records(synthetic["llava_train"], synthetic["images"])
+    seen_types = set()
+    for conversation in conversations:
+        for turn in conversation.turns:
+            seen_types.add(turn.question_type)
+            if conversation.image is None:
+                assert turn.question_type == "text"
+                continue
+            scene = scenes[os.path.basename(conversation.image)]
+            expected = {"colour": scene["colour"], "count": str(scene["count"]), "shape": scene["shape"],
+                        "size": scene["size"], "position": scene["position"]}
+            if turn.question_type in expected:
+                assert turn.answer == expected[turn.question_type], (conversation.id, turn)
+    assert {"colour", "count", "shape", "size", "text"} <= seen_types
+    assert any(len(c.turns) > 1 for c in conversations)
+    raw = json.loads(Path(synthetic["llava_train"]).read_text())
+    image_record = next(r for r in raw if "image" in r)
+    assert image_record["conversations"][0]["value"].startswith("<image>\n")
+
+
+def test_synthetic_split_is_by_image_in_both_formats(synthetic):
+    def images_of(split):
+        coco = json.loads(Path(synthetic[f"captions_{split}"]).read_text())
+        llava = json.loads(Path(synthetic[f"llava_{split}"]).read_text())
+        return {i["file_name"] for i in coco["images"]}, {r["image"] for r in llava if "image" in r}
+
+    train_coco, train_llava = images_of("train")
+    val_coco, val_llava = images_of("val")
+    assert train_coco == train_llava and val_coco == val_llava
+    assert not train_coco & val_coco and len(val_coco) == 10
+
+
+def test_synthetic_data_is_deterministic(tmp_path):
+    first = generate(str(tmp_path / "a"), num_images=6, seed=1)
+    second = generate(str(tmp_path / "b"), num_images=6, seed=1)
+    for key in ("captions_train", "llava_train", "llava_val", "scenes"):
+        assert Path(first[key]).read_text() == Path(second[key]).read_text()
+    for name in sorted(os.listdir(first["images"])):
+        a, b = (Path(p["images"], name).read_bytes() for p in (first, second))
+        assert a == b
+
+
+# --- encoding and label masks ------------------------------------------------------------------------------------
+
+
+def test_labels_are_answers_and_their_eos_only(tiny, tmp_path):
+    _, processor = tiny
+    conversation = md.Conversation("c", str(tmp_path / red_png(tmp_path)),
+                                   [md.Turn("What colour is it?", "red"), md.Turn("How many shapes?", "3")])
+    input_ids, labels = md.encode_conversation(processor, conversation)
+    tokenizer = processor.tokenizer
+    eos = tokenizer.eos_token
+    kept = [label for label in labels if label != md.IGNORE_INDEX]
+    assert tokenizer.decode(kept) == f" red{eos} 3{eos}"
+    assert all(label in (md.IGNORE_INDEX, token) for token, label in zip(input_ids, labels, strict=True))
+    assert input_ids.count(processor.image_token_id) == processor.image_seq_length
+    assert all(label == md.IGNORE_INDEX for token, label in zip(input_ids, labels, strict=True)
+               if token == processor.image_token_id)
+    # the question tokens carry no loss; the EOS of each answer does
+    assert kept.count(tokenizer.eos_token_id) == 2
+    assert tokenizer.decode(input_ids).count("What colour is it?") == 1
+
+
+def test_encoding_equals_the_processor_chat_template(tiny, synthetic):
+    _, processor = tiny
+    for conversation in md.load_llava_records(synthetic["llava_val"], synthetic["images"])[:6]:
+        input_ids, labels = md.encode_conversation(processor, conversation)
+        messages = conversation.messages()
+        if conversation.image:
+            messages[0]["content"][0] = {"type": "image", "image": Image.open(conversation.image)}
+        reference = processor.apply_chat_template(messages, tokenize=True, return_dict=True,
+                                                  return_assistant_tokens_mask=True)
+        assert reference["input_ids"][0].tolist() == input_ids
+        assert list(reference["assistant_masks"][0]) == [int(label != md.IGNORE_INDEX) for label in labels]
+
+
+def test_image_placeholder_anywhere_in_the_first_turn(tiny, tmp_path):
+    _, processor = tiny
+    name = red_png(tmp_path)
+    records = [{"id": "end", "image": name, "conversations": turns(("What colour?\n<image>", "red"))},
+               {"id": "missing", "image": name, "conversations": turns(("What colour?", "red"))}]
+    conversations = md.load_llava_records(llava_file(tmp_path, records), str(tmp_path))
+    encoded = [md.encode_conversation(processor, c) for c in conversations]
+    assert encoded[0] == encoded[1]
+    assert processor.tokenizer.decode(encoded[0][0]).startswith("User: " + "<image>" * 49 + "\nWhat colour?")
+
+
+def test_truncation_never_cuts_image_tokens(tiny, tmp_path):
+    _, processor = tiny
+    image = str(tmp_path / red_png(tmp_path))
+    long_answer = "red " * 40
+    conversation = md.Conversation("c", image, [md.Turn("Describe it.", long_answer.strip())])
+    full_ids, full_labels = md.encode_conversation(processor, conversation)
+    image_end = max(i for i, t in enumerate(full_ids) if t == processor.image_token_id) + 1
+    first_answer = next(i for i, label in enumerate(full_labels) if label != md.IGNORE_INDEX)
+
+    cut = md.ConversationDataset([conversation], processor, max_length=first_answer + 3)
+    assert len(cut) == 1 and cut.truncation.truncated == 1 and cut.lengths == [first_answer + 3]
+    item = cut[0]
+    assert (item["input_ids"] == processor.image_token_id).sum() == processor.image_seq_length
+    assert (item["labels"] != md.IGNORE_INDEX).sum() > 0
+
+    text_only = md.Conversation("t", None, [md.Turn("Hi", "hello")])
+    dropped = md.ConversationDataset([conversation, text_only], processor, max_length=image_end - 5)
+    assert len(dropped) == 1 and dropped.truncation.dropped_image_cut == 1
+    no_answer = md.ConversationDataset([conversation, text_only], processor, max_length=first_answer)
+    assert len(no_answer) == 1 and no_answer.truncation.dropped_no_answer == 1
+    with pytest.raises(ValueError, match="no sample fits"):
+        md.ConversationDataset([conversation], processor, max_length=image_end - 5)
+
+
+# --- collator ----------------------------------------------------------------------------------------------------
+
+
+def test_collator_mixes_image_and_text_only_samples(tiny, synthetic):
+    model, processor = tiny
+    conversations = md.load_llava_records(synthetic["llava_train"], synthetic["images"])
+    with_image = [c for c in conversations if c.image][:2]
+    text_only = [c for c in conversations if c.image is None][:2]
+    order = [with_image[0], text_only[0], text_only[1], with_image[1]]
+    dataset = md.ConversationDataset(order, processor)
+    collator = md.MMPhiDataCollator(processor)
+    batch = collator([dataset[i] for i in range(len(dataset))])
+
+    tokenizer = processor.tokenizer
+    assert tokenizer.pad_token_id != tokenizer.eos_token_id
+    assert batch["pixel_values"].shape == (2, 3, 224, 224)
+    for row, length in enumerate(dataset.lengths):
+        assert batch["attention_mask"][row].sum() == length
+        assert (batch["input_ids"][row, length:] == tokenizer.pad_token_id).all()  # right padding, pad token
+        assert (batch["labels"][row, length:] == md.IGNORE_INDEX).all()
+    assert collator.padding_fraction == pytest.approx(md.padding_fraction(dataset.lengths, len(dataset)))
+
+    # each sample's logits in the mixed batch equal its logits alone: images were matched to the right samples
+    with torch.no_grad():
+        output = model(**batch)
+        assert torch.isfinite(output.loss)
+        for row in (1, 3):  # a text-only sample after an image one; an image sample after text-only ones
+            single = model(**collator([dataset[row]])).logits[0]
+            torch.testing.assert_close(output.logits[row, : dataset.lengths[row]], single, atol=1e-4, rtol=1e-4)
+
+
+def test_collator_refuses_pad_equal_to_eos(tiny):
+    _, processor = tiny
+    with pytest.raises(ValueError, match="pad token must differ from EOS"):
+        md.MMPhiDataCollator(processor, pad_token_id=processor.tokenizer.eos_token_id)
+
+
+def test_length_grouping_reduces_padding_without_loading_samples(tiny, synthetic):
+    from types import SimpleNamespace
+
+    _, processor = tiny
+    conversations = md.load_llava_records(synthetic["llava_train"], synthetic["images"])
+    dataset = md.ConversationDataset(conversations, processor)
+    loaded = []
+    original = dataset._item
+    dataset._item = lambda position: loaded.append(position) or original(position)
+    args = SimpleNamespace(train_sampling_strategy="group_by_length", train_batch_size=4,
+                           gradient_accumulation_steps=1)
+    trainer = SimpleNamespace(args=args, train_dataset=dataset)  # the mixin only reads these two
+    order = list(md.LengthGroupedTrainerMixin._get_train_sampler(trainer))
+    assert sorted(order) == list(range(len(dataset))) and loaded == []
+    random_order = random.Random(0).sample(range(len(dataset)), len(dataset))
+    grouped = md.padding_fraction(dataset.lengths, 4, order)
+    assert grouped < md.padding_fraction(dataset.lengths, 4, random_order)
+
+
+# --- splits ------------------------------------------------------------------------------------------------------
+
+
+def test_split_by_image_keeps_every_image_on_one_side(synthetic):
+    images = md.load_coco_records(synthetic["captions_train"], synthetic["images"])
+    captions = md.caption_conversations(images)
+    train, val = md.split_by_image(captions, 0.3)
+    assert not {c.image for c in train} & {c.image for c in val} and train and val
+    shuffled = random.Random(1).sample(captions, len(captions))
+    assert {c.id for c in md.split_by_image(shuffled, 0.3)[1]} == {c.id for c in val}
+
+
+# --- bad input ---------------------------------------------------------------------------------------------------
+
+BAD_LLAVA = [
+    ({"id": "r1", "image": "nowhere.png", "conversations": turns(("<image>\nQ?", "A"))}, "image file not found"),
+    ({"id": "r1", "image": "red.png"}, 'no "conversations"'),
+    ({"id": "r1", "conversations": [{"from": "human", "value": "Q"}, {"from": "human", "value": "Q2"}]},
+     "do not alternate"),
+    ({"id": "r1", "conversations": [{"from": "gpt", "value": "A"}, {"from": "human", "value": "Q"}]},
+     "do not alternate"),
+    ({"id": "r1", "conversations": turns(("Q", "  "))}, "empty answer"),
+    ({"id": "r1", "conversations": [{"from": "human", "value": "Q"}]}, "without a gpt answer"),
+    ({"id": "r1", "conversations": turns(("<image>\nQ", "A"))}, 'has <image> but the record has no "image"'),
+    ({"id": "r1", "image": "red.png", "conversations": turns(("Q", "A"), ("<image> Q", "A"))}, "only the first"),
+]
+
+
+@pytest.mark.parametrize("record,problem", BAD_LLAVA)
+def test_bad_llava_records_name_file_record_and_problem(tmp_path, record, problem):
+    red_png(tmp_path)
+    good = {"id": "ok", "image": "red.png", "conversations": turns(("<image>\nWhat colour?", "red"))}
+    path = llava_file(tmp_path, [good, record])
+    with pytest.raises(md.BadRecordError) as caught:
+        md.load_llava_records(path, str(tmp_path))
+    message = str(caught.value)
+    assert path in message and "record 1 (id=r1)" in message and problem in message
+    report = md.SkipReport()
+    kept = md.load_llava_records(path, str(tmp_path), skip_bad_records=True, report=report)
+    assert [c.id for c in kept] == ["ok"] and report.total == 1 and problem in report.summary()
+
+
+BAD_COCO = [
+    ({"image_id": 99, "caption": "a cat"}, "caption for unknown image id 99"),
+    ({"image_id": 1, "caption": ""}, "empty caption"),
+    ({"caption": "a cat"}, 'no "image_id"'),
+]
+
+
+@pytest.mark.parametrize("annotation,problem", BAD_COCO)
+def test_bad_coco_annotations(tmp_path, annotation, problem):
+    red_png(tmp_path)
+    data = {"images": [{"id": 1, "file_name": "red.png"}],
+            "annotations": [{"id": 1, "image_id": 1, "caption": "a red square"}, {"id": 7, **annotation}]}
+    path = tmp_path / "captions.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(md.BadRecordError, match=r"captions.json: annotations\[1\] \(id=7\): .*" + problem):
+        md.load_coco_records(str(path), str(tmp_path))
+    report = md.SkipReport()
+    images = md.load_coco_records(str(path), str(tmp_path), skip_bad_records=True, report=report)
+    assert report.total == 1 and images[0].captions == ["a red square"]
+
+
+def test_malformed_files_are_clear_errors(tmp_path):
+    broken = tmp_path / "broken.json"
+    broken.write_text('[{"id": 1,')
+    with pytest.raises(md.BadRecordError, match="broken.json: malformed JSON"):
+        md.load_llava_records(str(broken))
+    with pytest.raises(FileNotFoundError, match="missing.json"):
+        md.load_coco_records(str(tmp_path / "missing.json"))
+    with pytest.raises(md.BadRecordError, match="not a COCO captions file"):
+        md.load_coco_records(llava_file(tmp_path, []))
+
+
+def truncated_png(folder, name="truncated.png"):
+    path = os.path.join(folder, name)
+    Image.effect_noise((64, 64), 50).convert("RGB").save(path)
+    data = Path(path).read_bytes()
+    Path(path).write_bytes(data[: len(data) // 2])
+    return name
+
+
+def test_truncated_image_found_by_validation_and_named_at_load(tiny, tmp_path):
+    _, processor = tiny
+    red_png(tmp_path)
+    records = [{"id": "ok", "image": "red.png", "conversations": turns(("<image>\nColour?", "red"))},
+               {"id": "cut", "image": truncated_png(tmp_path), "conversations": turns(("<image>\nColour?", "red"))},
+               {"id": "text", "conversations": turns(("Hi", "hello"))}]
+    path = llava_file(tmp_path, records)
+    n_good, report = md.validate_llava_file(path, str(tmp_path))
+    assert n_good == 2 and report.total == 1 and "record 1 (id=cut)" in report.examples[0]
+    assert "truncated" in report.examples[0]
+
+    conversations = md.load_llava_records(path, str(tmp_path))  # file exists: only a decode finds the problem
+    dataset = md.ConversationDataset(conversations, processor)
+    with pytest.raises(md.BadRecordError, match=r"record 1 \(id=cut\): cannot read image .*truncated.png"):
+        dataset[1]
+    lenient = md.ConversationDataset(conversations, processor, skip_bad_records=True)
+    item = lenient[1]  # the next sample is served instead, and the skip is counted
+    assert "pixel_values" not in item and lenient.skipped.total == 1
+
+
+def test_validation_exit_status(tmp_path, capsys):
+    red_png(tmp_path)
+    records = [{"id": "ok", "image": "red.png", "conversations": turns(("<image>\nColour?", "red"))}]
+    assert md.validation_exit("f.json", *md.validate_llava_file(llava_file(tmp_path, records), str(tmp_path))) == 0
+    records.append({"id": "bad", "conversations": turns(("Q", ""))})
+    assert md.validation_exit("f.json", *md.validate_llava_file(llava_file(tmp_path, records), str(tmp_path))) == 1
+    assert "1 bad" in capsys.readouterr().out
+
+
+# --- cached vision features --------------------------------------------------------------------------------------
+
+
+def test_vision_feature_cache_round_trip_and_reuse(tiny, synthetic, tmp_path):
+    model, processor = tiny
+    images = md.load_coco_records(synthetic["captions_val"], synthetic["images"])
+    paths = [i.image for i in images]
+    store = md.cache_vision_features(model, processor, paths, str(tmp_path / "cache"), batch_size=4, shard_size=3)
+    assert len(store) == len(paths) and len(list((tmp_path / "cache").glob("*.safetensors"))) == -(-len(paths) // 3)
+    pixel_values = processor.image_processor([md.load_image(paths[4])], return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        expected = model.model.get_vision_features(pixel_values)
+    torch.testing.assert_close(store.get(paths[4]), expected)
+
+    index = tmp_path / "cache" / "index.json"
+    stamp = index.stat().st_mtime_ns
+    md.cache_vision_features(model, processor, paths, str(tmp_path / "cache"))
+    assert index.stat().st_mtime_ns == stamp  # same tower: reused
+    changed, _ = build_tiny(seed=5)
+    md.cache_vision_features(changed, processor, paths, str(tmp_path / "cache"))
+    assert index.stat().st_mtime_ns != stamp  # another tower: recomputed
+    with pytest.raises(md.BadRecordError, match="no cached vision features"):
+        store.get("/elsewhere/x.png")

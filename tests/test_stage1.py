@@ -1,0 +1,132 @@
+"""Stage 1 (scripts/train_projector.py) on the tiny default and a few synthetic images: CPU, seconds per test."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from build_model import build_tiny, save_mmphi
+from make_synthetic_data import generate
+from PIL import Image
+from safetensors.torch import load_file
+from train_projector import build_trainer, freeze_for_stage1, main, parse_args
+
+from modeling_mmphi import MMPhiForCausalLM
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("stage1")
+    data = generate(str(root / "data"), num_images=16, val_fraction=0.25, seed=0)
+    model, processor = build_tiny(seed=0)
+    save_mmphi(model, processor, str(root / "base"))
+    return root, data
+
+
+def stage1_argv(root, data, output_dir, *extra):
+    return ["--model_name_or_path", str(root / "base"), "--data_path", data["captions_train"],
+            "--image_folder", data["images"], "--output_dir", str(output_dir), "--per_device_train_batch_size", "4",
+            "--per_device_eval_batch_size", "8", "--gradient_accumulation_steps", "1", "--max_steps", "2",
+            "--optim", "adamw_torch", "--gradient_checkpointing", "false", "--save_strategy", "no",
+            "--logging_steps", "1", "--val_fraction", "0.25", "--max_eval_samples", "8", "--seed", "0", *extra]
+
+
+def build(root, data, output_dir, *extra):
+    return build_trainer(*parse_args(stage1_argv(root, data, output_dir, *extra)))
+
+
+def test_only_the_projector_is_trainable_and_optimized(setup, tmp_path):
+    root, data = setup
+    stage = build(root, data, tmp_path / "out", "--optim", "paged_adamw_8bit")  # the stage default optimizer
+    trainable = {name for name, p in stage.model.named_parameters() if p.requires_grad}
+    assert trainable == {"model.multi_modal_projector.linear_1.weight", "model.multi_modal_projector.linear_1.bias"}
+    optimizer = stage.trainer.create_optimizer()
+    optimized = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    assert optimized == {id(p) for p in stage.model.parameters() if p.requires_grad}
+
+
+def test_train_vision_tower_flag_keeps_the_language_model_frozen():
+    model, _ = build_tiny(seed=0)
+    trainable = freeze_for_stage1(model, train_vision_tower=True)
+    assert any(n.startswith("model.vision_tower.") for n in trainable)
+    assert all(n.startswith(("model.vision_tower.", "model.multi_modal_projector.")) for n in trainable)
+
+
+def test_training_changes_only_the_projector_and_saves_a_loadable_folder(setup, tmp_path):
+    root, data = setup
+    output_dir = tmp_path / "out"
+    metrics = main(stage1_argv(root, data, output_dir, "--learning_rate", "1e-2"))
+    assert metrics["train_loss"] > 0 and "eval_loss" in metrics and metrics["skipped_bad_records"] == 0
+    before = load_file(str(root / "base" / "model.safetensors"))
+    after = load_file(str(output_dir / "model.safetensors"))
+    assert before.keys() == after.keys()
+    changed = {name for name in before if not torch.equal(before[name], after[name])}
+    assert changed == {"model.multi_modal_projector.linear_1.weight", "model.multi_modal_projector.linear_1.bias"}
+    for name in ("config.json", "modeling_mmphi.py", "processor_config.json", "chat_template.jinja"):
+        assert (output_dir / name).exists(), name
+    from transformers import AutoModelForCausalLM
+
+    loaded = AutoModelForCausalLM.from_pretrained(str(output_dir), trust_remote_code=True)
+    assert type(loaded).__name__ == "MMPhiForCausalLM"
+    torch.testing.assert_close(loaded.model.multi_modal_projector.linear_1.weight,
+                               after["model.multi_modal_projector.linear_1.weight"])
+
+
+def test_validation_is_split_by_image(setup, tmp_path):
+    root, data = setup
+    stage = build(root, data, tmp_path / "out")
+    train_images = {c.image for c in stage.train.conversations}
+    eval_images = {c.image for c in stage.evaluation.conversations}
+    assert train_images and eval_images and not train_images & eval_images
+    with pytest.raises(ValueError, match="in both the training and the eval file"):
+        build(root, data, tmp_path / "out2", "--eval_data_path", data["captions_train"],
+              "--eval_image_folder", data["images"])
+
+
+def test_cached_and_uncached_features_give_the_same_losses(setup, tmp_path):
+    root, data = setup
+    losses = {}
+    for mode, extra in (("pixels", ()), ("cached", ("--cache_vision_features",))):
+        stage = build(root, data, tmp_path / mode, *extra)
+        eval_loss = stage.trainer.evaluate()["eval_loss"]
+        stage.trainer.train()
+        losses[mode] = [eval_loss] + [log["loss"] for log in stage.trainer.state.log_history if "loss" in log]
+    assert len(losses["cached"]) == 3
+    assert losses["cached"] == pytest.approx(losses["pixels"], rel=1e-4)
+    shards = list((tmp_path / "cached" / "vision_features").glob("*.safetensors"))
+    assert shards and json.loads((tmp_path / "cached" / "vision_features" / "index.json").read_text())["rows"]
+
+
+def test_cached_features_with_a_trained_tower_is_an_error(setup, tmp_path):
+    root, data = setup
+    with pytest.raises(ValueError, match="needs a frozen tower"):
+        build(root, data, tmp_path / "out", "--cache_vision_features", "--train_vision_tower")
+
+
+def test_validate_data_scans_images_and_exits(setup, tmp_path, capsys):
+    root, data = setup
+    argv = stage1_argv(root, data, tmp_path / "out", "--validate_data")
+    with pytest.raises(SystemExit) as clean:
+        main(argv)
+    assert clean.value.code == 0 and "OK" in capsys.readouterr().out
+
+    images = tmp_path / "images"
+    shutil.copytree(data["images"], images)
+    first_training_image = json.loads(Path(data["captions_train"]).read_text())["images"][0]["file_name"]
+    victim = images / first_training_image
+    Image.effect_noise((224, 224), 60).convert("RGB").save(victim)
+    victim.write_bytes(victim.read_bytes()[:2000])  # truncated PNG: the file exists, only decoding finds it
+    argv[argv.index("--image_folder") + 1] = str(images)
+    with pytest.raises(SystemExit) as dirty:
+        main(argv)
+    out = capsys.readouterr().out
+    assert dirty.value.code == 1 and victim.name in out and "1 bad" in out
+
+
+def test_runs_without_a_validation_split(setup, tmp_path):
+    root, data = setup
+    output_dir = tmp_path / "out"
+    metrics = main(stage1_argv(root, data, output_dir, "--max_steps", "1", "--val_fraction", "0"))
+    assert "eval_loss" not in metrics
+    assert MMPhiForCausalLM.from_pretrained(str(output_dir)).config.image_seq_length == 49
