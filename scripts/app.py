@@ -102,8 +102,9 @@ def build_app(model, processor, options: GenerationOptions | None = None, speech
                     clear = gr.Button("New chat", elem_id="new-chat")
         inputs = [prompt, image, audio, chatbot, session, max_new_tokens, do_sample, temperature, top_p]
         outputs = [chatbot, session, transcript, prompt, audio]
-        send.click(respond, inputs, outputs)
-        prompt.submit(respond, inputs, outputs)
+        # One generation at a time across both triggers and all sessions: they share one model (and one CPU).
+        send.click(respond, inputs, outputs, concurrency_limit=1, concurrency_id="generate")
+        prompt.submit(respond, inputs, outputs, concurrency_limit=1, concurrency_id="generate")
         clear.click(new_chat, None, [chatbot, session, transcript, prompt, audio, image])
     return app
 
