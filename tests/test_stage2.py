@@ -1,0 +1,187 @@
+"""Stage 2 (scripts/finetune_instruct.py) and scripts/merge_lora.py on the tiny model, CPU."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from build_model import build_tiny, save_mmphi
+from finetune_instruct import (
+    DataArguments,
+    ImageLoadingCollator,
+    InstructSFTConfig,
+    ModelArguments,
+    load_conversations,
+    load_model,
+    lora_config,
+    main,
+    trainable_parameter_names,
+)
+from make_synthetic_data import generate
+from mmphi_data import BadRecordError, ConversationDataset
+from PIL import Image
+from safetensors.torch import load_file
+
+from processing_mmphi import MMPhiProcessor
+
+bnb = pytest.importorskip("bitsandbytes")
+
+MAX_LENGTH = 88  # below the longest multi-turn samples (~110 tokens), above every first answer
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    model, processor = build_tiny(seed=0)
+    folder = tmp_path_factory.mktemp("tiny") / "mmphi"
+    save_mmphi(model, processor, str(folder))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory):
+    return generate(str(tmp_path_factory.mktemp("synthetic")), num_images=12, val_fraction=0.25,
+                    text_only_fraction=0.3, seed=5)
+
+
+def cpu_config(output_dir, **overrides) -> InstructSFTConfig:
+    return InstructSFTConfig(output_dir=str(output_dir), **overrides)
+
+
+@pytest.fixture(scope="module")
+def qlora_run(tiny_folder, synthetic, tmp_path_factory):
+    """A real 4-bit QLoRA run: an evaluation pass first (eval_on_start), then training steps, evaluation again,
+    then the adapter is saved and merged."""
+    output_dir = tmp_path_factory.mktemp("stage2") / "run"
+    metrics = main([
+        "--model_name_or_path", str(tiny_folder), "--data_path", synthetic["llava_train"],
+        "--image_folder", synthetic["images"], "--output_dir", str(output_dir), "--quantization", "4bit",
+        "--lora_r", "8", "--max_steps", "3", "--per_device_train_batch_size", "2", "--gradient_accumulation_steps",
+        "1", "--learning_rate", "5e-3", "--warmup_steps", "0", "--val_fraction", "0.2", "--max_eval_samples", "2",
+        "--eval_on_start", "true", "--eval_strategy", "steps", "--eval_steps", "2", "--logging_steps", "1",
+        "--save_strategy", "no", "--max_length", str(MAX_LENGTH), "--merge",
+    ])
+    return output_dir, metrics
+
+
+def test_stage_defaults_resolve_precision_on_cpu(tmp_path):
+    args = cpu_config(tmp_path)
+    assert not torch.cuda.is_available()
+    assert args.bf16 is False and args.fp16 is False  # SFTConfig's bf16=True would fail on a GPU-less machine
+    assert args.optim == "paged_adamw_8bit" and args.gradient_accumulation_steps == 4
+    assert args.gradient_checkpointing and args.train_sampling_strategy == "group_by_length"
+    assert args.dataset_kwargs == {"skip_prepare_dataset": True} and args.remove_unused_columns is False
+
+
+def test_4bit_lora_trains_only_adapters_and_projector(tiny_folder, tmp_path):
+    from peft import get_peft_model
+
+    model = load_model(ModelArguments(str(tiny_folder), lora_r=8), cpu_config(tmp_path))
+    four_bit = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert len(four_bit) == 4 * 6  # q/k/v/dense/fc1/fc2 of the 4 language-model layers; tower and head untouched
+    assert all(m.support_avx512bf16_for_cpu is False for m in four_bit)  # the avx512-bf16 workaround is applied
+    quantization = model.config.quantization_config
+    assert quantization.bnb_4bit_quant_type == "nf4" and quantization.bnb_4bit_use_double_quant
+    peft_model = get_peft_model(model, lora_config(ModelArguments(str(tiny_folder), lora_r=8)))
+    names = trainable_parameter_names(peft_model)
+    lora = [n for n in names if ".lora_" in n]
+    projector = [n for n in names if "multi_modal_projector.modules_to_save" in n]
+    assert sorted(names) == sorted(lora + projector)
+    assert len(lora) == 2 * 4 * 6 and len(projector) == 2  # A and B per wrapped layer; projector weight and bias
+    assert all("language_model" in n for n in lora)
+    wrapped = [n for n, m in peft_model.named_modules() if hasattr(m, "lora_A")]
+    assert not [n for n in wrapped if "vision_tower" in n]  # CLIP's own q_proj/k_proj/v_proj/fc1/fc2 stay plain
+
+
+def test_full_finetune_trains_language_model_and_projector_not_tower(tiny_folder, tmp_path):
+    args = cpu_config(tmp_path)
+    with pytest.raises(ValueError, match="--quantization none"):
+        load_model(ModelArguments(str(tiny_folder), full_finetune=True), args)
+    model = load_model(ModelArguments(str(tiny_folder), full_finetune=True, quantization="none"), args)
+    names = trainable_parameter_names(model)
+    assert not [n for n in names if "vision_tower" in n]
+    assert any(n.startswith("model.language_model.") for n in names) and "lm_head.weight" in names
+    assert "model.multi_modal_projector.linear_1.weight" in names
+
+
+@pytest.mark.slow  # shares one real QLoRA run (~15 s idle, ~50 s on a loaded 2-core machine)
+def test_training_steps_run_after_an_evaluation_pass(qlora_run):
+    output_dir, metrics = qlora_run
+    history = json.loads((output_dir / "trainer_state.json").read_text())["log_history"]
+    first_eval = next(i for i, entry in enumerate(history) if "eval_loss" in entry)
+    train_steps = [entry["step"] for entry in history[first_eval:] if "loss" in entry]
+    assert history[first_eval]["step"] == 0 and train_steps == [1, 2, 3]
+    assert all(math.isfinite(entry["loss"]) for entry in history if "loss" in entry)
+    assert math.isfinite(metrics["eval_loss"])
+
+
+@pytest.mark.slow  # shares one real QLoRA run (~15 s idle, ~50 s on a loaded 2-core machine)
+def test_adapter_holds_trained_lora_and_projector_only(qlora_run, tiny_folder):
+    output_dir, _ = qlora_run
+    adapter = load_file(output_dir / "adapter_model.safetensors")
+    assert not [k for k in adapter if "vision_tower" in k]
+    lora_b = [v for k, v in adapter.items() if "lora_B" in k]
+    assert lora_b and all(v.abs().sum() > 0 for v in lora_b)  # initialised to zero: the steps changed them
+    base = load_file(tiny_folder / "model.safetensors")
+    projector = {k: v for k, v in adapter.items() if "multi_modal_projector" in k}
+    assert len(projector) == 2
+    trained = next(v for k, v in projector.items() if k.endswith("linear_1.weight"))
+    assert not torch.allclose(trained.float(), base["model.multi_modal_projector.linear_1.weight"])
+    assert (output_dir / "processor_config.json").exists()
+
+
+@pytest.mark.slow  # shares one real QLoRA run (~15 s idle, ~50 s on a loaded 2-core machine)
+def test_truncation_and_padding_are_reported(qlora_run, tiny_folder, synthetic):
+    _, metrics = qlora_run
+    processor = MMPhiProcessor.from_pretrained(tiny_folder, trust_remote_code=True)
+    train, _, _ = load_conversations(
+        DataArguments(synthetic["llava_train"], synthetic["images"], val_fraction=0.2, max_eval_samples=2), seed=42
+    )
+    lengths = ConversationDataset(train, processor).lengths
+    too_long = sum(n > MAX_LENGTH for n in lengths)
+    assert too_long > 0
+    assert metrics["truncated"] + metrics["dropped_too_long"] == too_long
+    assert 0 <= metrics["padding_fraction"] < 1
+
+
+@pytest.mark.slow  # shares one real QLoRA run (~15 s idle, ~50 s on a loaded 2-core machine)
+def test_merged_model_gives_the_logits_of_base_plus_adapter(qlora_run, tiny_folder):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    output_dir, metrics = qlora_run
+    merged_dir = output_dir / "merged"
+    assert metrics["merged_output_dir"] == str(merged_dir)
+    assert (merged_dir / "model.safetensors").exists() and not list(merged_dir.glob("*.bin"))
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir, trust_remote_code=True).eval()
+    assert not [n for n, _ in merged.named_parameters() if "lora" in n or "modules_to_save" in n]
+    processor = MMPhiProcessor.from_pretrained(merged_dir, trust_remote_code=True)
+    batch = processor(text=["User: <image>\nWhat colour is it?\nAssistant:", "User: How many sides?\nAssistant:"],
+                      images=[[Image.new("RGB", (60, 40), (220, 30, 30))], []])
+    base = AutoModelForCausalLM.from_pretrained(tiny_folder, trust_remote_code=True).eval()
+    with torch.no_grad():
+        plain = base(**batch).logits
+        with_adapter = PeftModel.from_pretrained(base, str(output_dir)).eval()  # wraps `base` in place
+        expected = with_adapter(**batch).logits
+        actual = merged(**batch).logits
+    torch.testing.assert_close(actual, expected, atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(plain, expected, atol=1e-3)  # the adapter does change the model
+
+
+def test_collator_mixes_image_and_text_samples_and_handles_bad_images(tiny_folder, synthetic, tmp_path):
+    processor = MMPhiProcessor.from_pretrained(tiny_folder, trust_remote_code=True)
+    good = f"{synthetic['images']}/000001.png"
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(Path(good).read_bytes()[:100])
+    rows = [
+        {"input_ids": [5, 6, 7], "labels": [-100, 6, 7], "image": good, "location": "f.json: record 0"},
+        {"input_ids": [8, 9], "labels": [-100, 9], "image": None, "location": "f.json: record 1"},
+        {"input_ids": [5, 6], "labels": [-100, 6], "image": str(broken), "location": "f.json: record 2 (id=x)"},
+    ]
+    batch = ImageLoadingCollator(processor)(rows[:2])
+    assert batch["pixel_values"].shape == (1, 3, 224, 224) and batch["input_ids"].shape == (2, 3)
+    assert batch["input_ids"][1, 2] == processor.tokenizer.pad_token_id and batch["labels"][1, 2] == -100
+    with pytest.raises(BadRecordError, match=r"record 2 \(id=x\).*broken\.png"):
+        ImageLoadingCollator(processor)(rows)
+    skipping = ImageLoadingCollator(processor, skip_bad_records=True)
+    assert skipping(rows)["input_ids"].shape[0] == 2 and skipping.skipped.total == 1
