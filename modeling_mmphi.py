@@ -23,6 +23,11 @@ try:
 except ImportError:  # imported as a top-level module (repo checkout, tests, scripts)
     from configuration_mmphi import MMPhiConfig
 
+AUTO_MAP = {
+    "AutoConfig": "configuration_mmphi.MMPhiConfig",
+    "AutoModel": "modeling_mmphi.MMPhiModel",
+    "AutoModelForCausalLM": "modeling_mmphi.MMPhiForCausalLM",
+}
 # Quantizing the language model only: the tower and projector are small and stay in full precision.
 QUANTIZATION_SKIP_MODULES = ["model.vision_tower", "model.multi_modal_projector", "lm_head"]
 
@@ -77,6 +82,11 @@ class MMPhiPreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     _supports_flex_attn = True
     _supports_attention_backend = True
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """Every save is a complete model repo: weights, config with an auto_map for all three Auto classes, code."""
+        self.config.auto_map = {**AUTO_MAP, **(getattr(self.config, "auto_map", None) or {})}
+        return super().save_pretrained(save_directory, *args, **kwargs)
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
@@ -315,5 +325,10 @@ def _load_vision_tower(vision_model: str | PreTrainedModel, dtype: torch.dtype |
         return vision_model
     raise TypeError(f"vision_model must be a CLIPModel or CLIPVisionModel, got {type(vision_model).__name__}")
 
+
+# Registered so that save_pretrained copies the code files next to the weights (trust_remote_code loading).
+MMPhiConfig.register_for_auto_class()
+MMPhiModel.register_for_auto_class("AutoModel")
+MMPhiForCausalLM.register_for_auto_class("AutoModelForCausalLM")
 
 __all__ = ["MMPhiPreTrainedModel", "MMPhiModel", "MMPhiForCausalLM", "MMPhiMultiModalProjector"]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 from collections.abc import Sequence
 
 import numpy as np
@@ -200,16 +201,7 @@ class MMPhiProcessor(ProcessorMixin):
         """The speech model, loaded once and reused; passing kwargs (e.g. `model_name_or_path`) replaces it.
         speech_mmphi is imported only when audio is used, so loading the processor needs no audio packages."""
         if self.transcriber is None or kwargs:
-            try:  # the copy shipped beside this file (remote code) first, then an installed one
-                from .speech_mmphi import SpeechTranscriber
-            except ImportError:
-                try:
-                    from speech_mmphi import SpeechTranscriber
-                except ImportError as error:
-                    raise ImportError(
-                        "Audio input needs speech_mmphi.py and the audio extra: pip install 'mmphi[audio]'"
-                    ) from error
-            self.transcriber = SpeechTranscriber(**kwargs)
+            self.transcriber = _speech_transcriber_class()(**kwargs)
         return self.transcriber
 
     def _multimodal_inputs_from_conversations(self, conversations, audio_loading_params, load_audio_from_video=False):
@@ -230,9 +222,34 @@ class MMPhiProcessor(ProcessorMixin):
             batch_images.append([_load_image(image) for image in images])
         return batch_images, [[] for _ in conversations], batch_audio, {}
 
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """Also ship speech_mmphi.py beside the code files, so audio works from the saved folder alone."""
+        result = super().save_pretrained(save_directory, *args, **kwargs)
+        speech_file = os.path.join(os.path.dirname(os.path.abspath(__file__)), "speech_mmphi.py")
+        if os.path.exists(speech_file) and os.path.exists(os.path.join(save_directory, "processing_mmphi.py")):
+            shutil.copy(speech_file, os.path.join(save_directory, "speech_mmphi.py"))
+        return result
+
     @property
     def model_input_names(self) -> list[str]:
         return ["input_ids", "attention_mask", "pixel_values"]
+
+
+def _speech_transcriber_class():
+    """speech_mmphi.SpeechTranscriber from beside this file (the model folder ships it: save_pretrained copies it),
+    else from the repo checkout / installed package. Imported only when audio is used: loading the processor needs
+    no audio packages (speech_mmphi guards its own imports)."""
+    try:
+        from .speech_mmphi import SpeechTranscriber
+    except ImportError:
+        try:
+            from speech_mmphi import SpeechTranscriber
+        except ImportError as error:
+            raise ImportError(
+                "Audio input needs speech_mmphi.py (shipped with MM-Phi) and the audio extra: "
+                "pip install 'mmphi[audio]'"
+            ) from error
+    return SpeechTranscriber
 
 
 def _flatten_audio(audio) -> list:
@@ -278,5 +295,7 @@ def add_mmphi_tokens(tokenizer) -> None:
         tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
     tokenizer.padding_side = "left"
 
+
+MMPhiProcessor.register_for_auto_class("AutoProcessor")  # every save writes auto_map and the code files
 
 __all__ = ["MMPhiProcessor", "add_mmphi_tokens", "to_rgb", "CHAT_TEMPLATE"]

@@ -20,7 +20,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
-from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, PreTrainedModel  # noqa: E402
+from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel  # noqa: E402
 
 from configuration_mmphi import TINY_VISION_CONFIG, MMPhiConfig  # noqa: E402
 from modeling_mmphi import MMPhiForCausalLM  # noqa: E402
@@ -29,29 +29,14 @@ from processing_mmphi import MMPhiProcessor, add_mmphi_tokens  # noqa: E402
 logger = logging.getLogger("build_model")
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_TOKENIZER = os.environ.get("MMPHI_TINY_TOKENIZER", os.path.join(REPO_ROOT, "assets", "tiny-tokenizer"))
-CODE_FILES = ("configuration_mmphi.py", "modeling_mmphi.py", "processing_mmphi.py", "speech_mmphi.py")
-
-
-def register_auto_classes(model: PreTrainedModel) -> None:
-    """Write an auto_map that resolves AutoConfig, AutoModel and AutoModelForCausalLM (one class each)."""
-    model.config.auto_map = {
-        "AutoConfig": "configuration_mmphi.MMPhiConfig",
-        "AutoModel": "modeling_mmphi.MMPhiModel",
-        "AutoModelForCausalLM": "modeling_mmphi.MMPhiForCausalLM",
-    }
 
 
 def save_mmphi(model: MMPhiForCausalLM, processor: MMPhiProcessor, output_dir: str) -> None:
-    """Save weights (safetensors), config, processor and the code files, so the folder is complete on its own."""
+    """Save weights (safetensors), config with auto_map, processor, chat template and the code files (the model
+    and processor classes write them on every save_pretrained), so the folder is complete on its own."""
     os.makedirs(output_dir, exist_ok=True)
-    register_auto_classes(model)
     model.save_pretrained(output_dir)
-    MMPhiProcessor.register_for_auto_class("AutoProcessor")
     processor.save_pretrained(output_dir)
-    for name in CODE_FILES:  # speech_mmphi.py is imported lazily, so save_pretrained does not copy it
-        source = os.path.join(REPO_ROOT, name)
-        if os.path.exists(source):
-            shutil.copy(source, os.path.join(output_dir, name))
 
 
 def tiny_tokenizer():
