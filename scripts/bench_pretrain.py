@@ -105,9 +105,10 @@ def estimate_memory(config, micro_batch: int, block_size: int, n_params: int) ->
     adam = 2.0 * n_params + 2 * 4.0 * n_params / 2048  # two uint8 states + one fp32 absmax per 2048-value block each
     # Checkpointing keeps each decoder layer's input; the residual stream is fp32 under autocast.
     layer_inputs = 4.0 * n_layers * b * s * h
-    # Recomputing one layer for its backward: half-precision q, k, v, attention output, fc1 in/out, gelu output,
-    # layernorm output and dropout masks (SDPA never materialises the s x s scores), counted generously.
-    one_layer = 2.0 * b * s * (8 * h + 3 * inter) + 1.0 * b * s * (h + inter)
+    # Recomputing one layer for its backward: half-precision layernorm output, q, k, v, rotated q/k, attention and
+    # dense outputs (8h; SDPA never materialises the s x s scores) and fc1 output plus gelu_new's intermediates
+    # (6 x intermediate), and about as much again for their gradients while that layer's backward runs.
+    one_layer = 2 * (2.0 * b * s * (8 * h + 6 * inter))
     # lm_head output in half precision, its fp32 upcast for the loss, log-softmax saved for backward, fp32 gradient.
     logits = b * s * v * (2.0 + 4.0 + 4.0 + 4.0)
     total = weights + grads + adam + layer_inputs + one_layer + logits

@@ -36,7 +36,7 @@ from transformers import (
     Trainer,
     set_seed,
 )
-from transformers.trainer_utils import get_last_checkpoint
+from transformers.trainer_utils import IntervalStrategy, get_last_checkpoint
 
 from configuration_mmphi import PHI2_TEXT_CONFIG, TINY_TEXT_CONFIG
 
@@ -212,7 +212,7 @@ def run_pretraining(model_args: ModelArguments, data_args: DataArguments,
         eval_dataset = (eval_dataset.take(data_args.max_eval_blocks) if data_args.streaming
                         else eval_dataset.select(range(min(data_args.max_eval_blocks, len(eval_dataset)))))
     if eval_dataset is None:
-        training_args.eval_strategy = "no"
+        training_args.eval_strategy = IntervalStrategy.NO
 
     config._attn_implementation = model_args.attn_implementation
     model = PhiForCausalLM(config)  # random init (seeded above)
@@ -246,12 +246,14 @@ def demo_args(output_dir: str = "outputs/stage0", train_files: tuple[str, ...] =
               extra: list[str] | tuple[str, ...] = ()) -> list[str]:
     """The offline demo's recipe for the `tiny` preset: block 128, batch 16, no accumulation (BENCHMARKS.md, Stage 0).
 
-    No activation checkpointing: a 3.3M-parameter model has no memory to save, and recomputing costs CPU time.
+    CPU choices (measured in BENCHMARKS.md): no activation checkpointing and plain AdamW, because a 5M-parameter
+    model has no memory to save, while recomputing and bitsandbytes' 8-bit CPU optimizer step both cost time.
     `main(demo_args())` trains it; `python scripts/pretrain_phi2.py $(demo args)` is the same run.
     """
     args = ["--config_name", "tiny", "--tokenizer_name", "assets/tiny-tokenizer", "--train_files", *train_files,
             "--output_dir", output_dir, "--block_size", "128", "--per_device_train_batch_size", "16",
-            "--gradient_accumulation_steps", "1", "--gradient_checkpointing", "false", "--max_steps", str(max_steps),
+            "--gradient_accumulation_steps", "1", "--gradient_checkpointing", "false", "--optim", "adamw_torch",
+            "--max_steps", str(max_steps),
             "--learning_rate", "2e-3", "--warmup_steps", "0.05", "--logging_steps", "25",
             "--eval_steps", str(eval_steps), "--save_steps", str(max_steps), "--disable_tqdm", "true"]
     if max_eval_blocks is not None:

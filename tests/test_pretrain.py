@@ -127,6 +127,19 @@ def test_run_trains_evaluates_and_saves_a_loadable_model(full_run):
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
+def test_trained_model_is_the_language_model_of_from_components(full_run):
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    from configuration_mmphi import TINY_VISION_CONFIG
+    from modeling_mmphi import MMPhiForCausalLM
+
+    output_dir, _ = full_run
+    text = AutoModelForCausalLM.from_pretrained(output_dir)
+    mm = MMPhiForCausalLM.from_components(CLIPVisionModel(CLIPVisionConfig(**TINY_VISION_CONFIG)), str(output_dir))
+    assert torch.equal(mm.lm_head.weight, text.lm_head.weight)
+    assert torch.equal(mm.model.language_model.embed_tokens.weight, text.model.embed_tokens.weight)
+
+
 def test_resume_reproduces_the_uninterrupted_losses(full_run, workdir):
     output_dir, _ = full_run
     resumed_dir = workdir["root"] / "resumed"
