@@ -4,12 +4,14 @@ Data: RedPajama-style JSONL (`.jsonl`, `.jsonl.gz`, `.jsonl.zst`, `.zip` of them
 document, tokenized once (cached), packed into full blocks with EOS between documents, optionally mixed by source.
 Every `TrainingArguments` flag works (`--resume_from_checkpoint`, `--report_to tensorboard`, `accelerate launch`).
 
-Offline demo (about 3 minutes on a 2-core CPU):
+Offline demo (the `tiny` preset; 200 steps = 410K tokens, about 3 minutes of CPU time, see BENCHMARKS.md):
     python scripts/prepare_corpus.py --output_dir data/corpus
     python scripts/pretrain_phi2.py --config_name tiny --tokenizer_name assets/tiny-tokenizer \
         --train_files data/corpus/cc.jsonl data/corpus/c4.jsonl --output_dir outputs/stage0 \
-        --block_size 128 --per_device_train_batch_size 16 --gradient_accumulation_steps 1 --max_steps 600 \
-        --learning_rate 2e-3 --warmup_steps 30 --eval_steps 200 --max_eval_blocks 256
+        --block_size 128 --per_device_train_batch_size 16 --gradient_accumulation_steps 1 --max_steps 200 \
+        --learning_rate 2e-3 --warmup_steps 0.05 --optim adamw_torch --gradient_checkpointing false \
+        --eval_steps 100 --max_eval_blocks 256
+(`demo_args()` below returns this recipe.)
 The real run (one 40 GB GPU): `--config_name phi-2 --tokenizer_name microsoft/phi-2 --block_size 2048
 --per_device_train_batch_size 4`, see BENCHMARKS.md "Stage 0" for the memory plan.
 """
@@ -44,7 +46,7 @@ logger = logging.getLogger("pretrain_phi2")
 
 CONFIG_PRESETS = {"phi-2": PHI2_TEXT_CONFIG, "tiny": TINY_TEXT_CONFIG}
 DEMO_TRAIN_FILES = ("data/corpus/cc.jsonl", "data/corpus/c4.jsonl")  # written by scripts/prepare_corpus.py
-DEMO_MAX_STEPS = 300
+DEMO_MAX_STEPS = 200
 
 
 @dataclass
