@@ -33,7 +33,8 @@ def loss_series(log_history: list[dict]) -> dict[str, tuple[list[int], list[floa
     series: dict[str, tuple[list[int], list[float]]] = {}
     for entry in log_history:
         for key, value in entry.items():
-            if key.endswith("loss") and isinstance(value, (int, float)) and "step" in entry:
+            # `train_loss` is the run's mean, logged once at the end: not a point of the curve
+            if key.endswith("loss") and key != "train_loss" and isinstance(value, (int, float)) and "step" in entry:
                 steps, values = series.setdefault(key, ([], []))
                 steps.append(entry["step"])
                 values.append(float(value))
@@ -60,7 +61,8 @@ def plot_trainer_state(path: str, output_png: str | None = None, title: str | No
     fig, ax = plt.subplots(figsize=(7, 4))
     for key, (steps, values) in sorted(series.items()):
         is_eval = key.startswith("eval")
-        ax.plot(steps, values, marker="o" if is_eval else None, markersize=4, label=key)
+        ax.plot(steps, values, marker="o" if is_eval else None, markersize=4,
+                label="training loss" if key == "loss" else key)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss (nats/token)")
     ax.set_title(title or os.path.basename(os.path.abspath(os.path.dirname(state_path))))
