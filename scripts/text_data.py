@@ -349,7 +349,11 @@ def _select_source(docs, name: str):
 
 def mix_sources(docs, weights: dict[str, float], tokenizer, block_size: int, num_proc: int | None, seed: int,
                 stopping_strategy: str, available: list[str] | None):
-    """Pack each source separately, then interleave blocks with the given probabilities."""
+    """Pack each source separately, then interleave blocks with the given probabilities.
+
+    Map-style corpora must weight every source they hold (0 leaves one out); a stream is not scanned up front, so
+    there the sources without a weight are simply left out.
+    """
     if available is not None:
         unknown = sorted(set(weights) - set(available))
         unweighted = sorted(set(available) - set(weights))
