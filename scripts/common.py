@@ -58,7 +58,7 @@ class StageTrainingArguments(TrainingArguments):
     warmup_steps: float = field(default=0.03)
     logging_steps: float = field(default=10)
     save_safetensors: bool = field(default=True)
-    report_to: str | list[str] | None = field(default="none")
+    report_to: None | str | list[str] = field(default="none")
 
     def __post_init__(self):
         resolve_precision(self)

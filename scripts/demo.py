@@ -27,13 +27,9 @@ REPO_ROOT = os.path.dirname(SCRIPTS)
 sys.path.insert(0, SCRIPTS)
 
 from finetune_instruct import TINY_RECIPE as STAGE2_RECIPE  # noqa: E402
+from pretrain_phi2 import demo_args as stage0_args  # noqa: E402
 from train_projector import TINY_RECIPE as STAGE1_RECIPE  # noqa: E402
 
-STAGE0_RECIPE = (
-    "--config_name tiny --block_size 128 --per_device_train_batch_size 16 --gradient_accumulation_steps 1 "
-    "--max_steps 600 --learning_rate 2e-3 --warmup_steps 30 --eval_steps 200 --max_eval_blocks 256 "
-    "--optim adamw_torch --gradient_checkpointing false"
-)
 VOICE_QUESTION = "What colour are the shapes?"
 
 
@@ -62,9 +58,9 @@ def plan(work: str, data: str) -> list[Stage]:
             "stage 0: pretrain tiny Phi",
             os.path.join(stage0, "model.safetensors"),
             python(
-                "pretrain_phi2.py", "--tokenizer_name", os.path.join(REPO_ROOT, "assets", "tiny-tokenizer"),
-                "--train_files", os.path.join(corpus, "cc.jsonl"), os.path.join(corpus, "c4.jsonl"),
-                "--output_dir", stage0, *shlex.split(STAGE0_RECIPE),
+                "pretrain_phi2.py",
+                *stage0_args(stage0, (os.path.join(corpus, "cc.jsonl"), os.path.join(corpus, "c4.jsonl"))),
+                "--disable_tqdm", "false",
             ),
             run_dir=stage0,
         ),
