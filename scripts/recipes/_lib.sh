@@ -1,0 +1,127 @@
+# Shared by the stage recipes (sourced, not run). Each recipe:
+#   - runs at real size by default: one GPU (the seed's budget: one 40 GB card);
+#   - NUM_GPUS=N (N > 1) runs data-parallel on N GPUs of one machine (scripts/configs/multi_gpu.yaml), or with
+#     ACCELERATE_CONFIG=scripts/configs/<fsdp|deepspeed_zero2|deepspeed_zero3>.yaml for sharded training;
+#   - SMOKE=1 (or --smoke) runs a tiny variant on the CPU with offline data made on the spot (seconds to a minute);
+#     with NUM_PROCESSES=2 it runs on two CPU processes (gloo, scripts/configs/cpu_multiprocess.yaml);
+#   - DRY_RUN=1 (or --dry-run) checks the data paths and prints the commands without running them;
+#   - passes any argument after the recipe's own flags to the stage script (a later flag overrides the recipe's).
+# Everything runs from the repository root.
+
+set -euo pipefail
+
+RECIPE_NAME=$(basename "$0")
+REPO_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+cd "$REPO_ROOT"
+
+SMOKE=${SMOKE:-0}
+DRY_RUN=${DRY_RUN:-0}
+EXTRA_ARGS=()
+for arg in "$@"; do
+  case "$arg" in
+    --smoke) SMOKE=1 ;;
+    --dry-run | --dry_run) DRY_RUN=1 ;;
+    *) EXTRA_ARGS+=("$arg") ;;
+  esac
+done
+
+if [[ -z "${PYTHON:-}" ]]; then
+  if [[ -x "$REPO_ROOT/.venv/bin/python" ]]; then PYTHON="$REPO_ROOT/.venv/bin/python"; else PYTHON=python3; fi
+fi
+NUM_GPUS=${NUM_GPUS:-1}
+NUM_PROCESSES=${NUM_PROCESSES:-1}
+
+fail() {
+  echo "$RECIPE_NAME: error: $*" >&2
+  exit 2
+}
+
+# require_file PATH WHAT VARIABLE: a clear error naming the missing path and the variable that sets it.
+require_file() {
+  [[ -f "$1" ]] || fail "$2 not found: $1 (set $3=...)"
+}
+
+require_dir() {
+  [[ -d "$1" ]] || fail "$2 not found: $1 (set $3=...)"
+}
+
+# require_model NAME_OR_PATH WHAT VARIABLE: a local folder must exist; a hub id (org/name, where no local folder
+# "org" exists) is fetched by the stage script, which needs the Hub (HF_HUB_OFFLINE=1 forbids it).
+require_model() {
+  if [[ -d "$1" ]]; then return; fi
+  if [[ "$1" =~ ^[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+$ && ! -e "${1%%/*}" && "$1" != .* ]]; then
+    [[ "${HF_HUB_OFFLINE:-0}" == 1 ]] && fail "$2 '$1' is not a local folder and HF_HUB_OFFLINE=1 (set $3=...)"
+    echo "$RECIPE_NAME: note: $2 '$1' is not a local folder: it will be fetched from the Hugging Face Hub"
+    return
+  fi
+  fail "$2 not found: $1 (set $3=...)"
+}
+
+# The command that starts a stage script: plain python for one CPU process, accelerate launch otherwise.
+launcher() {
+  if [[ "$SMOKE" == 1 ]]; then
+    if [[ "$NUM_PROCESSES" -gt 1 ]]; then
+      echo accelerate launch --config_file scripts/configs/cpu_multiprocess.yaml --num_processes "$NUM_PROCESSES"
+    else
+      echo "$PYTHON"
+    fi
+  elif [[ "$NUM_GPUS" -gt 1 ]]; then
+    echo accelerate launch --config_file "${ACCELERATE_CONFIG:-scripts/configs/multi_gpu.yaml}" \
+      --num_processes "$NUM_GPUS"
+  else
+    echo accelerate launch --config_file "${ACCELERATE_CONFIG:-scripts/configs/single_gpu.yaml}"
+  fi
+}
+
+# Flags every CPU smoke run needs: the CPU (also under accelerate launch), no hub, quick logging.
+smoke_flags() {
+  echo --use_cpu true --logging_steps 1 --report_to none --disable_tqdm true
+}
+
+# run COMMAND...: print it (shell-quoted, so it can be copied), then run it unless DRY_RUN=1.
+run() {
+  printf '+'
+  printf ' %q' "$@"
+  printf '\n'
+  if [[ "$DRY_RUN" != 1 ]]; then
+    if [[ "$1" == accelerate ]]; then
+      shift
+      "$PYTHON" -m accelerate.commands.launch "$@"
+    else
+      "$@"
+    fi
+  fi
+}
+
+describe() {
+  local mode="real size, 1 GPU"
+  [[ "$NUM_GPUS" -gt 1 ]] && mode="real size, $NUM_GPUS GPUs ($(basename "${ACCELERATE_CONFIG:-multi_gpu.yaml}"))"
+  [[ "$SMOKE" == 1 ]] && mode="SMOKE: tiny, CPU, $NUM_PROCESSES process(es)"
+  local note=""
+  [[ "$DRY_RUN" == 1 ]] && note=" (dry run: nothing is started)"
+  echo "== $RECIPE_NAME: $1 [$mode]$note"
+}
+
+# The offline tiny data shared by the smoke runs: synthetic shape images with COCO captions and LLaVA
+# conversations, and the captions again as a RedPajama-style JSONL corpus for stage 0.
+make_smoke_data() {
+  local dir=$1
+  if [[ ! -f "$dir/captions_train.json" ]]; then
+    run "$PYTHON" scripts/make_synthetic_data.py --output_dir "$dir" --num_images "${SMOKE_IMAGES:-32}" --seed 0
+  fi
+  if [[ ! -f "$dir/corpus.jsonl" && "$DRY_RUN" != 1 ]]; then
+    "$PYTHON" - "$dir" <<'PY'
+import json, sys
+from collections import defaultdict
+folder = sys.argv[1]
+data = json.load(open(f"{folder}/captions_train.json"))
+captions = defaultdict(list)
+for annotation in data["annotations"]:
+    captions[annotation["image_id"]].append(annotation["caption"])
+with open(f"{folder}/corpus.jsonl", "w") as out:
+    for image_id in sorted(captions):
+        record = {"text": " ".join(captions[image_id]), "meta": {"redpajama_set_name": "RedPajamaC4"}}
+        out.write(json.dumps(record) + "\n")
+PY
+  fi
+}
