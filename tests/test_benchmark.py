@@ -1,0 +1,101 @@
+"""scripts/benchmark.py and scripts/gpu_check.sh: the FLOP and memory accounting, the Markdown section it appends
+to, a real measured run on the CPU (Trainer vs bare loop on the same model and batch), and the GPU check's CPU dry
+run end to end."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from benchmark import append_to_markdown, attention_flops_per_token, estimate, goal_verdicts, linear_weights, main
+from transformers import PhiConfig, PhiForCausalLM
+
+from configuration_mmphi import PHI2_TEXT_CONFIG
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_estimate_counts_phi2_exactly_and_adds_up():
+    from pretrain_phi2 import build_config, count_parameters
+
+    result = estimate()
+    assert result["phi2_parameters"] == count_parameters(build_config("phi-2"))  # the meta-device count
+    for stage in ("stage0_gib", "stage2_gib"):
+        parts = {k: v for k, v in result[stage].items() if k != "total"}
+        assert result[stage]["total"] == pytest.approx(sum(parts.values()))
+    # fp32 weights + fp32 grads alone are 8 bytes per parameter; QLoRA's 4-bit weights are ~1/8 of fp32 ones
+    assert result["stage0_gib"]["weights_fp32"] * 2**30 == 4 * result["phi2_parameters"]
+    assert result["stage2_gib"]["weights_4bit"] < result["stage0_gib"]["weights_fp32"] / 7
+    assert result["kind"].startswith("ESTIMATE")
+
+
+def test_linear_weight_count_and_attention_term():
+    config = PhiConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                       vocab_size=100)
+    model = PhiForCausalLM(config)
+    expected = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    assert linear_weights(model) == expected
+    model.lm_head.requires_grad_(False)
+    assert linear_weights(model, trainable=False) == 32 * 100
+    assert linear_weights(model, trainable=True) == expected - 32 * 100
+    phi2 = PhiConfig(**PHI2_TEXT_CONFIG)
+    assert attention_flops_per_token(phi2, 2048) == 12 * 32 * 2560 * 2048  # PaLM's 12 L H T
+
+
+def test_markdown_runs_go_at_the_end_of_the_harness_section(tmp_path):
+    path = tmp_path / "BENCHMARKS.md"
+    path.write_text("# Benchmarks\n\n## Other\n\ntheirs\n")
+    append_to_markdown(str(path), "### run 1\n")
+    append_to_markdown(str(path), "### run 2\n")
+    text = path.read_text()
+    assert text.index("## Other") < text.index("## Benchmark harness") < text.index("### run 1") < text.index(
+        "### run 2")
+    path.write_text("# Benchmarks\n\n## Benchmark harness\n\nintro\n\n## Later\n\nlater\n")
+    append_to_markdown(str(path), "### run 3\n")
+    text = path.read_text()
+    assert text.index("intro") < text.index("### run 3") < text.index("## Later") and "later\n" in text
+
+
+@pytest.mark.slow
+def test_cpu_run_measures_trainer_and_bare_loop_on_the_same_batch(tmp_path):
+    report = main(["--device", "cpu", "--stages", "projector", "--warmup", "1", "--steps", "2",
+                   "--json", str(tmp_path / "run.json"), "--markdown", str(tmp_path / "BENCH.md")])
+    (result,) = report["results"]
+    assert result["stage"] == "projector" and result["size"] == "tiny" and not report["errors"]
+    for loop in ("trainer", "bare"):
+        phase = result[loop]
+        assert len(phase["step_s"]) == 2 and all(t > 0 for t in phase["step_s"])
+        assert phase["tokens_per_second"] == pytest.approx(phase["samples_per_second"] * result["seq"])
+        assert phase["peak_memory_gib"] > 0.1  # peak RSS of a process holding torch and the model
+        assert "mfu" not in phase  # no MFU without a GPU
+    assert result["overhead_ratio"] == pytest.approx(result["trainer"]["median_step_s"] /
+                                                     result["bare"]["median_step_s"])
+    # only the projector trains in stage 1; both loops train the same model from the same batch
+    assert 0 < result["trainable_parameters"] < result["total_parameters"] / 10
+    assert all(0 < result[loop]["loss"] < 20 for loop in ("trainer", "bare"))  # both trained: finite losses
+    with open(tmp_path / "run.json") as handle:
+        assert json.load(handle)["results"][0]["stage"] == "projector"
+    text = (tmp_path / "BENCH.md").read_text()
+    assert "## Benchmark harness" in text and "| projector |" in text
+    assert report["machine"] in text
+
+
+@pytest.mark.slow
+def test_gpu_check_dry_run_on_cpu(tmp_path):
+    env = dict(os.environ, OUT=str(tmp_path), STAGES="instruct", PYTHON=sys.executable)
+    result = subprocess.run(["bash", os.path.join(REPO_ROOT, "scripts", "gpu_check.sh"), "--tiny"], cwd=REPO_ROOT,
+                            env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert sorted(os.listdir(tmp_path)) == ["environment.txt", "goals.json", "gpu_check.log", "gpu_check.md",
+                                            "instruct.json"]
+    with open(tmp_path / "instruct.json") as handle:
+        report = json.load(handle)
+    assert report["size"] == "tiny" and report["results"][0]["stage"] == "instruct" and not report["errors"]
+    goals = goal_verdicts([str(tmp_path / "instruct.json")])
+    assert "not a real-size run" in goals["note"] and "instruct" in goals
+    assert "| instruct |" in (tmp_path / "gpu_check.md").read_text()
+    assert "transformers" in (tmp_path / "environment.txt").read_text()
