@@ -16,3 +16,19 @@ for path in (REPO_ROOT, os.path.join(REPO_ROOT, "scripts")):
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: takes more than ~20 s; still run by `make test`")
     config.addinivalue_line("markers", "browser: needs Chromium (skipped when absent)")
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def reset_bitsandbytes_optimizer_overrides():
+    """bitsandbytes keeps Trainer's "32-bit states for embeddings" overrides keyed by parameter position in a global;
+    reset it so that one test's 8-bit optimizer settings never leak into the next test's."""
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        yield
+        return
+    bnb.optim.GlobalOptimManager.get_instance().initialize()
+    yield
