@@ -261,7 +261,7 @@ def generate(output_dir: str, num_images: int = 2000, val_fraction: float = 0.1,
     image_dir = os.path.join(output_dir, "images")
     os.makedirs(image_dir, exist_ok=True)
     scenes = [random_scene(rng, image_id, max_count) for image_id in range(1, num_images + 1)]
-    n_val = max(1, round(num_images * val_fraction)) if num_images > 1 else 0
+    n_val = min(num_images - 1, max(1, round(num_images * val_fraction))) if val_fraction > 0 else 0
     for scene in rng.sample(scenes, n_val):
         scene.split = "val"
     for scene in scenes:

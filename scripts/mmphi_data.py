@@ -38,7 +38,6 @@ import hashlib
 import json
 import logging
 import os
-from collections import Counter
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -698,6 +697,3 @@ def cache_vision_features(model, processor, image_paths: Iterable[str], director
     logger.info("cached vision features of %d images in %s", len(paths), directory)
     return VisionFeatureStore(directory)
 
-
-def question_type_counts(conversations: Iterable[Conversation]) -> Counter:
-    return Counter(turn.question_type for c in conversations for turn in c.turns)

@@ -208,7 +208,8 @@ def build_trainer(model_args: ModelArguments, data_args: DataArguments, training
     if data_args.cache_vision_features and model_args.train_vision_tower:
         raise ValueError("--cache_vision_features needs a frozen tower; drop --train_vision_tower")
     set_seed(training_args.seed)
-    processor = MMPhiProcessor.from_pretrained(model_args.model_name_or_path)
+    # Our own class; without trust_remote_code the tokenizer loader sees the folder's auto_map and prompts [y/N].
+    processor = MMPhiProcessor.from_pretrained(model_args.model_name_or_path, trust_remote_code=True)
     model = load_model(model_args, training_args)
     trainable = freeze_for_stage1(model, model_args.train_vision_tower)
     logger.info("training %d tensors (%.2fM parameters): %s", len(trainable),
