@@ -2,8 +2,9 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 EXTRAS ?= train,audio,demo,dev
-# CPU-only machines (like CI) pin the CPU torch wheel; machines with a GPU take torch from wherever they get it.
-CONSTRAINTS := $(if $(shell command -v nvidia-smi 2>/dev/null),,-c constraints-cpu.txt)
+# The verified stack everywhere; CPU-only machines (like CI) also pin the CPU torch wheel, while machines with a GPU
+# take torch from wherever they get it.
+CONSTRAINTS := -c constraints.txt $(if $(shell command -v nvidia-smi 2>/dev/null),,-c constraints-cpu.txt)
 SYSTEM_PACKAGES := ffmpeg flite espeak-ng sox chromium npm
 PYTEST_ARGS ?=
 
@@ -11,7 +12,7 @@ PYTEST_ARGS ?=
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: setup.cfg constraints-cpu.txt Makefile
+$(VENV)/.installed: setup.cfg constraints.txt constraints-cpu.txt Makefile
 	$(MAKE) system-packages
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
