@@ -339,12 +339,9 @@ import json, sys, torch
 from PIL import Image
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoProcessor
 path = sys.argv[1]
-assert not any(p.rstrip("/").endswith("main") and "scripts" not in p for p in sys.path if p)  # repo not importable
-try:
-    import modeling_mmphi  # noqa: F401
-    raise SystemExit("the repo is importable: the test would not prove the folder is self-contained")
-except ImportError:
-    pass
+# The checkout (or an editable install) must not be what loads: only the code files inside the folder may be used.
+for name in ("configuration_mmphi", "modeling_mmphi", "processing_mmphi", "speech_mmphi"):
+    sys.modules[name] = None
 config = AutoConfig.from_pretrained(path, trust_remote_code=True)
 base = AutoModel.from_pretrained(path, trust_remote_code=True)
 model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True).eval()
@@ -352,6 +349,8 @@ processor = AutoProcessor.from_pretrained(path, trust_remote_code=True)
 batch = processor(text=["<image>\nWhat colour?"], images=[Image.new("RGB", (64, 48), (200, 30, 30))])
 with torch.no_grad():
     logits = model(**batch).logits
+assert type(model).__module__.startswith("transformers_modules."), type(model).__module__
+assert type(processor).__module__.startswith("transformers_modules."), type(processor).__module__
 json.dump({"config": type(config).__name__, "base": type(base).__name__, "model": type(model).__name__,
            "processor": type(processor).__name__, "logits": logits[0, -5:].tolist()}, sys.stdout)
 """
