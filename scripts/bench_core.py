@@ -84,7 +84,8 @@ def main(argv=None) -> dict:
     print(
         f"fwd+bwd, batch {args.batch} x {ids.shape[1]} tokens (49 image), hidden {args.hidden}, {args.layers} layers "
         f"[{machine}]\n  MMPhiForCausalLM {result['mmphi_ms']:.1f} ms | LlavaForConditionalGeneration "
-        f"{result['llava_ms']:.1f} ms | ratio of medians {result['ratio']:.3f}, of best runs {result['ratio_of_best']:.3f}"
+        f"{result['llava_ms']:.1f} ms | ratio of medians {result['ratio']:.3f}, "
+        f"of best runs {result['ratio_of_best']:.3f}"
     )
     return result
 
