@@ -48,7 +48,12 @@ COLOURS = {
     "orange": (250, 140, 20),
 }
 SHAPES = ("circle", "square", "triangle")
-SIZES = {"small": (26, 36), "large": (56, 72)}  # side of the bounding box in pixels
+SIZES = {"small": (26, 36), "large": (56, 72)}  # side of the bounding box in pixels ("free" layout)
+# "grid" layout: the 7 x 7 grid of the tower's 32-px patches; a small object fills most of one cell, a large one most
+# of a 2 x 2 block. A patch then never holds parts of two objects, so counting reduces to counting coloured patches:
+# learnable by the tiny random-init tower + projector of the offline pipeline (a pretrained CLIP needs no such help).
+GRID, CELL = 7, IMAGE_SIZE // 7
+GRID_SIZES = {"small": (1, (20, 28)), "large": (2, (48, 60))}  # (block side in cells, object side in pixels)
 QUADRANTS = ("top left", "top right", "bottom left", "bottom right")
 NUMBER_WORDS = {1: "one", 2: "two", 3: "three", 4: "four", 5: "five", 6: "six"}
 QUESTION_TYPES = ("colour", "count", "shape", "size", "position", "yes/no", "text")
@@ -98,6 +103,33 @@ def place_boxes(rng: random.Random, count: int, size: str, quadrant: str | None)
     raise RuntimeError(f"could not place {count} {size} objects")  # not reached with the sizes above
 
 
+def place_grid_boxes(rng: random.Random, count: int, size: str, quadrant: str | None) -> list[list[int]]:
+    """Boxes in distinct, non-overlapping blocks of the patch grid; a single object's block lies in `quadrant`."""
+    block, (low, high) = GRID_SIZES[size]
+    starts = range(GRID - block + 1)
+    if quadrant is not None:  # blocks clear of the middle row/column, on the asked side
+        half = GRID // 2
+        rows = range(0, half - block + 1) if quadrant.startswith("top") else range(half + 1, GRID - block + 1)
+        cols = range(0, half - block + 1) if quadrant.endswith("left") else range(half + 1, GRID - block + 1)
+        candidates = [(r, c) for r in rows for c in cols]
+    else:
+        candidates = [(r, c) for r in starts for c in starts]
+    rng.shuffle(candidates)
+    chosen: list[tuple[int, int]] = []
+    for r, c in candidates:
+        if all(abs(r - r2) >= block or abs(c - c2) >= block for r2, c2 in chosen):
+            chosen.append((r, c))
+            if len(chosen) == count:
+                break
+    boxes = []
+    for r, c in chosen:
+        side = rng.randint(low, high)
+        x = c * CELL + rng.randint(2, block * CELL - side - 2)
+        y = r * CELL + rng.randint(2, block * CELL - side - 2)
+        boxes.append([x, y, x + side, y + side])
+    return boxes
+
+
 def _overlap(a: list[int], b: list[int], margin: int) -> bool:
     return not (a[2] + margin <= b[0] or b[2] + margin <= a[0] or a[3] + margin <= b[1] or b[3] + margin <= a[1])
 
@@ -122,11 +154,11 @@ def draw_scene(rng: random.Random, scene: Scene) -> Image.Image:
     return image
 
 
-def random_scene(rng: random.Random, image_id: int, max_count: int) -> Scene:
+def random_scene(rng: random.Random, image_id: int, max_count: int, layout: str = "grid") -> Scene:
     count = rng.randint(1, max_count)
     size = rng.choice(list(SIZES))
     quadrant = rng.choice(QUADRANTS) if count == 1 else None
-    boxes = place_boxes(rng, count, size, quadrant)
+    boxes = (place_grid_boxes if layout == "grid" else place_boxes)(rng, count, size, quadrant)
     return Scene(
         image_id=image_id,
         file_name=f"{image_id:06d}.png",
@@ -252,15 +284,18 @@ def write_json(path: str, payload) -> None:
 
 
 def generate(output_dir: str, num_images: int = 2000, val_fraction: float = 0.1, max_count: int = 4,
-             records_per_image: int = 1, text_only_fraction: float = 0.05, seed: int = 0) -> dict[str, str]:
+             records_per_image: int = 1, text_only_fraction: float = 0.05, seed: int = 0,
+             layout: str = "grid") -> dict[str, str]:
     """Write the dataset; returns the paths of the files written (keys: images, captions_train, captions_val,
     llava_train, llava_val, scenes)."""
     if not 1 <= max_count <= max(NUMBER_WORDS):
         raise ValueError(f"max_count must be between 1 and {max(NUMBER_WORDS)}, got {max_count}")
+    if layout not in ("grid", "free"):
+        raise ValueError(f"layout must be 'grid' or 'free', got {layout!r}")
     rng = random.Random(seed)
     image_dir = os.path.join(output_dir, "images")
     os.makedirs(image_dir, exist_ok=True)
-    scenes = [random_scene(rng, image_id, max_count) for image_id in range(1, num_images + 1)]
+    scenes = [random_scene(rng, image_id, max_count, layout) for image_id in range(1, num_images + 1)]
     n_val = min(num_images - 1, max(1, round(num_images * val_fraction))) if val_fraction > 0 else 0
     for scene in rng.sample(scenes, n_val):
         scene.split = "val"
@@ -292,10 +327,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--records_per_image", type=int, default=1, help="LLaVA records (2-4 turns) per image")
     parser.add_argument("--text_only_fraction", type=float, default=0.05, help="extra text-only LLaVA records")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--layout", choices=["grid", "free"], default="grid",
+                        help="grid: objects on the tower's 7x7 patch grid (countable by the tiny random tower); "
+                             "free: anywhere, not overlapping")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     paths = generate(args.output_dir, args.num_images, args.val_fraction, args.max_count, args.records_per_image,
-                     args.text_only_fraction, args.seed)
+                     args.text_only_fraction, args.seed, args.layout)
     for name, path in paths.items():
         print(f"{name}: {path}")
 

@@ -59,6 +59,16 @@ def test_synthetic_images_match_their_ground_truth(synthetic):
         assert min(corner) >= 235  # background
 
 
+def test_grid_layout_never_puts_two_objects_in_one_patch(synthetic):
+    cell = 224 // 7
+    for scene in json.loads(Path(synthetic["scenes"]).read_text()):
+        patches = [{(x // cell, y // cell) for x in range(x0, x1) for y in range(y0, y1)}
+                   for x0, y0, x1, y1 in scene["boxes"]]
+        for i, first in enumerate(patches):
+            assert len(first) == (1 if scene["size"] == "small" else 4)
+            assert all(not first & other for other in patches[i + 1 :]), scene
+
+
 def test_synthetic_answers_are_the_ground_truth(synthetic):
     scenes = {s["file_name"]: s for s in json.loads(Path(synthetic["scenes"]).read_text())}
     conversations = md.load_llava_records(synthetic["llava_train"], synthetic["images"])

@@ -87,7 +87,8 @@ def test_validation_is_split_by_image(setup, tmp_path):
 def test_cached_and_uncached_features_give_the_same_losses(setup, tmp_path):
     root, data = setup
     losses = {}
-    for mode, extra in (("pixels", ()), ("cached", ("--cache_vision_features",))):
+    small = ("--per_device_train_batch_size", "2", "--max_eval_samples", "4")
+    for mode, extra in (("pixels", small), ("cached", (*small, "--cache_vision_features"))):
         stage = build(root, data, tmp_path / mode, *extra)
         eval_loss = stage.trainer.evaluate()["eval_loss"]
         stage.trainer.train()
