@@ -83,6 +83,11 @@ class ModelArguments:
         default_factory=lambda: list(LORA_TARGETS),
         metadata={"help": "layer names inside the language model (model.language_model) that get LoRA adapters"},
     )
+    modules_to_save: list[str] = field(
+        default_factory=lambda: ["multi_modal_projector"],
+        metadata={"help": "modules trained fully and saved with the adapter (the projector; the tiny pipeline adds "
+                          "lm_head, see TINY_RECIPE)"},
+    )
     attn_implementation: str = field(default="sdpa", metadata={"help": "eager, sdpa, flash_attention_2, ..."})
     merge: bool = field(default=False, metadata={"help": "also write base + adapter as one full MM-Phi folder"})
     merged_output_dir: str | None = field(default=None, metadata={"help": "default: <output_dir>/merged"})
@@ -248,7 +253,7 @@ def lora_config(model_args: ModelArguments):
     targets = "|".join(model_args.lora_target_modules)
     return LoraConfig(
         r=model_args.lora_r, lora_alpha=model_args.lora_alpha, lora_dropout=model_args.lora_dropout, bias="none",
-        target_modules=rf"model\.language_model\..*\.({targets})", modules_to_save=["multi_modal_projector"],
+        target_modules=rf"model\.language_model\..*\.({targets})", modules_to_save=list(model_args.modules_to_save),
         task_type="CAUSAL_LM",
     )
 
@@ -318,7 +323,8 @@ def run_stage2(model_args: ModelArguments, data_args: DataArguments, args: Instr
     trainable = trainable_parameter_names(trainer.model)
     n_trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     logger.info("training %d tensors (%.2fM parameters): %s", len(trainable), n_trainable / 1e6,
-                "language model + projector" if model_args.full_finetune else "LoRA adapters + projector")
+                "language model + projector" if model_args.full_finetune
+                else "LoRA adapters + " + " + ".join(model_args.modules_to_save))
 
     start = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
