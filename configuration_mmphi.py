@@ -53,7 +53,7 @@ TINY_VISION_CONFIG = dict(
     num_hidden_layers=2,
     num_attention_heads=4,
     image_size=224,
-    patch_size=32,
+    patch_size=56,  # 16 image tokens: with the synthetic grid layout an object covers >= 1/16 of them
     projection_dim=64,
     hidden_act="quick_gelu",
 )

@@ -82,7 +82,8 @@ def main(argv=None) -> dict:
     result["ratio_of_best"] = min(ours) / min(theirs)
     machine = f"{platform.machine()} CPU, {torch.get_num_threads()} threads, torch {torch.__version__}"
     print(
-        f"fwd+bwd, batch {args.batch} x {ids.shape[1]} tokens (49 image), hidden {args.hidden}, {args.layers} layers "
+        f"fwd+bwd, batch {args.batch} x {ids.shape[1]} tokens ({config.image_seq_length} image), hidden {args.hidden}, "
+        f"{args.layers} layers "
         f"[{machine}]\n  MMPhiForCausalLM {result['mmphi_ms']:.1f} ms | LlavaForConditionalGeneration "
         f"{result['llava_ms']:.1f} ms | ratio of medians {result['ratio']:.3f}, "
         f"of best runs {result['ratio_of_best']:.3f}"

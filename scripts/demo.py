@@ -143,9 +143,10 @@ def training_facts(run_dir: str) -> dict:
 
 
 def synthesize_question(path: str, text: str) -> str:
-    """A spoken question: flite's clear English voice (espeak-ng as a fallback)."""
+    """A spoken question: flite's "slt" voice (Whisper tiny.en transcribes it exactly; flite's default "kal" voice
+    came out as "while parallel out of the shape."), espeak-ng as a fallback."""
     if shutil.which("flite"):
-        subprocess.run(["flite", "-t", text, "-o", path], check=True)
+        subprocess.run(["flite", "-voice", "slt", "-t", text, "-o", path], check=True)
     elif shutil.which("espeak-ng"):
         subprocess.run(["espeak-ng", "-w", path, text], check=True)
     else:

@@ -49,11 +49,12 @@ COLOURS = {
 }
 SHAPES = ("circle", "square", "triangle")
 SIZES = {"small": (26, 36), "large": (56, 72)}  # side of the bounding box in pixels ("free" layout)
-# "grid" layout: the 7 x 7 grid of the tower's 32-px patches; a small object fills most of one cell, a large one most
-# of a 2 x 2 block. A patch then never holds parts of two objects, so counting reduces to counting coloured patches:
-# learnable by the tiny random-init tower + projector of the offline pipeline (a pretrained CLIP needs no such help).
-GRID, CELL = 7, IMAGE_SIZE // 7
-GRID_SIZES = {"small": (1, (20, 28)), "large": (2, (48, 60))}  # (block side in cells, object side in pixels)
+# "grid" layout: the 4 x 4 grid of the tiny tower's 56-px patches; a small object fills most of one cell, a large one
+# most of a 2 x 2 block. A patch then never holds parts of two objects, so counting reduces to counting coloured
+# patches, and an object covers at least 1/16 of the image tokens: learnable within minutes by the tiny random-init
+# tower of the offline pipeline (a pretrained CLIP needs no such help).
+GRID, CELL = 4, IMAGE_SIZE // 4
+GRID_SIZES = {"small": (1, (40, 44)), "large": (2, (92, 96))}  # (block side in cells, object side in pixels)
 QUADRANTS = ("top left", "top right", "bottom left", "bottom right")
 NUMBER_WORDS = {1: "one", 2: "two", 3: "three", 4: "four", 5: "five", 6: "six"}
 QUESTION_TYPES = ("colour", "count", "shape", "size", "position", "yes/no", "text")
@@ -107,25 +108,30 @@ def place_grid_boxes(rng: random.Random, count: int, size: str, quadrant: str | 
     """Boxes in distinct, non-overlapping blocks of the patch grid; a single object's block lies in `quadrant`."""
     block, (low, high) = GRID_SIZES[size]
     starts = range(GRID - block + 1)
-    if quadrant is not None:  # blocks clear of the middle row/column, on the asked side
+    if quadrant is not None:  # blocks inside the asked half (clear of the middle row/column of an odd grid)
         half = GRID // 2
-        rows = range(0, half - block + 1) if quadrant.startswith("top") else range(half + 1, GRID - block + 1)
-        cols = range(0, half - block + 1) if quadrant.endswith("left") else range(half + 1, GRID - block + 1)
+        rows = range(0, half - block + 1) if quadrant.startswith("top") else range(GRID - half, GRID - block + 1)
+        cols = range(0, half - block + 1) if quadrant.endswith("left") else range(GRID - half, GRID - block + 1)
         candidates = [(r, c) for r in rows for c in cols]
     else:
         candidates = [(r, c) for r in starts for c in starts]
-    rng.shuffle(candidates)
-    chosen: list[tuple[int, int]] = []
-    for r, c in candidates:
-        if all(abs(r - r2) >= block or abs(c - c2) >= block for r2, c2 in chosen):
-            chosen.append((r, c))
-            if len(chosen) == count:
-                break
+    for _ in range(1000):  # greedy picks can block each other (two large blocks at (0, 1) and (2, 1)): retry
+        rng.shuffle(candidates)
+        chosen: list[tuple[int, int]] = []
+        for r, c in candidates:
+            if all(abs(r - r2) >= block or abs(c - c2) >= block for r2, c2 in chosen):
+                chosen.append((r, c))
+        if len(chosen) >= count:
+            chosen = chosen[:count]
+            break
+    else:
+        raise ValueError(f"cannot place {count} {size} objects on the {GRID} x {GRID} grid")
     boxes = []
     for r, c in chosen:
-        side = rng.randint(low, high)
-        x = c * CELL + rng.randint(2, block * CELL - side - 2)
-        y = r * CELL + rng.randint(2, block * CELL - side - 2)
+        side = rng.randint(low, high)  # centred in its block, +-2 px: a patch's pixels then vary with the object's
+        offset = (block * CELL - side) // 2  # shape, size and colour only, not with a shift inside the patch
+        x = c * CELL + offset + rng.randint(-2, 2)
+        y = r * CELL + offset + rng.randint(-2, 2)
         boxes.append([x, y, x + side, y + side])
     return boxes
 
@@ -198,7 +204,8 @@ def image_questions(rng: random.Random, scene: Scene) -> dict[str, tuple[str, st
     questions = {
         "colour": (
             rng.choice([f"What colour is the {scene.shape}?" if one else f"What colour are the {things}?",
-                        "What colour are the shapes?", "Which colour do you see?"]),
+                        "What colour are the shapes?", "Which colour do you see?",
+                        "What color are the shapes?"]),  # US spelling: speech recognisers write "color"
             scene.colour,
         ),
         "count": (
@@ -292,6 +299,9 @@ def generate(output_dir: str, num_images: int = 2000, val_fraction: float = 0.1,
         raise ValueError(f"max_count must be between 1 and {max(NUMBER_WORDS)}, got {max_count}")
     if layout not in ("grid", "free"):
         raise ValueError(f"layout must be 'grid' or 'free', got {layout!r}")
+    capacity = min((GRID // block) ** 2 for block, _ in GRID_SIZES.values())
+    if layout == "grid" and max_count > capacity:
+        raise ValueError(f"the grid layout fits at most {capacity} objects of every size, got max_count {max_count}")
     rng = random.Random(seed)
     image_dir = os.path.join(output_dir, "images")
     os.makedirs(image_dir, exist_ok=True)
@@ -328,7 +338,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--text_only_fraction", type=float, default=0.05, help="extra text-only LLaVA records")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--layout", choices=["grid", "free"], default="grid",
-                        help="grid: objects on the tower's 7x7 patch grid (countable by the tiny random tower); "
+                        help="grid: objects on the tiny tower's 4x4 patch grid (countable by the tiny random tower); "
                              "free: anywhere, not overlapping")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")

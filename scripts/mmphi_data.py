@@ -602,13 +602,21 @@ class LengthGroupedTrainerMixin:
     (computed while tokenizing) instead of loading every sample, images included, to measure it."""
 
     def _get_train_sampler(self, train_dataset=None):
-        from transformers.trainer_pt_utils import LengthGroupedSampler
-
         dataset = train_dataset if train_dataset is not None else self.train_dataset
         if self.args.train_sampling_strategy == "group_by_length" and hasattr(dataset, "lengths"):
-            batch = self.args.train_batch_size * self.args.gradient_accumulation_steps
-            return LengthGroupedSampler(batch, lengths=list(dataset.lengths))
+            return length_grouped_sampler(dataset.lengths, self.args)
         return super()._get_train_sampler(train_dataset)
+
+
+def length_grouped_sampler(lengths, args):
+    """Length-grouped order that is the same on every process and for every process count: groups are sized by the
+    global batch (per-device batch x processes x accumulation) and shuffled by a generator seeded from
+    `data_seed`/`seed`. Accelerate then deals the batches of this one order out to the processes."""
+    from transformers.trainer_pt_utils import LengthGroupedSampler
+
+    global_batch = args.per_device_train_batch_size * max(1, args.world_size) * args.gradient_accumulation_steps
+    generator = torch.Generator().manual_seed(args.data_seed if args.data_seed is not None else args.seed)
+    return LengthGroupedSampler(global_batch, lengths=list(lengths), generator=generator)
 
 
 # ---------------------------------------------------------------------------------------------------------- features

@@ -20,9 +20,12 @@ works (`--resume_from_checkpoint`, `--report_to tensorboard`, `accelerate launch
         --train_vision_tower --output_dir outputs/stage1-tiny ...   (flags in TINY_RECIPE below)
 
 `--cache_vision_features` runs the frozen tower once over every image, stores its features as safetensors
-(`--feature_cache_dir`, reused while the tower is unchanged) and trains from them. `--train_vision_tower` is for the
-tiny pipeline only: its tower is random (no pretrained CLIP exists offline), so stage 1 also teaches it to see; the
-real recipe keeps TinyCLIP frozen. `--validate_data` scans the data files (records and every image) and exits.
+(`--feature_cache_dir`, reused while the tower is unchanged) and trains from them. `--train_vision_tower` and
+`--train_language_model` are for the tiny pipeline only: its tower is random (no pretrained CLIP exists offline) and
+its Phi had a few minutes of stage 0, too weak for projected image tokens to steer while frozen (its caption loss
+stayed flat at 6.1 for 300 steps with only the tower and projector training), so there stage 1 trains all three;
+the real recipe keeps TinyCLIP and Phi-2 frozen. `--validate_data` scans the data files (records and every image)
+and exits.
 The output folder is a complete MM-Phi checkpoint (loads with AutoModelForCausalLM, trust_remote_code=True).
 """
 
@@ -61,8 +64,11 @@ from processing_mmphi import MMPhiProcessor
 logger = logging.getLogger("train_projector")
 
 # The tiny pipeline's stage 1 on a 2-core CPU (see BENCHMARKS.md "Stage 1" for what it reaches).
-TINY_RECIPE = ("--train_vision_tower --max_steps 300 --per_device_train_batch_size 16 --gradient_accumulation_steps 1 "
-               "--learning_rate 2e-3 --gradient_checkpointing false --optim adamw_torch --warmup_steps 20")
+# Grounding appears late on the tiny default: caption loss sits at the language prior (~0.45) until ~350 steps, then
+# falls as colour is read from the image (BENCHMARKS.md "Stages 1-2 tiny run").
+TINY_RECIPE = ("--train_vision_tower --train_language_model --max_steps 600 --per_device_train_batch_size 16 "
+               "--gradient_accumulation_steps 1 --learning_rate 2e-3 --gradient_checkpointing false "
+               "--optim adamw_torch --warmup_steps 20 --lr_scheduler_type cosine --logging_steps 50")
 
 
 @dataclass
@@ -72,6 +78,11 @@ class ModelArguments:
         default=False,
         metadata={"help": "also train the vision tower: ONLY for the tiny pipeline, whose tower is random (no "
                           "pretrained CLIP offline); the real recipe keeps TinyCLIP frozen"},
+    )
+    train_language_model: bool = field(
+        default=False,
+        metadata={"help": "also train the language model: ONLY for the tiny pipeline, whose few-minute stage-0 Phi "
+                          "is too weak for image tokens to steer while frozen; the real recipe keeps Phi-2 frozen"},
     )
     attn_implementation: str = field(default="sdpa", metadata={"help": "eager, sdpa, flash_attention_2, ..."})
 
@@ -125,13 +136,33 @@ def parse_args(argv: list[str] | None = None):
     return parser.parse_args_into_dataclasses(args=argv)
 
 
-def freeze_for_stage1(model: MMPhiForCausalLM, train_vision_tower: bool = False) -> list[str]:
-    """Everything frozen except the projector (and the tower when asked); returns the trainable parameter names."""
+def freeze_for_stage1(
+    model: MMPhiForCausalLM, train_vision_tower: bool = False, train_language_model: bool = False
+) -> list[str]:
+    """Everything frozen except the projector (and the tower / language model when asked: tiny pipeline only);
+    returns the trainable parameter names."""
     model.requires_grad_(False)
     model.model.multi_modal_projector.requires_grad_(True)
+    if train_language_model:
+        model.model.language_model.requires_grad_(True)
+        model.lm_head.requires_grad_(True)
     if train_vision_tower:
         model.model.vision_tower.requires_grad_(True)
+        for module in tower_modules_after_feature_layer(model):
+            module.requires_grad_(False)
     return [name for name, param in model.named_parameters() if param.requires_grad]
+
+
+def tower_modules_after_feature_layer(model: MMPhiForCausalLM) -> list[torch.nn.Module]:
+    """Tower parts the loss never reaches: the encoder layers after the deepest `vision_feature_layer` and the
+    pooler's `post_layernorm`. Left trainable they get no gradient, which DistributedDataParallel refuses."""
+    tower = model.model.vision_tower
+    layers = tower.encoder.layers
+    selected = model.config.vision_feature_layer
+    selected = [selected] if isinstance(selected, int) else selected
+    # hidden_states[i] is the output of encoder layer i - 1 (hidden_states[0]: the embeddings)
+    deepest = max(index if index >= 0 else len(layers) + 1 + index for index in selected)
+    return [tower.post_layernorm, *layers[deepest:]]
 
 
 def load_model(model_args: ModelArguments, training_args) -> MMPhiForCausalLM:
@@ -144,6 +175,9 @@ def load_model(model_args: ModelArguments, training_args) -> MMPhiForCausalLM:
     model.model.multi_modal_projector.float()
     if model_args.train_vision_tower:
         model.model.vision_tower.float()
+    if model_args.train_language_model:
+        model.model.language_model.float()
+        model.lm_head.float()
     return model
 
 
@@ -211,10 +245,11 @@ def build_trainer(model_args: ModelArguments, data_args: DataArguments, training
     # Our own class; without trust_remote_code the tokenizer loader sees the folder's auto_map and prompts [y/N].
     processor = MMPhiProcessor.from_pretrained(model_args.model_name_or_path, trust_remote_code=True)
     model = load_model(model_args, training_args)
-    trainable = freeze_for_stage1(model, model_args.train_vision_tower)
+    trainable = freeze_for_stage1(model, model_args.train_vision_tower, model_args.train_language_model)
+    parts = ["projector"] + ["vision tower"] * model_args.train_vision_tower
+    parts += ["language model"] * model_args.train_language_model
     logger.info("training %d tensors (%.2fM parameters): %s", len(trainable),
-                sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6,
-                "projector + vision tower" if model_args.train_vision_tower else "projector only")
+                sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6, " + ".join(parts))
 
     train_images, eval_images, report = load_caption_data(data_args, training_args.seed)
     train, evaluation = build_datasets(model, processor, data_args, training_args, train_images, eval_images)

@@ -23,6 +23,8 @@ from transformers import (
 from configuration_mmphi import TINY_TEXT_CONFIG, TINY_VISION_CONFIG, MMPhiConfig
 from modeling_mmphi import MMPhiForCausalLM, MMPhiModel
 
+TINY_IMAGE_TOKENS = (TINY_VISION_CONFIG["image_size"] // TINY_VISION_CONFIG["patch_size"]) ** 2
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -57,7 +59,7 @@ def test_config_accepts_dicts_and_objects_and_checks_fields():
         vision_config=CLIPVisionConfig(**TINY_VISION_CONFIG), text_config=PhiConfig(**TINY_TEXT_CONFIG)
     )
     assert as_dicts.to_dict() == as_objects.to_dict()
-    assert MMPhiConfig.tiny(vision_feature_select_strategy="full").image_seq_length == 50
+    assert MMPhiConfig.tiny(vision_feature_select_strategy="full").image_seq_length == TINY_IMAGE_TOKENS + 1
     with pytest.raises(ValueError, match="projector_type"):
         MMPhiConfig.tiny(projector_type="resampler")
     with pytest.raises(ValueError, match="image_seq_length"):
@@ -109,16 +111,17 @@ def test_linear_projector_is_the_seeds_single_layer():
 def test_image_features_shape(tiny):
     model, _ = tiny
     features = model.get_image_features(torch.randn(3, 3, 224, 224))
-    assert features.shape == (3, 49, TINY_TEXT_CONFIG["hidden_size"])
+    assert features.shape == (3, TINY_IMAGE_TOKENS, TINY_TEXT_CONFIG["hidden_size"])
 
 
 def test_image_token_count_mismatch_is_a_clear_error(tiny):
     model, _ = tiny
     image_token = model.config.image_token_index
-    with pytest.raises(ValueError, match="48 image tokens .* 1 image"):
-        model(input_ids=torch.tensor([[5] + [image_token] * 48]), pixel_values=torch.randn(1, 3, 224, 224))
+    with pytest.raises(ValueError, match=f"{TINY_IMAGE_TOKENS - 1} image tokens .* 1 image"):
+        model(input_ids=torch.tensor([[5] + [image_token] * (TINY_IMAGE_TOKENS - 1)]),
+              pixel_values=torch.randn(1, 3, 224, 224))
     with pytest.raises(ValueError, match="no pixel_values"):
-        model(input_ids=torch.tensor([[5] + [image_token] * 49]))
+        model(input_ids=torch.tensor([[5] + [image_token] * TINY_IMAGE_TOKENS]))
 
 
 def test_loss_only_where_labels_are_set(tiny):
@@ -280,7 +283,7 @@ def test_processor_expands_image_placeholders(tiny):
     image_id = processor.image_token_id
     assert set(batch) == {"input_ids", "attention_mask", "pixel_values"}
     assert batch["pixel_values"].shape == (3, 3, 224, 224)
-    assert (batch["input_ids"] == image_id).sum(1).tolist() == [49, 98]
+    assert (batch["input_ids"] == image_id).sum(1).tolist() == [TINY_IMAGE_TOKENS, 2 * TINY_IMAGE_TOKENS]
     assert processor.batch_decode(batch["input_ids"], skip_special_tokens=True)[1].strip() == "and \nQ2"
 
 
@@ -327,7 +330,7 @@ def test_chat_template_round_trip_and_assistant_mask(tiny):
         messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True, return_tensors="pt"
     )
     assert out["pixel_values"].shape == (1, 3, 224, 224)
-    assert (out["input_ids"] == processor.image_token_id).sum() == 49
+    assert (out["input_ids"] == processor.image_token_id).sum() == TINY_IMAGE_TOKENS
     answer_ids = out["input_ids"][0][out["assistant_masks"][0].bool()]
     assert processor.tokenizer.decode(answer_ids) == f" Red.{eos} Two.{eos}"
 
@@ -385,4 +388,4 @@ def test_auto_model_returns_image_hidden_states(tiny):
     batch = processor(text=["<image>\nhi"], images=[colour_image()])
     out = base(**batch)
     assert out.last_hidden_state.shape[:2] == batch["input_ids"].shape
-    assert out.image_hidden_states.shape == (1, 49, model.config.text_config.hidden_size)
+    assert out.image_hidden_states.shape == (1, TINY_IMAGE_TOKENS, model.config.text_config.hidden_size)

@@ -9,7 +9,7 @@ import mmphi_data as md
 import pytest
 import torch
 from build_model import build_tiny
-from make_synthetic_data import COLOURS, generate
+from make_synthetic_data import CELL, COLOURS, GRID_SIZES, generate
 from PIL import Image
 
 
@@ -60,12 +60,12 @@ def test_synthetic_images_match_their_ground_truth(synthetic):
 
 
 def test_grid_layout_never_puts_two_objects_in_one_patch(synthetic):
-    cell = 224 // 7
+    cell = CELL
     for scene in json.loads(Path(synthetic["scenes"]).read_text()):
         patches = [{(x // cell, y // cell) for x in range(x0, x1) for y in range(y0, y1)}
                    for x0, y0, x1, y1 in scene["boxes"]]
         for i, first in enumerate(patches):
-            assert len(first) == (1 if scene["size"] == "small" else 4)
+            assert len(first) == GRID_SIZES[scene["size"]][0] ** 2
             assert all(not first & other for other in patches[i + 1 :]), scene
 
 
@@ -155,7 +155,9 @@ def test_image_placeholder_anywhere_in_the_first_turn(tiny, tmp_path):
     conversations = md.load_llava_records(llava_file(tmp_path, records), str(tmp_path))
     encoded = [md.encode_conversation(processor, c) for c in conversations]
     assert encoded[0] == encoded[1]
-    assert processor.tokenizer.decode(encoded[0][0]).startswith("User: " + "<image>" * 49 + "\nWhat colour?")
+    assert processor.tokenizer.decode(encoded[0][0]).startswith(
+        "User: " + "<image>" * processor.image_seq_length + "\nWhat colour?"
+    )
 
 
 def test_truncation_never_cuts_image_tokens(tiny, tmp_path):
@@ -228,14 +230,31 @@ def test_length_grouping_reduces_padding_without_loading_samples(tiny, synthetic
     loaded = []
     original = dataset._item
     dataset._item = lambda position: loaded.append(position) or original(position)
-    args = SimpleNamespace(train_sampling_strategy="group_by_length", train_batch_size=4,
-                           gradient_accumulation_steps=1)
+    args = SimpleNamespace(train_sampling_strategy="group_by_length", per_device_train_batch_size=4, world_size=1,
+                           gradient_accumulation_steps=1, seed=42, data_seed=None)
     trainer = SimpleNamespace(args=args, train_dataset=dataset)  # the mixin only reads these two
     order = list(md.LengthGroupedTrainerMixin._get_train_sampler(trainer))
     assert sorted(order) == list(range(len(dataset))) and loaded == []
     random_order = random.Random(0).sample(range(len(dataset)), len(dataset))
     grouped = md.padding_fraction(dataset.lengths, 4, order)
     assert grouped < md.padding_fraction(dataset.lengths, 4, random_order)
+
+
+def test_length_grouped_order_depends_on_the_seed_and_global_batch_not_the_process_count():
+    from types import SimpleNamespace
+
+    rng = random.Random(7)
+    lengths = [rng.randint(10, 300) for _ in range(4000)]  # several megabatches
+
+    def order(per_device, processes, accumulation, seed=42):
+        args = SimpleNamespace(per_device_train_batch_size=per_device, world_size=processes,
+                               gradient_accumulation_steps=accumulation, seed=seed, data_seed=None)
+        return list(md.length_grouped_sampler(lengths, args))
+
+    one_process = order(8, 1, 2)
+    assert one_process == order(4, 2, 2) == order(2, 4, 2) == order(8, 1, 2)  # global batch 16 each time
+    assert order(8, 1, 2, seed=43) != one_process
+    assert order(8, 1, 4) != one_process  # another global batch groups differently
 
 
 # --- splits ------------------------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from PIL import Image
 from safetensors.torch import load_file
 from train_projector import build_trainer, freeze_for_stage1, main, parse_args
 
+from configuration_mmphi import MMPhiConfig
 from modeling_mmphi import MMPhiForCausalLM
 
 
@@ -46,11 +47,34 @@ def test_only_the_projector_is_trainable_and_optimized(setup, tmp_path):
     assert optimized == {id(p) for p in stage.model.parameters() if p.requires_grad}
 
 
-def test_train_vision_tower_flag_keeps_the_language_model_frozen():
-    model, _ = build_tiny(seed=0)
+@pytest.mark.parametrize("feature_layer", [-1, -2, [0, -2]])
+def test_train_vision_tower_flag_keeps_the_language_model_frozen_and_every_trainable_tensor_gets_a_gradient(
+    feature_layer,
+):
+    """DistributedDataParallel refuses trainable parameters without a gradient: the tower's pooler layer norm and
+    the layers after the feature layer must be frozen too."""
+    model, processor = build_tiny(seed=0, vision_feature_layer=feature_layer)
     trainable = freeze_for_stage1(model, train_vision_tower=True)
     assert any(n.startswith("model.vision_tower.") for n in trainable)
     assert all(n.startswith(("model.vision_tower.", "model.multi_modal_projector.")) for n in trainable)
+    assert not any("post_layernorm" in n for n in trainable)
+    if feature_layer == -2:
+        assert not any(n.startswith("model.vision_tower.encoder.layers.1.") for n in trainable)
+    image = Image.new("RGB", (64, 48), (200, 30, 30))
+    batch = processor(text=["<image>\na red square"], images=[image], return_tensors="pt")
+    model(**batch, labels=batch["input_ids"]).loss.backward()
+    without_gradient = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert without_gradient == []
+
+
+def test_train_language_model_flag_trains_the_whole_language_model_and_leaves_the_tower_frozen():
+    model, _ = build_tiny(seed=0)
+    trainable = set(freeze_for_stage1(model, train_language_model=True))
+    language_model = {n for n, _ in model.named_parameters() if n.startswith(("model.language_model.", "lm_head."))}
+    assert language_model <= trainable
+    assert not any(n.startswith("model.vision_tower.") for n in trainable)
+    assert trainable - language_model == {"model.multi_modal_projector.linear_1.weight",
+                                          "model.multi_modal_projector.linear_1.bias"}
 
 
 def test_training_changes_only_the_projector_and_saves_a_loadable_folder(setup, tmp_path):
@@ -130,4 +154,5 @@ def test_runs_without_a_validation_split(setup, tmp_path):
     output_dir = tmp_path / "out"
     metrics = main(stage1_argv(root, data, output_dir, "--max_steps", "1", "--val_fraction", "0"))
     assert "eval_loss" not in metrics
-    assert MMPhiForCausalLM.from_pretrained(str(output_dir)).config.image_seq_length == 49
+    saved = MMPhiForCausalLM.from_pretrained(str(output_dir)).config
+    assert saved.image_seq_length == MMPhiConfig.tiny().image_seq_length
