@@ -63,7 +63,7 @@ from processing_mmphi import MMPhiProcessor
 
 logger = logging.getLogger("train_projector")
 
-# The tiny pipeline's stage 1 on a 2-core CPU (see BENCHMARKS.md "Stage 1" for what it reaches).
+# The tiny pipeline's stage 1 on a 2-core CPU (see BENCHMARKS.md "Stages 1-2 tiny run" for what it reaches).
 # Grounding appears late on the tiny default: caption loss sits at the language prior (~0.45) until ~350 steps, then
 # falls as colour is read from the image (BENCHMARKS.md "Stages 1-2 tiny run").
 TINY_RECIPE = ("--train_vision_tower --train_language_model --max_steps 600 --per_device_train_batch_size 16 "
