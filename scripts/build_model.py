@@ -93,7 +93,8 @@ def save_tiny_clip(output_dir: str, seed: int = 0) -> str:
 
 
 def build_from_components(vision_model: str, text_model: str, **config_overrides):
-    processor = MMPhiProcessor.from_components(vision_model, text_model)
+    strategy = config_overrides.get("vision_feature_select_strategy", "default")
+    processor = MMPhiProcessor.from_components(vision_model, text_model, vision_feature_select_strategy=strategy)
     tokenizer = processor.tokenizer
     overrides = dict(image_token_index=processor.image_token_id, image_seq_length=processor.image_seq_length)
     overrides.update(config_overrides)
@@ -109,18 +110,25 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--text_model", help="Phi id or path (PhiForCausalLM with its tokenizer)")
     parser.add_argument("--output_dir", required=True)
     parser.add_argument("--projector_type", choices=["linear", "mlp2x_gelu"], default="linear")
+    parser.add_argument("--vision_feature_select_strategy", choices=["default", "full"], default=None,
+                        help="default: drop CLS (LLaVA; the real recipe); full: keep it (default for the tiny tower, "
+                             "which learns to gather the image into CLS)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
+    tiny_tower = args.preset == "tiny" or args.vision_model == "tiny"
+    strategy = args.vision_feature_select_strategy or ("full" if tiny_tower else "default")
     if args.preset == "tiny":
-        model, processor = build_tiny(seed=args.seed, projector_type=args.projector_type)
+        model, processor = build_tiny(seed=args.seed, projector_type=args.projector_type,
+                                      vision_feature_select_strategy=strategy)
     elif args.vision_model and args.text_model:
         vision_model = args.vision_model
         if vision_model == "tiny":
             vision_model = save_tiny_clip(os.path.join(args.output_dir, "_tiny_clip"), seed=args.seed)
         torch.manual_seed(args.seed)
-        model, processor = build_from_components(vision_model, args.text_model, projector_type=args.projector_type)
+        model, processor = build_from_components(vision_model, args.text_model, projector_type=args.projector_type,
+                                                 vision_feature_select_strategy=strategy)
         if args.vision_model == "tiny":
             shutil.rmtree(vision_model)
     else:

@@ -22,8 +22,10 @@ from transformers import (
 
 from configuration_mmphi import TINY_TEXT_CONFIG, TINY_VISION_CONFIG, MMPhiConfig
 from modeling_mmphi import MMPhiForCausalLM, MMPhiModel
+from processing_mmphi import MMPhiProcessor
 
-TINY_IMAGE_TOKENS = (TINY_VISION_CONFIG["image_size"] // TINY_VISION_CONFIG["patch_size"]) ** 2
+TINY_PATCHES = (TINY_VISION_CONFIG["image_size"] // TINY_VISION_CONFIG["patch_size"]) ** 2
+TINY_IMAGE_TOKENS = TINY_PATCHES + 1  # the tiny default keeps CLS ("full")
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -59,7 +61,8 @@ def test_config_accepts_dicts_and_objects_and_checks_fields():
         vision_config=CLIPVisionConfig(**TINY_VISION_CONFIG), text_config=PhiConfig(**TINY_TEXT_CONFIG)
     )
     assert as_dicts.to_dict() == as_objects.to_dict()
-    assert MMPhiConfig.tiny(vision_feature_select_strategy="full").image_seq_length == TINY_IMAGE_TOKENS + 1
+    assert MMPhiConfig.tiny().image_seq_length == TINY_IMAGE_TOKENS
+    assert MMPhiConfig.tiny(vision_feature_select_strategy="default").image_seq_length == TINY_PATCHES
     with pytest.raises(ValueError, match="projector_type"):
         MMPhiConfig.tiny(projector_type="resampler")
     with pytest.raises(ValueError, match="image_seq_length"):
@@ -272,6 +275,26 @@ def test_resize_when_tokens_do_not_fit(tmp_path):
     assert model.lm_head.bias.shape[0] == model.lm_head.weight.shape[0]
     batch = processor(text=["<image>\nhi"], images=[colour_image()])
     assert model(**batch).logits.shape[-1] == model.config.text_config.vocab_size
+
+
+def test_build_cli_keeps_cls_for_the_tiny_tower_and_drops_it_otherwise(tmp_path):
+    from build_model import main as build_main
+
+    phi = PhiForCausalLM(PhiConfig(**TINY_TEXT_CONFIG))
+    phi.save_pretrained(tmp_path / "phi")
+    tiny_tokenizer().save_pretrained(tmp_path / "phi")
+    save_tiny_clip(str(tmp_path / "clip"))
+    for vision_model, strategy, tokens in (("tiny", "full", TINY_IMAGE_TOKENS), (str(tmp_path / "clip"), "default",
+                                                                                 TINY_PATCHES)):
+        output_dir = tmp_path / f"built-{strategy}"
+        build_main(["--vision_model", vision_model, "--text_model", str(tmp_path / "phi"), "--output_dir",
+                    str(output_dir)])
+        model = MMPhiForCausalLM.from_pretrained(str(output_dir))
+        processor = MMPhiProcessor.from_pretrained(str(output_dir))
+        assert (model.config.vision_feature_select_strategy, model.config.image_seq_length) == (strategy, tokens)
+        batch = processor(text=["<image>\nhi"], images=[colour_image()])
+        assert (batch["input_ids"] == processor.image_token_id).sum() == tokens
+        assert model(**batch).logits.shape[1] == batch["input_ids"].shape[1]
 
 
 # --- processor ---------------------------------------------------------------------------------------------------
