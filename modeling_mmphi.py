@@ -169,6 +169,18 @@ class MMPhiModel(MMPhiPreTrainedModel):
             )
         return mask.unsqueeze(-1).to(inputs_embeds.device)
 
+    def embed_inputs(self, input_ids=None, pixel_values=None, vision_features=None, inputs_embeds=None):
+        """The language model's input embeddings with the projected image features at the image-token positions,
+        and those image features (None without an image)."""
+        if inputs_embeds is None:
+            inputs_embeds = self.get_input_embeddings()(input_ids)
+        if pixel_values is None and vision_features is None:
+            return inputs_embeds, None
+        image_features = self.get_image_features(pixel_values=pixel_values, vision_features=vision_features)
+        image_features = image_features.to(inputs_embeds.device, inputs_embeds.dtype)
+        mask = self.get_placeholder_mask(input_ids, inputs_embeds, image_features)
+        return inputs_embeds.masked_scatter(mask, image_features), image_features
+
     @can_return_tuple
     def forward(
         self,
@@ -184,17 +196,11 @@ class MMPhiModel(MMPhiPreTrainedModel):
     ) -> MMPhiModelOutputWithPast:
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
-        if inputs_embeds is None:
-            inputs_embeds = self.get_input_embeddings()(input_ids)
-
-        image_features = None
-        if pixel_values is not None or vision_features is not None:
-            image_features = self.get_image_features(pixel_values=pixel_values, vision_features=vision_features)
-            image_features = image_features.to(inputs_embeds.device, inputs_embeds.dtype)
-            mask = self.get_placeholder_mask(input_ids, inputs_embeds, image_features)
-            inputs_embeds = inputs_embeds.masked_scatter(mask, image_features)
-        elif input_ids is not None and past_key_values is None and (input_ids == self.config.image_token_index).any():
+        has_images = pixel_values is not None or vision_features is not None
+        if not has_images and input_ids is not None and past_key_values is None \
+                and (input_ids == self.config.image_token_index).any():
             raise ValueError("The text contains image tokens but no pixel_values (or vision_features) were given.")
+        inputs_embeds, image_features = self.embed_inputs(input_ids, pixel_values, vision_features, inputs_embeds)
 
         outputs = self.language_model(
             attention_mask=attention_mask,

@@ -76,11 +76,8 @@ class StepRunner:
         """The seed's loop: for each caption position, a full LM forward over the prefix; last-position loss."""
         batch = self.next_batch()
         model = self.model
-        embeddings = model.get_input_embeddings()(batch["input_ids"])
-        image_features = model.model.get_image_features(pixel_values=batch.get("pixel_values"),
-                                                        vision_features=batch.get("vision_features"))
-        mask = model.model.get_placeholder_mask(batch["input_ids"], embeddings, image_features)
-        embeddings = embeddings.masked_scatter(mask, image_features.to(embeddings.dtype))
+        embeddings, _ = model.model.embed_inputs(batch["input_ids"], batch.get("pixel_values"),
+                                                 batch.get("vision_features"))
         labels = batch["labels"]
         answer_positions = (labels != -100).any(0).nonzero().flatten().tolist()
         loss = 0.0

@@ -118,7 +118,9 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
     tiny_tower = args.preset == "tiny" or args.vision_model == "tiny"
-    strategy = args.vision_feature_select_strategy or ("full" if tiny_tower else "default")
+    strategy = args.vision_feature_select_strategy or (
+        MMPhiConfig.tiny().vision_feature_select_strategy if tiny_tower else "default"
+    )
     if args.preset == "tiny":
         model, processor = build_tiny(seed=args.seed, projector_type=args.projector_type,
                                       vision_feature_select_strategy=strategy)
