@@ -142,15 +142,24 @@ def freeze_for_stage1(
     """Everything frozen except the projector (and the tower / language model when asked: tiny pipeline only);
     returns the trainable parameter names."""
     model.requires_grad_(False)
-    model.model.multi_modal_projector.requires_grad_(True)
-    if train_language_model:
-        model.model.language_model.requires_grad_(True)
-        model.lm_head.requires_grad_(True)
+    for module in stage1_trained_modules(model, train_vision_tower, train_language_model):
+        module.requires_grad_(True)
     if train_vision_tower:
-        model.model.vision_tower.requires_grad_(True)
         for module in tower_modules_after_feature_layer(model):
             module.requires_grad_(False)
     return [name for name, param in model.named_parameters() if param.requires_grad]
+
+
+def stage1_trained_modules(
+    model: MMPhiForCausalLM, train_vision_tower: bool, train_language_model: bool
+) -> list[torch.nn.Module]:
+    """The projector, plus the tower and/or the language model for the tiny pipeline."""
+    modules = [model.model.multi_modal_projector]
+    if train_vision_tower:
+        modules.append(model.model.vision_tower)
+    if train_language_model:
+        modules += [model.model.language_model, model.lm_head]
+    return modules
 
 
 def tower_modules_after_feature_layer(model: MMPhiForCausalLM) -> list[torch.nn.Module]:
@@ -172,12 +181,8 @@ def load_model(model_args: ModelArguments, training_args) -> MMPhiForCausalLM:
     model = MMPhiForCausalLM.from_pretrained(
         model_args.model_name_or_path, dtype=dtype, attn_implementation=model_args.attn_implementation
     )
-    model.model.multi_modal_projector.float()
-    if model_args.train_vision_tower:
-        model.model.vision_tower.float()
-    if model_args.train_language_model:
-        model.model.language_model.float()
-        model.lm_head.float()
+    for module in stage1_trained_modules(model, model_args.train_vision_tower, model_args.train_language_model):
+        module.float()
     return model
 
 
