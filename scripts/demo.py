@@ -1,7 +1,8 @@
 """`make demo`: the seed's whole pipeline at tiny scale, offline, on CPU.
 
-    prepare corpus -> stage 0 (pretrain a tiny Phi) -> build MM-Phi (tiny CLIP tower + that Phi) -> synthetic data
-    -> stage 1 (projector; the tiny random tower trains too) -> stage 2 (QLoRA) -> merge -> evaluate (held-out VQA)
+    prepare corpus -> stage 0 (pretrain a tiny Phi) -> synthetic data -> tiny CLIP (contrastive, on the synthetic
+    captions: the offline stand-in for TinyCLIP) -> build MM-Phi (that CLIP's tower + that Phi) -> stage 1 (projector
+    + the tiny Phi; tower frozen) -> stage 2 (QLoRA) -> merge -> evaluate (held-out VQA)
     -> a question about an image asked by voice (flite-synthesized WAV -> Whisper tiny.en -> transcript -> answer)
 
 Each stage is the real script run as a subprocess (so its progress bars show); a finished stage is reused on a
@@ -27,6 +28,7 @@ REPO_ROOT = os.path.dirname(SCRIPTS)
 sys.path.insert(0, SCRIPTS)
 
 from finetune_instruct import TINY_RECIPE as STAGE2_RECIPE  # noqa: E402
+from pretrain_clip import TINY_RECIPE as CLIP_RECIPE  # noqa: E402
 from pretrain_phi2 import demo_args as stage0_args  # noqa: E402
 from train_projector import TINY_RECIPE as STAGE1_RECIPE  # noqa: E402
 
@@ -48,7 +50,7 @@ def python(script: str, *args: str) -> list[str]:
 
 def plan(work: str, data: str) -> list[Stage]:
     corpus, synthetic = os.path.join(data, "corpus"), os.path.join(data, "synthetic")
-    stage0, base = os.path.join(work, "stage0"), os.path.join(work, "mmphi-base")
+    stage0, clip, base = os.path.join(work, "stage0"), os.path.join(work, "tiny-clip"), os.path.join(work, "mmphi-base")
     stage1, stage2 = os.path.join(work, "stage1"), os.path.join(work, "stage2")
     final, evaluation = os.path.join(work, "mmphi-final"), os.path.join(work, "eval_vqa.json")
     images = os.path.join(synthetic, "images")
@@ -65,17 +67,28 @@ def plan(work: str, data: str) -> list[Stage]:
             run_dir=stage0,
         ),
         Stage(
-            "build MM-Phi (tiny CLIP + stage-0 Phi)",
-            os.path.join(base, "model.safetensors"),
-            python("build_model.py", "--vision_model", "tiny", "--text_model", stage0, "--output_dir", base),
-        ),
-        Stage(
             "synthetic data",
             os.path.join(synthetic, "llava_instruct_val.json"),
             python("make_synthetic_data.py", "--output_dir", synthetic),
         ),
         Stage(
-            "stage 1: projector (+ tiny tower)",
+            "tiny CLIP (contrastive on the captions; stand-in for TinyCLIP)",
+            os.path.join(clip, "model.safetensors"),
+            python(
+                "pretrain_clip.py", "--data_path", os.path.join(synthetic, "captions_train.json"),
+                "--image_folder", images, "--output_dir", clip, *shlex.split(CLIP_RECIPE),
+            ),
+            run_dir=clip,
+        ),
+        Stage(
+            "build MM-Phi (tiny CLIP tower + stage-0 Phi)",
+            os.path.join(base, "model.safetensors"),
+            # full: keep CLS, where CLIP's contrastive loss put what the tiny tower learned
+            python("build_model.py", "--vision_model", clip, "--text_model", stage0,
+                   "--vision_feature_select_strategy", "full", "--output_dir", base),
+        ),
+        Stage(
+            "stage 1: projector (+ tiny Phi)",
             os.path.join(stage1, "model.safetensors"),
             python(
                 "train_projector.py", "--model_name_or_path", base,

@@ -463,7 +463,29 @@ def truncate(input_ids: list[int], labels: list[int], max_length: int | None, im
     return input_ids[:max_length], labels
 
 
-class ConversationDataset(torch.utils.data.Dataset):
+class SkippingDataset(torch.utils.data.Dataset):
+    """Items that load an image: a BadRecordError names the record and the file; with `skip_bad_records` it is
+    counted in `self.skipped` (and logged) and the next item is served instead. Subclasses define `_item(position)`
+    and `_location(position)`."""
+
+    skip_bad_records: bool = False
+    skipped: SkipReport
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        for attempt in range(min(len(self), 100)):
+            position = (index + attempt) % len(self)
+            try:
+                return self._item(position)
+            except BadRecordError as error:
+                location = self._location(position)
+                if not self.skip_bad_records:
+                    raise BadRecordError(f"{location}: {error}{SKIP_HINT}") from None
+                self.skipped.add(location, str(error))
+                logger.warning("skipping a bad sample (%d so far): %s: %s", self.skipped.total, location, error)
+        raise BadRecordError(f"{min(len(self), 100)} consecutive samples failed to load: {self.skipped.summary()}")
+
+
+class ConversationDataset(SkippingDataset):
     """Tokenized conversations (encoded once, up front) + images loaded per item.
 
     Items: `input_ids`, `labels` (1-D LongTensors) and, for samples with an image, `pixel_values` [1, 3, H, W] or,
@@ -503,18 +525,8 @@ class ConversationDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.conversations)
 
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        for attempt in range(min(len(self), 100)):
-            position = (index + attempt) % len(self)
-            try:
-                return self._item(position)
-            except BadRecordError as error:
-                location = self.conversations[position].location
-                if not self.skip_bad_records:
-                    raise BadRecordError(f"{location}: {error}{SKIP_HINT}") from None
-                self.skipped.add(location, str(error))
-                logger.warning("skipping a bad sample (%d so far): %s: %s", self.skipped.total, location, error)
-        raise BadRecordError(f"{min(len(self), 100)} consecutive samples failed to load: {self.skipped.summary()}")
+    def _location(self, position: int) -> str:
+        return self.conversations[position].location
 
     def _item(self, position: int) -> dict[str, torch.Tensor]:
         conversation = self.conversations[position]

@@ -12,20 +12,23 @@ works (`--resume_from_checkpoint`, `--report_to tensorboard`, `accelerate launch
         --eval_data_path coco/annotations/captions_val2017.json --eval_image_folder coco/val2017 \
         --cache_vision_features --per_device_train_batch_size 32 --output_dir outputs/stage1
 
-    # the offline tiny pipeline (2-core CPU, a few minutes), see BENCHMARKS.md "Stage 1"
+    # the offline tiny pipeline (2-core CPU, a few minutes; scripts/demo.py runs it), see BENCHMARKS.md "Stage 1"
     python scripts/make_synthetic_data.py --output_dir data/synthetic
-    python scripts/build_model.py --preset tiny --output_dir outputs/mmphi-tiny
+    python scripts/pretrain_clip.py --data_path data/synthetic/captions_train.json --output_dir outputs/tiny-clip ...
+    python scripts/build_model.py --vision_model outputs/tiny-clip --text_model outputs/stage0 \
+        --vision_feature_select_strategy full --output_dir outputs/mmphi-tiny
     python scripts/train_projector.py --model_name_or_path outputs/mmphi-tiny \
         --data_path data/synthetic/captions_train.json --image_folder data/synthetic/images \
-        --train_vision_tower --output_dir outputs/stage1-tiny ...   (flags in TINY_RECIPE below)
+        --output_dir outputs/stage1-tiny ...   (flags in TINY_RECIPE below)
 
 `--cache_vision_features` runs the frozen tower once over every image, stores its features as safetensors
-(`--feature_cache_dir`, reused while the tower is unchanged) and trains from them. `--train_vision_tower` and
-`--train_language_model` are for the tiny pipeline only: its tower is random (no pretrained CLIP exists offline) and
-its Phi had a few minutes of stage 0, too weak for projected image tokens to steer while frozen (its caption loss
-stayed flat at 6.1 for 300 steps with only the tower and projector training), so there stage 1 trains all three;
-the real recipe keeps TinyCLIP and Phi-2 frozen. `--validate_data` scans the data files (records and every image)
-and exits.
+(`--feature_cache_dir`, reused while the tower is unchanged) and trains from them. `--train_language_model` is for
+the tiny pipeline only: its Phi had a few minutes of stage 0, too weak for projected image tokens to steer while
+frozen (its caption loss stayed flat at 6.1 for 300 steps with only the tower and projector training); the real
+recipe keeps Phi-2 frozen. `--train_vision_tower` is for a random tower (`build_model.py --vision_model tiny`); it
+learns slowly through the caption loss, so the offline pipeline instead pretrains a tiny CLIP contrastively
+(`pretrain_clip.py`) and, like the real recipe with TinyCLIP, keeps it frozen here. `--validate_data` scans the data
+files (records and every image) and exits.
 The output folder is a complete MM-Phi checkpoint (loads with AutoModelForCausalLM, trust_remote_code=True).
 """
 
@@ -63,10 +66,9 @@ from processing_mmphi import MMPhiProcessor
 
 logger = logging.getLogger("train_projector")
 
-# The tiny pipeline's stage 1 on a 2-core CPU (see BENCHMARKS.md "Stages 1-2 tiny run" for what it reaches).
-# Grounding appears late on the tiny default: caption loss sits at the language prior (~0.45) until ~350 steps, then
-# falls as colour is read from the image (BENCHMARKS.md "Stages 1-2 tiny run").
-TINY_RECIPE = ("--train_vision_tower --train_language_model --max_steps 600 --per_device_train_batch_size 16 "
+# The tiny pipeline's stage 1 on a 2-core CPU, on an MM-Phi built from pretrain_clip.py's tiny CLIP (see
+# BENCHMARKS.md "Stages 1-2 tiny run" for what it reaches). The tower is frozen, so its features are cached.
+TINY_RECIPE = ("--train_language_model --cache_vision_features --max_steps 400 --per_device_train_batch_size 16 "
                "--gradient_accumulation_steps 1 --learning_rate 2e-3 --gradient_checkpointing false "
                "--optim adamw_torch --warmup_steps 20 --lr_scheduler_type cosine --logging_steps 50")
 
@@ -76,8 +78,8 @@ class ModelArguments:
     model_name_or_path: str = field(metadata={"help": "an MM-Phi folder (scripts/build_model.py)"})
     train_vision_tower: bool = field(
         default=False,
-        metadata={"help": "also train the vision tower: ONLY for the tiny pipeline, whose tower is random (no "
-                          "pretrained CLIP offline); the real recipe keeps TinyCLIP frozen"},
+        metadata={"help": "also train the vision tower: ONLY for a random tower (build_model.py --vision_model "
+                          "tiny); the real recipe keeps TinyCLIP frozen, the offline one its pretrain_clip.py CLIP"},
     )
     train_language_model: bool = field(
         default=False,

@@ -1,0 +1,86 @@
+"""Tiny CLIP pretraining (scripts/pretrain_clip.py), the offline stand-in for TinyCLIP: CPU, seconds per test."""
+
+import json
+import os
+
+import pytest
+import torch
+from build_model import main as build_main
+from build_model import tiny_tokenizer
+from make_synthetic_data import generate
+from mmphi_data import BadRecordError, load_coco_records
+from pretrain_clip import ClipCollator, ImageCaptionDataset, main, new_tiny_clip
+from transformers import CLIPModel, PhiConfig, PhiForCausalLM
+
+from configuration_mmphi import TINY_TEXT_CONFIG
+from modeling_mmphi import MMPhiForCausalLM
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return generate(str(tmp_path_factory.mktemp("clip") / "data"), num_images=24, val_fraction=0.0, seed=0)
+
+
+def clip_argv(data, output_dir, *extra):
+    return ["--data_path", data["captions_train"], "--image_folder", data["images"], "--output_dir", str(output_dir),
+            "--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "8", "--max_steps", "30",
+            "--learning_rate", "2e-3", "--warmup_steps", "0", "--save_strategy", "no", "--logging_steps", "1",
+            "--val_fraction", "0.25", "--seed", "0", "--disable_tqdm", "true", *extra]
+
+
+def test_contrastive_training_learns_and_the_tower_builds_mmphi(data, tmp_path):
+    metrics = main(clip_argv(data, tmp_path / "clip"))
+    log = [entry["loss"] for entry in json.loads((tmp_path / "clip" / "trainer_state.json").read_text())["log_history"]
+           if "loss" in entry]
+    # the in-batch contrastive loss falls as images and their captions find each other
+    assert log[0] > 1.5 and sum(log[-5:]) / 5 < 0.5 * log[0]
+    assert metrics["skipped_bad_records"] == 0 and "eval_loss" in metrics
+    for name in ("model.safetensors", "config.json", "tokenizer.json", "preprocessor_config.json"):
+        assert (tmp_path / "clip" / name).exists(), name
+
+    # build_model takes the trained tower, as the real recipe takes TinyCLIP's
+    phi = PhiForCausalLM(PhiConfig(**TINY_TEXT_CONFIG))
+    phi.save_pretrained(tmp_path / "phi")
+    tiny_tokenizer().save_pretrained(tmp_path / "phi")
+    build_main(["--vision_model", str(tmp_path / "clip"), "--text_model", str(tmp_path / "phi"),
+                "--vision_feature_select_strategy", "full", "--output_dir", str(tmp_path / "mmphi")])
+    trained = CLIPModel.from_pretrained(tmp_path / "clip").vision_model.state_dict()
+    built = MMPhiForCausalLM.from_pretrained(str(tmp_path / "mmphi")).model.vision_tower.state_dict()
+    fresh = new_tiny_clip(seed=0)[0].vision_model.state_dict()
+    name = "embeddings.patch_embedding.weight"
+    assert not torch.equal(trained[name], fresh[name])
+    for key, tensor in trained.items():
+        torch.testing.assert_close(built[key], tensor, msg=key)
+
+
+def test_caption_ids_end_in_eos_where_clip_reads_the_text_embedding():
+    _, tokenizer, _ = new_tiny_clip(seed=0)
+    items = [{"caption": "Three large red squares.", "pixel_values": torch.zeros(3, 4, 4)},
+             {"caption": "A picture of a small blue circle in the top left.", "pixel_values": torch.zeros(3, 4, 4)}]
+    batch = ClipCollator(tokenizer, max_length=6)(items)
+    lengths = batch["attention_mask"].sum(1)
+    assert batch["input_ids"].shape[1] == 6 and lengths.tolist()[1] == 6  # the long caption is cut ...
+    for row, length in enumerate(lengths.tolist()):
+        assert batch["input_ids"][row, length - 1] == tokenizer.eos_token_id  # ... and still ends in EOS
+        assert (batch["input_ids"][row, : length - 1] != tokenizer.eos_token_id).all()
+    assert batch["return_loss"] is True and batch["pixel_values"].shape == (2, 3, 4, 4)
+
+
+def test_each_image_is_served_with_one_of_its_own_captions(data):
+    images = load_coco_records(data["captions_train"], data["images"])
+    dataset = ImageCaptionDataset(images, new_tiny_clip(seed=0)[2])
+    for index in range(4):
+        item = dataset[index]
+        assert item["caption"] in images[index].captions and item["pixel_values"].shape == (3, 224, 224)
+
+
+def test_a_missing_image_names_its_record_or_is_counted_when_skipping(data, tmp_path):
+    images = load_coco_records(data["captions_train"], data["images"])[:3]
+    missing = tmp_path / "gone.png"
+    images[1].image = str(missing)
+    processor = new_tiny_clip(seed=0)[2]
+    with pytest.raises(BadRecordError, match=r"images\[\d+\].*gone\.png.*--skip_bad_records"):
+        ImageCaptionDataset(images, processor)[1]
+    skipping = ImageCaptionDataset(images, processor, skip_bad_records=True)
+    assert skipping[1]["caption"] in images[2].captions and skipping.skipped.total == 1
+    assert os.path.basename(str(missing)) in skipping.skipped.examples[0]
