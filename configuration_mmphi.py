@@ -140,8 +140,9 @@ class MMPhiConfig(PretrainedConfig):
             vision_config=CLIPVisionConfig(**TINY_VISION_CONFIG),
             text_config=PhiConfig(**TINY_TEXT_CONFIG),
             image_token_index=4000,
-            # keep CLS: the tiny tower, trained from random in stage 1, learns to gather the image into it; held-out
-            # colour went from 13% to 95% with it (BENCHMARKS.md "Stages 1-2 tiny run")
+            # keep CLS: a tiny tower gathers the image there (CLIP's contrastive loss reads CLS; a random tower
+            # trained in stage 1 learns to), held-out colour went from 13% to 95% with it (BENCHMARKS.md "Stages 1-2
+            # tiny run")
             vision_feature_select_strategy="full",
         )
         kwargs.update(overrides)

@@ -5,8 +5,10 @@
     python scripts/build_model.py --preset tiny --output_dir outputs/mmphi-tiny
     python scripts/build_model.py --vision_model tiny --text_model outputs/stage0 --output_dir outputs/mmphi
 
-`--vision_model tiny` is a random tiny CLIP tower (no pretrained CLIP exists offline); `--text_model` may be the
-stage-0 output. The result loads with `AutoModelForCausalLM`/`AutoProcessor` and `trust_remote_code=True`.
+`--vision_model tiny` is a random tiny CLIP tower; offline, `scripts/pretrain_clip.py` trains a tiny CLIP whose folder
+is a `--vision_model` like any CLIP checkpoint (the demo's, with `--vision_feature_select_strategy full`).
+`--text_model` may be the stage-0 output. The result loads with `AutoModelForCausalLM`/`AutoProcessor` and
+`trust_remote_code=True`.
 """
 
 from __future__ import annotations

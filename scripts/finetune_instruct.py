@@ -63,7 +63,7 @@ LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"]
 # The tiny pipeline's stage 2 on a 2-core CPU (see BENCHMARKS.md "Stages 1-2 tiny run" for what it reaches).
 # The tiny Phi's lm_head must move for the short answers ("red", "3"): with LoRA + projector only, the answer loss
 # stayed at 3.3 after 300 steps; saving lm_head with the adapter (and LoRA scale alpha/r = 2) brings it under 1.
-TINY_RECIPE = ("--max_steps 300 --per_device_train_batch_size 16 --gradient_accumulation_steps 1 "
+TINY_RECIPE = ("--max_steps 250 --per_device_train_batch_size 16 --gradient_accumulation_steps 1 "
                "--learning_rate 1e-3 --gradient_checkpointing false --optim adamw_torch --warmup_steps 10 "
                "--lr_scheduler_type cosine --logging_steps 10 --val_fraction 0 --lora_alpha 128 --lora_dropout 0 "
                "--modules_to_save multi_modal_projector lm_head")
