@@ -51,8 +51,8 @@ SHAPES = ("circle", "square", "triangle")
 SIZES = {"small": (26, 36), "large": (56, 72)}  # side of the bounding box in pixels ("free" layout)
 # "grid" layout: the 4 x 4 grid of the tiny tower's 56-px patches; a small object fills most of one cell, a large one
 # most of a 2 x 2 block. A patch then never holds parts of two objects, so counting reduces to counting coloured
-# patches, and an object covers at least 1/16 of the image tokens: learnable within minutes by the tiny random-init
-# tower of the offline pipeline (a pretrained CLIP needs no such help).
+# patches, and an object covers at least 1/16 of the image tokens: learnable within minutes by the offline pipeline's
+# tiny tower (pretrain_clip.py; a real pretrained CLIP needs no such help).
 GRID, CELL = 4, IMAGE_SIZE // 4
 GRID_SIZES = {"small": (1, (40, 44)), "large": (2, (92, 96))}  # (block side in cells, object side in pixels)
 QUADRANTS = ("top left", "top right", "bottom left", "bottom right")
@@ -338,7 +338,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--text_only_fraction", type=float, default=0.05, help="extra text-only LLaVA records")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--layout", choices=["grid", "free"], default="grid",
-                        help="grid: objects on the tiny tower's 4x4 patch grid (countable by the tiny random tower); "
+                        help="grid: objects on the tiny tower's 4x4 patch grid (learnable in minutes); "
                              "free: anywhere, not overlapping")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
