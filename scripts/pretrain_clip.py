@@ -121,8 +121,10 @@ class ClipCollator:
 
     def __call__(self, items: list[dict]) -> dict:
         eos = self.tokenizer.eos_token_id
-        ids = [self.tokenizer(item["caption"], add_special_tokens=False)["input_ids"][: self.max_length - 1] + [eos]
-               for item in items]
+        ids = []
+        for item in items:  # CLIP's tokenizer adds BOS/EOS itself (truncation keeps them); Phi's adds none
+            sequence = self.tokenizer(item["caption"], truncation=True, max_length=self.max_length)["input_ids"]
+            ids.append(sequence if sequence[-1] == eos else sequence[: self.max_length - 1] + [eos])
         longest = max(len(i) for i in ids)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else eos
         input_ids = torch.full((len(ids), longest), pad, dtype=torch.long)
