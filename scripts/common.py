@@ -13,7 +13,7 @@ import sys
 from dataclasses import dataclass, field
 
 import torch
-from transformers import TrainingArguments
+from transformers import HfArgumentParser, TrainingArguments
 
 logger = logging.getLogger(__name__)
 
@@ -63,3 +63,19 @@ class StageTrainingArguments(TrainingArguments):
     def __post_init__(self):
         resolve_precision(self)
         super().__post_init__()
+
+
+def parse_stage_args(dataclass_types: tuple, argv: list[str] | None = None):
+    """The stage's argument dataclasses from the command line, or from one `.json` file given as the only argument."""
+    parser = HfArgumentParser(dataclass_types)
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) == 1 and argv[0].endswith(".json"):
+        return parser.parse_json_file(argv[0])
+    return parser.parse_args_into_dataclasses(args=argv)
+
+
+def record_run(trainer, metrics: dict) -> None:
+    """Print the run's metrics and write all_results.json and trainer_state.json, as HF's example scripts do."""
+    trainer.log_metrics("all", metrics)
+    trainer.save_metrics("all", metrics)
+    trainer.save_state()

@@ -37,7 +37,7 @@ import common  # noqa: F401  (puts the repo root on sys.path)
 import datasets
 import torch
 from build_model import save_mmphi
-from common import resolve_precision
+from common import parse_stage_args, record_run, resolve_precision
 from merge_lora import merge_lora
 from mmphi_data import (
     SKIP_HINT,
@@ -51,7 +51,7 @@ from mmphi_data import (
     validate_llava_file,
     validation_exit,
 )
-from transformers import BitsAndBytesConfig, HfArgumentParser, set_seed
+from transformers import BitsAndBytesConfig, set_seed
 from trl import SFTConfig, SFTTrainer
 
 from modeling_mmphi import MMPhiForCausalLM
@@ -288,11 +288,7 @@ class InstructTrainer(SFTTrainer):
 
 
 def parse_args(argv: list[str] | None = None):
-    parser = HfArgumentParser((ModelArguments, DataArguments, InstructSFTConfig))
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) == 1 and argv[0].endswith(".json"):
-        return parser.parse_json_file(argv[0])
-    return parser.parse_args_into_dataclasses(args=argv)
+    return parse_stage_args((ModelArguments, DataArguments, InstructSFTConfig), argv)
 
 
 def validate(data_args: DataArguments) -> int:
@@ -352,9 +348,7 @@ def save_outputs(trainer, processor, model_args: ModelArguments, args, metrics: 
         save_mmphi(trainer.model, processor, args.output_dir)
     else:
         trainer.save_model(args.output_dir)  # adapter (LoRA + projector) and the processor
-    trainer.log_metrics("all", metrics)
-    trainer.save_metrics("all", metrics)
-    trainer.save_state()
+    record_run(trainer, metrics)
     if model_args.merge and not model_args.full_finetune:
         merged_dir = model_args.merged_output_dir or os.path.join(args.output_dir, "merged")
         merge_lora(model_args.model_name_or_path, args.output_dir, merged_dir)

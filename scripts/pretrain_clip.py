@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import common  # noqa: F401  (puts the repo root on sys.path)
 import torch
 from build_model import tiny_image_processor, tiny_tokenizer
-from common import StageTrainingArguments
+from common import StageTrainingArguments, parse_stage_args, record_run
 from mmphi_data import (
     CaptionedImage,
     SkippingDataset,
@@ -40,7 +40,7 @@ from mmphi_data import (
     validate_coco_file,
     validation_exit,
 )
-from transformers import AutoTokenizer, CLIPConfig, CLIPImageProcessor, CLIPModel, HfArgumentParser, Trainer, set_seed
+from transformers import AutoTokenizer, CLIPConfig, CLIPImageProcessor, CLIPModel, Trainer, set_seed
 
 from configuration_mmphi import TINY_VISION_CONFIG
 
@@ -157,11 +157,7 @@ def load_clip(model_args: ModelArguments, seed: int) -> tuple[CLIPModel, object,
 
 
 def parse_args(argv: list[str] | None = None):
-    parser = HfArgumentParser((ModelArguments, DataArguments, ClipTrainingArguments))
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) == 1 and argv[0].endswith(".json"):
-        return parser.parse_json_file(argv[0])
-    return parser.parse_args_into_dataclasses(args=argv)
+    return parse_stage_args((ModelArguments, DataArguments, ClipTrainingArguments), argv)
 
 
 def run(model_args: ModelArguments, data_args: DataArguments, training_args) -> dict:
@@ -194,9 +190,7 @@ def run(model_args: ModelArguments, data_args: DataArguments, training_args) -> 
         trainer.save_model(training_args.output_dir)
         tokenizer.save_pretrained(training_args.output_dir)
         image_processor.save_pretrained(training_args.output_dir)
-        trainer.log_metrics("all", metrics)
-        trainer.save_metrics("all", metrics)
-        trainer.save_state()
+        record_run(trainer, metrics)
     return metrics
 
 

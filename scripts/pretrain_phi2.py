@@ -22,17 +22,15 @@ import json
 import logging
 import math
 import os
-import sys
 from dataclasses import dataclass, field
 
 import common  # noqa: F401  (puts the repo root on sys.path)
 import torch
-from common import StageTrainingArguments
+from common import StageTrainingArguments, parse_stage_args, record_run
 from text_data import build_lm_datasets, collate_blocks, parse_source_weights
 from transformers import (
     AutoConfig,
     AutoTokenizer,
-    HfArgumentParser,
     PhiConfig,
     PhiForCausalLM,
     Trainer,
@@ -117,11 +115,7 @@ class PretrainTrainingArguments(StageTrainingArguments):
 
 
 def parse_args(argv: list[str] | None = None):
-    parser = HfArgumentParser((ModelArguments, DataArguments, PretrainTrainingArguments))
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) == 1 and argv[0].endswith(".json"):
-        return parser.parse_json_file(argv[0])
-    return parser.parse_args_into_dataclasses(args=argv)
+    return parse_stage_args((ModelArguments, DataArguments, PretrainTrainingArguments), argv)
 
 
 def parse_overrides(overrides: str | None) -> dict:
@@ -234,9 +228,7 @@ def run_pretraining(model_args: ModelArguments, data_args: DataArguments,
     if data.skip_report.total:
         logger.warning("Bad input: %s", data.skip_report.summary())
     if trainer.is_world_process_zero():
-        trainer.log_metrics("all", metrics)
-        trainer.save_metrics("all", metrics)
-        trainer.save_state()
+        record_run(trainer, metrics)
         from plot_logs import plot_trainer_state  # matplotlib only when there is something to plot
 
         metrics["loss_curve"] = plot_trainer_state(training_args.output_dir)

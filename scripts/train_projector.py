@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 import common  # noqa: F401  (puts the repo root on sys.path)
 import torch
 from build_model import save_mmphi
-from common import StageTrainingArguments
+from common import StageTrainingArguments, parse_stage_args, record_run
 from mmphi_data import (
     CAPTION_PROMPT,
     ConversationDataset,
@@ -59,7 +59,7 @@ from mmphi_data import (
     validate_coco_file,
     validation_exit,
 )
-from transformers import HfArgumentParser, Trainer, set_seed
+from transformers import Trainer, set_seed
 
 from modeling_mmphi import MMPhiForCausalLM
 from processing_mmphi import MMPhiProcessor
@@ -131,11 +131,7 @@ class ProjectorTrainer(LengthGroupedTrainerMixin, Trainer):
 
 
 def parse_args(argv: list[str] | None = None):
-    parser = HfArgumentParser((ModelArguments, DataArguments, ProjectorTrainingArguments))
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) == 1 and argv[0].endswith(".json"):
-        return parser.parse_json_file(argv[0])
-    return parser.parse_args_into_dataclasses(args=argv)
+    return parse_stage_args((ModelArguments, DataArguments, ProjectorTrainingArguments), argv)
 
 
 def freeze_for_stage1(
@@ -293,9 +289,7 @@ def run_stage1(model_args: ModelArguments, data_args: DataArguments, training_ar
         logger.warning("Bad input: %s", "; ".join(r.summary() for r in (stage.report, train.skipped) if r.total))
     if trainer.is_world_process_zero():
         save_mmphi(stage.model, stage.processor, training_args.output_dir)
-        trainer.log_metrics("all", metrics)
-        trainer.save_metrics("all", metrics)
-        trainer.save_state()
+        record_run(trainer, metrics)
     return metrics
 
 
