@@ -68,7 +68,7 @@ logger = logging.getLogger("train_projector")
 
 # The tiny pipeline's stage 1 on a 2-core CPU, on an MM-Phi built from pretrain_clip.py's tiny CLIP (see
 # BENCHMARKS.md "Stages 1-2 tiny run" for what it reaches). The tower is frozen, so its features are cached.
-TINY_RECIPE = ("--train_language_model --cache_vision_features --max_steps 400 --per_device_train_batch_size 16 "
+TINY_RECIPE = ("--train_language_model --cache_vision_features --max_steps 300 --per_device_train_batch_size 16 "
                "--gradient_accumulation_steps 1 --learning_rate 2e-3 --gradient_checkpointing false "
                "--optim adamw_torch --warmup_steps 20 --lr_scheduler_type cosine --logging_steps 50")
 
