@@ -7,6 +7,7 @@ user passes `--fp16`/`--bf16` explicitly.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -79,3 +80,15 @@ def record_run(trainer, metrics: dict) -> None:
     trainer.log_metrics("all", metrics)
     trainer.save_metrics("all", metrics)
     trainer.save_state()
+
+
+def stage_main(argv: list[str] | None, parse_args, validate, run) -> dict | None:
+    """A stage script's command line: parse, then either scan the data (`--validate_data`; exits 0 when clean) or
+    train, printing the metrics."""
+    model_args, data_args, training_args = parse_args(argv)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    if data_args.validate_data:
+        sys.exit(validate(data_args))
+    metrics = run(model_args, data_args, training_args)
+    print(json.dumps({k: v for k, v in metrics.items() if isinstance(v, (int, float, str))}, indent=1))
+    return metrics

@@ -26,10 +26,8 @@ scripts/merge_lora.py) also writes a full MM-Phi folder (`<output_dir>/merged` b
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import sys
 import time
 from dataclasses import dataclass, field
 
@@ -37,7 +35,7 @@ import common  # noqa: F401  (puts the repo root on sys.path)
 import datasets
 import torch
 from build_model import save_mmphi
-from common import parse_stage_args, record_run, resolve_precision
+from common import parse_stage_args, record_run, resolve_precision, stage_main
 from merge_lora import merge_lora
 from mmphi_data import (
     SKIP_HINT,
@@ -51,6 +49,7 @@ from mmphi_data import (
     validate_llava_file,
     validation_exit,
 )
+from text_data import warn_skipped
 from transformers import BitsAndBytesConfig, set_seed
 from trl import SFTConfig, SFTTrainer
 
@@ -334,10 +333,8 @@ def run_stage2(model_args: ModelArguments, data_args: DataArguments, args: Instr
         metrics.update(trainer.evaluate())
     metrics.update(
         trainable_parameters=n_trainable, truncated=train.truncation.truncated,
-        dropped_too_long=train.truncation.dropped, skipped_bad_records=report.total + collator.skipped.total,
+        dropped_too_long=train.truncation.dropped, skipped_bad_records=warn_skipped(logger, report, collator.skipped),
     )
-    if report.total or collator.skipped.total:
-        logger.warning("Bad input: %s; %s", report.summary(), collator.skipped.summary())
     if trainer.is_world_process_zero():
         save_outputs(trainer, processor, model_args, args, metrics)
     return metrics
@@ -356,13 +353,7 @@ def save_outputs(trainer, processor, model_args: ModelArguments, args, metrics: 
 
 
 def main(argv: list[str] | None = None) -> dict | None:
-    model_args, data_args, args = parse_args(argv)
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    if data_args.validate_data:
-        sys.exit(validate(data_args))
-    metrics = run_stage2(model_args, data_args, args)
-    print(json.dumps({k: v for k, v in metrics.items() if isinstance(v, (int, float, str))}, indent=1))
-    return metrics
+    return stage_main(argv, parse_args, validate, run_stage2)
 
 
 if __name__ == "__main__":

@@ -20,16 +20,14 @@ drawn at random (two captions of one image in a batch would be false negatives).
 
 from __future__ import annotations
 
-import json
 import logging
 import random
-import sys
 from dataclasses import dataclass, field
 
 import common  # noqa: F401  (puts the repo root on sys.path)
 import torch
 from build_model import tiny_image_processor, tiny_tokenizer
-from common import StageTrainingArguments, parse_stage_args, record_run
+from common import StageTrainingArguments, parse_stage_args, record_run, stage_main
 from mmphi_data import (
     CaptionedImage,
     SkippingDataset,
@@ -40,6 +38,7 @@ from mmphi_data import (
     validate_coco_file,
     validation_exit,
 )
+from text_data import warn_skipped
 from transformers import AutoTokenizer, CLIPConfig, CLIPImageProcessor, CLIPModel, Trainer, set_seed
 
 from configuration_mmphi import TINY_VISION_CONFIG
@@ -183,10 +182,8 @@ def run(model_args: ModelArguments, data_args: DataArguments, training_args) -> 
     metrics = dict(trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint).metrics)
     if evaluation is not None:
         metrics.update(trainer.evaluate())
-    skipped = report.total + train.skipped.total + (evaluation.skipped.total if evaluation else 0)
-    metrics["skipped_bad_records"] = skipped
-    if skipped:
-        logger.warning("Bad input: %d record(s) skipped (see the warnings above)", skipped)
+    reports = [report, train.skipped] + ([evaluation.skipped] if evaluation else [])
+    metrics["skipped_bad_records"] = warn_skipped(logger, *reports)
     if trainer.is_world_process_zero():
         trainer.save_model(training_args.output_dir)
         tokenizer.save_pretrained(training_args.output_dir)
@@ -195,14 +192,12 @@ def run(model_args: ModelArguments, data_args: DataArguments, training_args) -> 
     return metrics
 
 
+def validate(data_args: DataArguments) -> int:
+    return validation_exit(data_args.data_path, *validate_coco_file(data_args.data_path, data_args.image_folder))
+
+
 def main(argv: list[str] | None = None) -> dict | None:
-    model_args, data_args, training_args = parse_args(argv)
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    if data_args.validate_data:
-        sys.exit(validation_exit(data_args.data_path, *validate_coco_file(data_args.data_path, data_args.image_folder)))
-    metrics = run(model_args, data_args, training_args)
-    print(json.dumps({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, indent=1))
-    return metrics
+    return stage_main(argv, parse_args, validate, run)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import common  # noqa: F401  (puts the repo root on sys.path)
 import torch
 from common import StageTrainingArguments, parse_stage_args, record_run
-from text_data import build_lm_datasets, collate_blocks, parse_source_weights
+from text_data import build_lm_datasets, collate_blocks, parse_source_weights, warn_skipped
 from transformers import (
     AutoConfig,
     AutoTokenizer,
@@ -224,9 +224,8 @@ def run_pretraining(model_args: ModelArguments, data_args: DataArguments,
     metrics = dict(train_result.metrics)
     if eval_dataset is not None:
         metrics.update(trainer.evaluate())
-    metrics["skipped_bad_records"] = data.skip_report.total  # counted when the corpus is read (streamed: by now)
-    if data.skip_report.total:
-        logger.warning("Bad input: %s", data.skip_report.summary())
+    # counted when the corpus is read (streamed: by now)
+    metrics["skipped_bad_records"] = warn_skipped(logger, data.skip_report)
     if trainer.is_world_process_zero():
         record_run(trainer, metrics)
         from plot_logs import plot_trainer_state  # matplotlib only when there is something to plot

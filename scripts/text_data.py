@@ -62,6 +62,14 @@ class SkipReport:
         return f"skipped {self.total} bad record(s): {reasons}; first: " + "; ".join(self.examples)
 
 
+def warn_skipped(log: logging.Logger, *reports: SkipReport) -> int:
+    """One "Bad input" warning for the records skipped across `reports`; returns how many were skipped."""
+    total = sum(report.total for report in reports)
+    if total:
+        log.warning("Bad input: %s", "; ".join(report.summary() for report in reports if report.total))
+    return total
+
+
 # ---------------------------------------------------------------------------------------------------------- reading
 
 def is_jsonl_name(name: str) -> bool:

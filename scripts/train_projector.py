@@ -34,17 +34,15 @@ The output folder is a complete MM-Phi checkpoint (loads with AutoModelForCausal
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import sys
 import time
 from dataclasses import dataclass, field
 
 import common  # noqa: F401  (puts the repo root on sys.path)
 import torch
 from build_model import save_mmphi
-from common import StageTrainingArguments, parse_stage_args, record_run
+from common import StageTrainingArguments, parse_stage_args, record_run, stage_main
 from mmphi_data import (
     CAPTION_PROMPT,
     ConversationDataset,
@@ -59,6 +57,7 @@ from mmphi_data import (
     validate_coco_file,
     validation_exit,
 )
+from text_data import warn_skipped
 from transformers import Trainer, set_seed
 
 from modeling_mmphi import MMPhiForCausalLM
@@ -277,16 +276,14 @@ def run_stage1(model_args: ModelArguments, data_args: DataArguments, training_ar
     metrics["padding_fraction"] = round(stage.collator.padding_fraction, 4)  # before evaluation adds its batches
     if stage.evaluation is not None:
         metrics.update(trainer.evaluate())
-    skipped = stage.report.total + train.skipped.total
+    reports = [stage.report, train.skipped] + ([stage.evaluation.skipped] if stage.evaluation else [])
     metrics.update(
         trainable_parameters=sum(p.numel() for p in stage.model.parameters() if p.requires_grad),
         padding_fraction_random_order=round(padding_fraction(train.lengths, training_args.train_batch_size), 4),
         truncated=train.truncation.truncated,
         dropped_too_long=train.truncation.dropped,
-        skipped_bad_records=skipped,
+        skipped_bad_records=warn_skipped(logger, *reports),
     )
-    if skipped:
-        logger.warning("Bad input: %s", "; ".join(r.summary() for r in (stage.report, train.skipped) if r.total))
     if trainer.is_world_process_zero():
         save_mmphi(stage.model, stage.processor, training_args.output_dir)
         record_run(trainer, metrics)
@@ -294,13 +291,7 @@ def run_stage1(model_args: ModelArguments, data_args: DataArguments, training_ar
 
 
 def main(argv: list[str] | None = None) -> dict | None:
-    model_args, data_args, training_args = parse_args(argv)
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    if data_args.validate_data:
-        sys.exit(validate(data_args))
-    metrics = run_stage1(model_args, data_args, training_args)
-    print(json.dumps({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, indent=1))
-    return metrics
+    return stage_main(argv, parse_args, validate, run_stage1)
 
 
 if __name__ == "__main__":
