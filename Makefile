@@ -41,7 +41,7 @@ lint: install
 	$(VENV)/bin/ruff check .
 
 bench: install
-	HF_HUB_OFFLINE=1 $(PY) scripts/benchmark.py
+	HF_HUB_OFFLINE=1 $(PY) benchmarks/benchmark.py
 
 clean:
 	rm -rf outputs demo_runs .pytest_cache

@@ -58,7 +58,7 @@ TINY_VISION_CONFIG = dict(
     hidden_act="quick_gelu",
 )
 
-# The tiny Phi matches assets/tiny-tokenizer (4000 BPE entries; the processor adds <image> and <pad>).
+# The tiny Phi matches mmphi/assets/tiny-tokenizer (4000 BPE entries; the processor adds <image> and <pad>).
 TINY_TEXT_CONFIG = dict(
     vocab_size=4096,
     hidden_size=256,
@@ -135,7 +135,7 @@ class MMPhiConfig(PretrainedConfig):
 
     @classmethod
     def tiny(cls, **overrides) -> MMPhiConfig:
-        """The offline tiny default (random init; tokenizer in assets/tiny-tokenizer)."""
+        """The offline tiny default (random init; tokenizer in mmphi/assets/tiny-tokenizer)."""
         kwargs = dict(
             vision_config=CLIPVisionConfig(**TINY_VISION_CONFIG),
             text_config=PhiConfig(**TINY_TEXT_CONFIG),

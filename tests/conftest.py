@@ -1,16 +1,11 @@
-"""Offline, CPU-only test harness: hub calls fail fast; the repo root and scripts/ are importable."""
+"""Offline, CPU-only test harness: hub calls fail fast (`mmphi` and the model files come from the editable install)."""
 
 import os
-import sys
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-for path in (REPO_ROOT, os.path.join(REPO_ROOT, "scripts")):
-    if path not in sys.path:
-        sys.path.insert(0, path)
 
 
 def pytest_configure(config):

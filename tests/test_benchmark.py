@@ -1,4 +1,4 @@
-"""scripts/benchmark.py and scripts/gpu_check.sh: the FLOP and memory accounting, the Markdown section it appends
+"""benchmarks/benchmark.py and benchmarks/gpu_check.sh: the FLOP and memory accounting, the Markdown section it appends
 to, a real measured run on the CPU (Trainer vs bare loop on the same model and batch), and the GPU check's CPU dry
 run end to end."""
 
@@ -11,16 +11,23 @@ import sys
 
 import pytest
 import torch
-from benchmark import append_to_markdown, attention_flops_per_token, estimate, goal_verdicts, linear_weights, main
 from transformers import PhiConfig, PhiForCausalLM
 
 from configuration_mmphi import PHI2_TEXT_CONFIG
+from mmphi.bench.stages import (
+    append_to_markdown,
+    attention_flops_per_token,
+    estimate,
+    goal_verdicts,
+    linear_weights,
+    main,
+)
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_estimate_counts_phi2_exactly_and_adds_up():
-    from pretrain_phi2 import build_config, count_parameters
+    from mmphi.stages.pretrain import build_config, count_parameters
 
     result = estimate()
     assert result["phi2_parameters"] == count_parameters(build_config("phi-2"))  # the meta-device count

@@ -11,13 +11,13 @@ import shutil
 import subprocess
 import sys
 
-import chat
-import inference
 import pytest
 import torch
-from build_model import build_tiny, save_mmphi
-from inference import Conversation, GenerationOptions, Turn
 from PIL import Image, ImageDraw
+
+from mmphi import chat, inference
+from mmphi.build import build_tiny, save_mmphi
+from mmphi.inference import Conversation, GenerationOptions, Turn
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GREEDY = GenerationOptions(max_new_tokens=6)

@@ -5,14 +5,14 @@ import os
 
 import pytest
 import torch
-from build_model import main as build_main
-from build_model import tiny_tokenizer
-from make_synthetic_data import generate
-from mmphi_data import BadRecordError, load_coco_records
-from pretrain_clip import ClipCollator, ImageCaptionDataset, main, new_tiny_clip
 from transformers import CLIPModel, PhiConfig, PhiForCausalLM
 
 from configuration_mmphi import TINY_TEXT_CONFIG
+from mmphi.build import main as build_main
+from mmphi.build import tiny_tokenizer
+from mmphi.data import BadRecordError, load_coco_records
+from mmphi.data.synthetic import generate
+from mmphi.stages.clip import ClipCollator, ImageCaptionDataset, main, new_tiny_clip
 from modeling_mmphi import MMPhiForCausalLM
 
 

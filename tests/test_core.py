@@ -7,7 +7,6 @@ import sys
 
 import pytest
 import torch
-from build_model import build_from_components, build_tiny, save_mmphi, save_tiny_clip, tiny_tokenizer
 from PIL import Image
 from transformers import (
     CLIPConfig,
@@ -21,6 +20,8 @@ from transformers import (
 )
 
 from configuration_mmphi import TINY_TEXT_CONFIG, TINY_VISION_CONFIG, MMPhiConfig
+from mmphi import TINY_TOKENIZER
+from mmphi.build import build_from_components, build_tiny, save_mmphi, save_tiny_clip, tiny_tokenizer
 from modeling_mmphi import MMPhiForCausalLM, MMPhiModel
 from processing_mmphi import MMPhiProcessor
 
@@ -232,7 +233,7 @@ def component_checkpoints(tmp_path_factory):
     torch.manual_seed(0)
     phi = PhiForCausalLM(PhiConfig(**TINY_TEXT_CONFIG))
     phi.save_pretrained(root / "phi")
-    tiny_tokenizer().__class__.from_pretrained(os.path.join(REPO_ROOT, "assets", "tiny-tokenizer")).save_pretrained(
+    tiny_tokenizer().__class__.from_pretrained(TINY_TOKENIZER).save_pretrained(
         root / "phi"
     )
     clip = CLIPModel(CLIPConfig(vision_config=dict(TINY_VISION_CONFIG), text_config={"hidden_size": 32,
@@ -264,7 +265,7 @@ def test_from_components_copies_weights(component_checkpoints, vision_kind):
 
 
 def test_resize_when_tokens_do_not_fit(tmp_path):
-    tokenizer = tiny_tokenizer().__class__.from_pretrained(os.path.join(REPO_ROOT, "assets", "tiny-tokenizer"))
+    tokenizer = tiny_tokenizer().__class__.from_pretrained(TINY_TOKENIZER)
     full_vocab = len(tokenizer)  # no spare rows: <image>/<pad> must grow the embeddings and the biased head
     phi = PhiForCausalLM(PhiConfig(**{**TINY_TEXT_CONFIG, "vocab_size": full_vocab}))
     phi.save_pretrained(tmp_path / "phi")
@@ -278,7 +279,7 @@ def test_resize_when_tokens_do_not_fit(tmp_path):
 
 
 def test_build_cli_keeps_cls_for_the_tiny_tower_and_drops_it_otherwise(tmp_path):
-    from build_model import main as build_main
+    from mmphi.build import main as build_main
 
     phi = PhiForCausalLM(PhiConfig(**TINY_TEXT_CONFIG))
     phi.save_pretrained(tmp_path / "phi")

@@ -1,16 +1,17 @@
-"""The shared data module (scripts/mmphi_data.py) and the synthetic data generator, on the tiny default (CPU, fast)."""
+"""The shared data module (mmphi/data/) and the synthetic data generator, on the tiny default (CPU, fast)."""
 
 import json
 import os
 import random
 from pathlib import Path
 
-import mmphi_data as md
 import pytest
 import torch
-from build_model import build_tiny
-from make_synthetic_data import CELL, COLOURS, GRID_SIZES, generate
 from PIL import Image
+
+from mmphi import data as md
+from mmphi.build import build_tiny
+from mmphi.data.synthetic import CELL, COLOURS, GRID_SIZES, generate
 
 
 @pytest.fixture(scope="module")
@@ -169,19 +170,19 @@ def test_truncation_never_cuts_image_tokens(tiny, tmp_path):
     image_end = max(i for i, t in enumerate(full_ids) if t == processor.image_token_id) + 1
     first_answer = next(i for i, label in enumerate(full_labels) if label != md.IGNORE_INDEX)
 
-    cut = md.ConversationDataset([conversation], processor, max_length=first_answer + 3)
+    cut = md.encode_conversations([conversation], processor, max_length=first_answer + 3)
     assert len(cut) == 1 and cut.truncation.truncated == 1 and cut.lengths == [first_answer + 3]
-    item = cut[0]
-    assert (item["input_ids"] == processor.image_token_id).sum() == processor.image_seq_length
-    assert (item["labels"] != md.IGNORE_INDEX).sum() > 0
+    item = cut.dataset[0]
+    assert item["input_ids"].count(processor.image_token_id) == processor.image_seq_length
+    assert sum(label != md.IGNORE_INDEX for label in item["labels"]) > 0
 
     text_only = md.Conversation("t", None, [md.Turn("Hi", "hello")])
-    dropped = md.ConversationDataset([conversation, text_only], processor, max_length=image_end - 5)
+    dropped = md.encode_conversations([conversation, text_only], processor, max_length=image_end - 5)
     assert len(dropped) == 1 and dropped.truncation.dropped_image_cut == 1
-    no_answer = md.ConversationDataset([conversation, text_only], processor, max_length=first_answer)
+    no_answer = md.encode_conversations([conversation, text_only], processor, max_length=first_answer)
     assert len(no_answer) == 1 and no_answer.truncation.dropped_no_answer == 1
     with pytest.raises(ValueError, match="no sample fits"):
-        md.ConversationDataset([conversation], processor, max_length=image_end - 5)
+        md.encode_conversations([conversation], processor, max_length=image_end - 5)
 
 
 # --- collator ----------------------------------------------------------------------------------------------------
@@ -193,9 +194,10 @@ def test_collator_mixes_image_and_text_only_samples(tiny, synthetic):
     with_image = [c for c in conversations if c.image][:2]
     text_only = [c for c in conversations if c.image is None][:2]
     order = [with_image[0], text_only[0], text_only[1], with_image[1]]
-    dataset = md.ConversationDataset(order, processor)
+    dataset = md.encode_conversations(order, processor)
+    rows = list(dataset.dataset)
     collator = md.MMPhiDataCollator(processor)
-    batch = collator([dataset[i] for i in range(len(dataset))])
+    batch = collator(rows)
 
     tokenizer = processor.tokenizer
     assert tokenizer.pad_token_id != tokenizer.eos_token_id
@@ -211,7 +213,7 @@ def test_collator_mixes_image_and_text_only_samples(tiny, synthetic):
         output = model(**batch)
         assert torch.isfinite(output.loss)
         for row in (1, 3):  # a text-only sample after an image one; an image sample after text-only ones
-            single = model(**collator([dataset[row]])).logits[0]
+            single = model(**collator([rows[row]])).logits[0]
             torch.testing.assert_close(output.logits[row, : dataset.lengths[row]], single, atol=1e-4, rtol=1e-4)
 
 
@@ -226,15 +228,13 @@ def test_length_grouping_reduces_padding_without_loading_samples(tiny, synthetic
 
     _, processor = tiny
     conversations = md.load_llava_records(synthetic["llava_train"], synthetic["images"])
-    dataset = md.ConversationDataset(conversations, processor)
-    loaded = []
-    original = dataset._item
-    dataset._item = lambda position: loaded.append(position) or original(position)
+    dataset = md.encode_conversations(conversations, processor)
     args = SimpleNamespace(train_sampling_strategy="group_by_length", per_device_train_batch_size=4, world_size=1,
                            gradient_accumulation_steps=1, seed=42, data_seed=None)
-    trainer = SimpleNamespace(args=args, train_dataset=dataset)  # the mixin only reads these two
-    order = list(md.LengthGroupedTrainerMixin._get_train_sampler(trainer))
-    assert sorted(order) == list(range(len(dataset))) and loaded == []
+    # the mixin only reads these two; the dataset holds image paths, so no image is decoded to measure lengths
+    trainer = SimpleNamespace(args=args, train_dataset=dataset.dataset)
+    order = list(md.MMPhiTrainerMixin._get_train_sampler(trainer))
+    assert sorted(order) == list(range(len(dataset)))
     random_order = random.Random(0).sample(range(len(dataset)), len(dataset))
     grouped = md.padding_fraction(dataset.lengths, 4, order)
     assert grouped < md.padding_fraction(dataset.lengths, 4, random_order)
@@ -346,25 +346,25 @@ def test_truncated_image_found_by_validation_and_named_at_load(tiny, tmp_path):
                {"id": "cut", "image": truncated_png(tmp_path), "conversations": turns(("<image>\nColour?", "red"))},
                {"id": "text", "conversations": turns(("Hi", "hello"))}]
     path = llava_file(tmp_path, records)
-    n_good, report = md.validate_llava_file(path, str(tmp_path))
+    n_good, report = md.validate_file(path, str(tmp_path))
     assert n_good == 2 and report.total == 1 and "record 1 (id=cut)" in report.examples[0]
     assert "truncated" in report.examples[0]
 
     conversations = md.load_llava_records(path, str(tmp_path))  # file exists: only a decode finds the problem
-    dataset = md.ConversationDataset(conversations, processor)
+    rows = list(md.encode_conversations(conversations, processor).dataset)
     with pytest.raises(md.BadRecordError, match=r"record 1 \(id=cut\): cannot read image .*truncated.png"):
-        dataset[1]
-    lenient = md.ConversationDataset(conversations, processor, skip_bad_records=True)
-    item = lenient[1]  # the next sample is served instead, and the skip is counted
-    assert "pixel_values" not in item and lenient.skipped.total == 1
+        md.MMPhiDataCollator(processor)(rows)
+    lenient = md.MMPhiDataCollator(processor, skip_bad_records=True)
+    batch = lenient(rows)  # the bad sample is left out of the batch, and the skip is counted
+    assert batch["input_ids"].shape[0] == 2 and batch["pixel_values"].shape[0] == 1 and lenient.skipped.total == 1
 
 
 def test_validation_exit_status(tmp_path, capsys):
     red_png(tmp_path)
     records = [{"id": "ok", "image": "red.png", "conversations": turns(("<image>\nColour?", "red"))}]
-    assert md.validation_exit("f.json", *md.validate_llava_file(llava_file(tmp_path, records), str(tmp_path))) == 0
+    assert md.validation_exit("f.json", *md.validate_file(llava_file(tmp_path, records), str(tmp_path))) == 0
     records.append({"id": "bad", "conversations": turns(("Q", ""))})
-    assert md.validation_exit("f.json", *md.validate_llava_file(llava_file(tmp_path, records), str(tmp_path))) == 1
+    assert md.validation_exit("f.json", *md.validate_file(llava_file(tmp_path, records), str(tmp_path))) == 1
     assert "1 bad" in capsys.readouterr().out
 
 

@@ -1,4 +1,4 @@
-"""scripts/metrics.py on hand-checkable inputs, and scripts/evaluate.py end to end on the tiny model (CPU)."""
+"""mmphi/metrics.py on hand-checkable inputs, and scripts/evaluate_mmphi.py end to end on the tiny model (CPU)."""
 
 import json
 import math
@@ -6,11 +6,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from build_model import build_tiny, save_mmphi
-from evaluate import infer_question_type, main, perplexity_windows
-from make_synthetic_data import generate
-from metrics import CiderD, corpus_bleu4, corpus_cider, normalize_vqa_answer, vqa_exact_match
-from mmphi_data import BadRecordError
+
+from mmphi.build import build_tiny, save_mmphi
+from mmphi.data import BadRecordError
+from mmphi.data.synthetic import generate
+from mmphi.evaluation import infer_question_type, main, perplexity_windows
+from mmphi.metrics import CiderD, corpus_bleu4, corpus_cider, normalize_vqa_answer, vqa_exact_match
 
 # --- VQA normalization -------------------------------------------------------------------------------------------
 

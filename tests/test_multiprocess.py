@@ -19,13 +19,15 @@ import sys
 import pytest
 from safetensors.torch import load_file
 
+from mmphi import TINY_TOKENIZER
+
 pytestmark = pytest.mark.slow
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = os.path.join(REPO_ROOT, "scripts")
 CPU_CONFIG = os.path.join(SCRIPTS, "configs", "cpu_multiprocess.yaml")
 ACCELERATE = os.path.join(os.path.dirname(sys.executable), "accelerate")
-TOKENIZER = os.path.join(REPO_ROOT, "assets", "tiny-tokenizer")
+TOKENIZER = TINY_TOKENIZER
 LOSS_TOLERANCE = 1e-4  # relative; the runs differ only in float summation order
 # Adam divides by the gradient's running RMS, so an element whose gradient is near zero can turn float-order noise
 # into an update of up to one learning rate: allow a small fraction of one step's update.

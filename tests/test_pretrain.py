@@ -10,15 +10,16 @@ import random
 
 import pytest
 import torch
-from plot_logs import plot_trainer_state
-from pretrain_phi2 import align_config_with_tokenizer, build_config, count_parameters, main
-from text_data import BadRecordError
 from transformers import AutoModelForCausalLM, AutoTokenizer, PhiForCausalLM
 
 from configuration_mmphi import TINY_TEXT_CONFIG
+from mmphi import TINY_TOKENIZER
+from mmphi.errors import BadRecordError
+from mmphi.plots import plot_trainer_state
+from mmphi.stages.pretrain import align_config_with_tokenizer, build_config, count_parameters, main
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TOKENIZER = os.path.join(REPO_ROOT, "assets", "tiny-tokenizer")
+TOKENIZER = TINY_TOKENIZER
 # Smaller than the `tiny` preset so a run takes seconds; dropout on, so resume must restore the RNG too.
 TEST_OVERRIDES = "hidden_size=32,intermediate_size=64,num_hidden_layers=2,num_attention_heads=4,resid_pdrop=0.1"
 WORDS = ("the", "ship", "sailed", "north", "across", "cold", "water", "while", "captain", "watched", "sky", "and",
@@ -193,16 +194,17 @@ def test_plot_logs_draws_any_stage_and_rejects_an_empty_history(tmp_path):
 # --------------------------------------------------------------------------------------------------- benchmark
 
 def test_demo_recipe_parses_into_cpu_friendly_arguments():
-    from pretrain_phi2 import demo_args, parse_args
+    from mmphi.recipes import tiny_pretrain_args
+    from mmphi.stages.pretrain import parse_args
 
-    model_args, data_args, training_args = parse_args(demo_args("outputs/x", max_steps=10))
+    model_args, data_args, training_args = parse_args(tiny_pretrain_args("outputs/x", ["c.jsonl"], max_steps=10))
     assert model_args.config_name == "tiny" and data_args.block_size == 128
     assert training_args.max_steps == 10 and not training_args.gradient_checkpointing
     assert not (training_args.fp16 or training_args.bf16)  # no CUDA here: fp32 instead of failing
 
 
 def test_unigram_baseline_is_the_smoothed_frequency_model():
-    from bench_pretrain import unigram_perplexity
+    from mmphi.bench.pretrain import unigram_perplexity
 
     train = [[1, 1, 1, 2], [1, 2, 3, 1]]
     held_out = [[0, 1, 2, 3]]  # the first token of a block is never a target
@@ -213,7 +215,7 @@ def test_unigram_baseline_is_the_smoothed_frequency_model():
 
 
 def test_memory_plan_estimate_and_measurement_path():
-    from bench_pretrain import estimate_memory, measure_memory
+    from mmphi.bench.pretrain import estimate_memory, measure_memory
 
     config = build_config("phi-2")
     plan = estimate_memory(config, micro_batch=4, block_size=2048, n_params=count_parameters(config))

@@ -1,7 +1,6 @@
 """push_to_hub.py offline: the dry-run folder is exactly what would be uploaded, loads through the Auto classes in a
-fresh process without this repository, and its model card carries scripts/evaluate.py's scores."""
+fresh process without this repository, and its model card carries scripts/evaluate_mmphi.py's scores."""
 
-import importlib.util
 import json
 import os
 import shutil
@@ -9,13 +8,14 @@ import subprocess
 import sys
 import textwrap
 
-import make_synthetic_data
-import push_to_hub
 import pytest
 import torch
-from build_model import build_tiny, save_mmphi
 from huggingface_hub import ModelCard
 from PIL import Image
+
+from mmphi import hub as push_to_hub
+from mmphi.build import build_tiny, save_mmphi
+from mmphi.data import synthetic as make_synthetic_data
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SUMMARY = [{"stage": "1 projector", "steps": 40, "time_s": 12.5, "final_loss": 2.3456},
@@ -28,12 +28,10 @@ def read_bytes(path) -> bytes:
 
 
 def run_evaluate_vqa(model_dir: str, data: dict, output_file: str) -> dict:
-    """scripts/evaluate.py for real, in-process (loaded by path: its module name would shadow HF's `evaluate`)."""
-    spec = importlib.util.spec_from_file_location("mmphi_evaluate", os.path.join(REPO_ROOT, "scripts", "evaluate.py"))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module.main(["--task", "vqa", "--model_name_or_path", model_dir, "--data_path", data["llava_val"],
+    """mmphi.evaluation (scripts/evaluate_mmphi.py) for real, in-process."""
+    from mmphi.evaluation import main
+
+    return main(["--task", "vqa", "--model_name_or_path", model_dir, "--data_path", data["llava_val"],
                         "--image_folder", data["images"], "--output_file", output_file,
                         "--max_samples", "4", "--max_new_tokens", "3"])
 
@@ -195,7 +193,7 @@ def test_bad_folders_and_flags_are_clear_errors(trained_folder, tmp_path):
         push(str(pickled), "--dry_run", "--output_dir", str(tmp_path / "b"))
     not_scores = tmp_path / "scores.json"
     not_scores.write_text(json.dumps({"accuracy": 1.0}))
-    with pytest.raises(ValueError, match="not a scripts/evaluate.py output"):
+    with pytest.raises(ValueError, match="not a scripts/evaluate_mmphi.py output"):
         push(folder, "--metrics", str(not_scores), "--dry_run", "--output_dir", str(tmp_path / "c"))
     (tmp_path / "d").mkdir()
     (tmp_path / "d" / "keep.txt").write_text("mine")

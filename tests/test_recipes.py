@@ -69,12 +69,16 @@ def test_stage0_empty_folder_and_missing_tokenizer_are_explained(real_layout, tm
     assert result.returncode == 2 and "not a local folder and HF_HUB_OFFLINE=1" in result.stderr
 
 
+STAGE_MODULES = {"scripts/pretrain_phi2.py": "mmphi.stages.pretrain", "scripts/train_projector.py":
+                 "mmphi.stages.projector", "scripts/finetune_instruct.py": "mmphi.stages.instruct"}
+
+
 def stage_module_accepts(script: str, args: list[str]) -> None:
-    """Parse the recipe's flags with the stage script's own parser (HfArgumentParser): an unknown or misspelt flag
-    fails here, not hours into a GPU job."""
+    """Parse the recipe's flags with the stage's own parser (HfArgumentParser): an unknown or misspelt flag fails
+    here, not hours into a GPU job."""
     import importlib
 
-    module = importlib.import_module(os.path.basename(script).removesuffix(".py"))
+    module = importlib.import_module(STAGE_MODULES[script])
     parsed = module.parse_args(args)
     assert parsed
 

@@ -6,13 +6,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from build_model import build_tiny, save_mmphi
-from make_synthetic_data import generate
 from PIL import Image
 from safetensors.torch import load_file
-from train_projector import build_trainer, freeze_for_stage1, main, parse_args
 
 from configuration_mmphi import MMPhiConfig
+from mmphi.build import build_tiny, save_mmphi
+from mmphi.data.synthetic import generate
+from mmphi.stages.projector import build_trainer, freeze_for_stage1, main, parse_args
 from modeling_mmphi import MMPhiForCausalLM
 
 
@@ -100,8 +100,8 @@ def test_training_changes_only_the_projector_and_saves_a_loadable_folder(setup, 
 def test_validation_is_split_by_image(setup, tmp_path):
     root, data = setup
     stage = build(root, data, tmp_path / "out")
-    train_images = {c.image for c in stage.train.conversations}
-    eval_images = {c.image for c in stage.evaluation.conversations}
+    train_images = set(stage.train.dataset["image"])
+    eval_images = set(stage.evaluation.dataset["image"])
     assert train_images and eval_images and not train_images & eval_images
     with pytest.raises(ValueError, match="in both the training and the eval file"):
         build(root, data, tmp_path / "out2", "--eval_data_path", data["captions_train"],

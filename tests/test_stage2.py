@@ -6,23 +6,21 @@ from pathlib import Path
 
 import pytest
 import torch
-from build_model import build_tiny, save_mmphi
-from finetune_instruct import (
+from PIL import Image
+from safetensors.torch import load_file
+
+from mmphi.build import build_tiny, save_mmphi
+from mmphi.data import BadRecordError, MMPhiDataCollator, encode_conversations, load_train_eval
+from mmphi.data.synthetic import generate
+from mmphi.stages.instruct import (
     DataArguments,
-    ImageLoadingCollator,
     InstructSFTConfig,
     ModelArguments,
-    load_conversations,
     load_model,
     lora_config,
     main,
     trainable_parameter_names,
 )
-from make_synthetic_data import generate
-from mmphi_data import BadRecordError, ConversationDataset
-from PIL import Image
-from safetensors.torch import load_file
-
 from processing_mmphi import MMPhiProcessor
 
 bnb = pytest.importorskip("bitsandbytes")
@@ -134,10 +132,10 @@ def test_adapter_holds_trained_lora_and_projector_only(qlora_run, tiny_folder):
 def test_truncation_and_padding_are_reported(qlora_run, tiny_folder, synthetic):
     _, metrics = qlora_run
     processor = MMPhiProcessor.from_pretrained(tiny_folder, trust_remote_code=True)
-    train, _, _ = load_conversations(
+    train, _, _ = load_train_eval(
         DataArguments(synthetic["llava_train"], synthetic["images"], val_fraction=0.2, max_eval_samples=2), seed=42
     )
-    lengths = ConversationDataset(train, processor).lengths
+    lengths = encode_conversations(train, processor).lengths
     too_long = sum(n > MAX_LENGTH for n in lengths)
     assert too_long > 0
     assert metrics["truncated"] + metrics["dropped_too_long"] == too_long
@@ -178,10 +176,10 @@ def test_collator_mixes_image_and_text_samples_and_handles_bad_images(tiny_folde
         {"input_ids": [8, 9], "labels": [-100, 9], "image": None, "location": "f.json: record 1"},
         {"input_ids": [5, 6], "labels": [-100, 6], "image": str(broken), "location": "f.json: record 2 (id=x)"},
     ]
-    batch = ImageLoadingCollator(processor)(rows[:2])
+    batch = MMPhiDataCollator(processor)(rows[:2])
     assert batch["pixel_values"].shape == (1, 3, 224, 224) and batch["input_ids"].shape == (2, 3)
     assert batch["input_ids"][1, 2] == processor.tokenizer.pad_token_id and batch["labels"][1, 2] == -100
     with pytest.raises(BadRecordError, match=r"record 2 \(id=x\).*broken\.png"):
-        ImageLoadingCollator(processor)(rows)
-    skipping = ImageLoadingCollator(processor, skip_bad_records=True)
+        MMPhiDataCollator(processor)(rows)
+    skipping = MMPhiDataCollator(processor, skip_bad_records=True)
     assert skipping(rows)["input_ids"].shape[0] == 2 and skipping.skipped.total == 1

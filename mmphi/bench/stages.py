@@ -1,9 +1,9 @@
 """Benchmark harness: one training step of each stage, through the stage's own Trainer and through a bare PyTorch
 loop on the same model and the same batch, measured in the same run.
 
-    python scripts/benchmark.py --device cpu                  # tiny sizes; appends a table to BENCHMARKS.md
-    python scripts/benchmark.py --device cuda --size real     # Phi-2 2.7B / TinyCLIP sizes (scripts/gpu_check.sh)
-    python scripts/benchmark.py --estimate                    # the GPU memory ESTIMATE for the goals (no run)
+    python benchmarks/benchmark.py --device cpu                  # tiny sizes; appends a table to BENCHMARKS.md
+    python benchmarks/benchmark.py --device cuda --size real     # Phi-2 2.7B / TinyCLIP sizes (benchmarks/gpu_check.sh)
+    python benchmarks/benchmark.py --estimate                    # the GPU memory ESTIMATE for the goals (no run)
 
 Stages (random weights, synthetic token ids; nothing from the Hub):
 - pretrain: `PhiForCausalLM` from scratch with scripts/pretrain_phi2.py's training arguments (paged 8-bit AdamW,
@@ -42,23 +42,16 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 
-import common  # noqa: F401  (puts the repo root on sys.path)
 import torch
 from torch import nn
 
 from configuration_mmphi import PHI2_TEXT_CONFIG, TINY_TEXT_CONFIG, TINY_VISION_CONFIG, TINYCLIP_VISION_CONFIG
+from mmphi.recipes import BENCHMARK_SIZES as SIZES
 
 logger = logging.getLogger("benchmark")
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STAGES = ("pretrain", "projector", "instruct")
 GIB = 1024**3
-SIZES = {
-    "tiny": {"pretrain": dict(batch=8, seq=128), "projector": dict(batch=8, seq=80),
-             "instruct": dict(batch=4, seq=128, lora_r=16)},
-    "real": {"pretrain": dict(batch=4, seq=2048), "projector": dict(batch=32, seq=128),
-             "instruct": dict(batch=4, seq=2048, lora_r=64)},
-}
 # Dense bf16 peak of the card (spec sheet), for MFU. Override with --peak_tflops.
 PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.4, "H200": 989.4, "GH200": 989.4, "A100": 312.0, "L40S": 362.0,
                "A10G": 125.0, "L4": 121.0}
@@ -224,9 +217,10 @@ def training_overrides(device: str, batch: int, max_steps: int, output_dir: str)
 
 
 def pretrain_workload(size: str, device: str, generator: torch.Generator) -> Workload:
-    from pretrain_phi2 import PretrainTrainingArguments
-    from text_data import collate_blocks
     from transformers import PhiConfig, PhiForCausalLM, Trainer
+
+    from mmphi.data.corpus import collate_blocks
+    from mmphi.stages.pretrain import PretrainTrainingArguments
 
     batch, seq = SIZES[size]["pretrain"]["batch"], SIZES[size]["pretrain"]["seq"]
     config = PhiConfig(**(PHI2_TEXT_CONFIG if size == "real" else TINY_TEXT_CONFIG))
@@ -291,9 +285,10 @@ def multimodal_rows(config, batch: int, seq: int, generator: torch.Generator, pr
 
 
 def projector_workload(size: str, device: str, generator: torch.Generator, model_folder: str) -> Workload:
-    from mmphi_data import MMPhiDataCollator
-    from train_projector import ModelArguments, ProjectorTrainingArguments, freeze_for_stage1, load_model
     from transformers import AutoConfig, Trainer
+
+    from mmphi.data import MMPhiDataCollator
+    from mmphi.stages.projector import ModelArguments, ProjectorTrainingArguments, freeze_for_stage1, load_model
 
     batch, seq = SIZES[size]["projector"]["batch"], SIZES[size]["projector"]["seq"]
     config = AutoConfig.from_pretrained(model_folder, trust_remote_code=True)
@@ -341,8 +336,10 @@ def write_images(folder: str, count: int, generator: torch.Generator) -> list[st
 def instruct_workload(size: str, device: str, generator: torch.Generator, model_folder: str,
                       work_dir: str) -> Workload:
     import datasets
-    from build_model import tiny_image_processor, tiny_tokenizer
-    from finetune_instruct import (
+    from transformers import AutoConfig
+
+    from mmphi.build import tiny_image_processor, tiny_tokenizer
+    from mmphi.stages.instruct import (
         ImageLoadingCollator,
         InstructSFTConfig,
         InstructTrainer,
@@ -351,8 +348,6 @@ def instruct_workload(size: str, device: str, generator: torch.Generator, model_
         load_model,
         lora_config,
     )
-    from transformers import AutoConfig
-
     from processing_mmphi import MMPhiProcessor
 
     settings = SIZES[size]["instruct"]
@@ -602,7 +597,7 @@ def append_to_markdown(path: str, block: str) -> None:
         with open(path) as handle:
             text = handle.read()
     if SECTION not in text:
-        text = text.rstrip("\n") + f"\n\n{SECTION}\n\n`python scripts/benchmark.py` runs, newest last.\n"
+        text = text.rstrip("\n") + f"\n\n{SECTION}\n\n`python benchmarks/benchmark.py` runs, newest last.\n"
     start = text.index(SECTION)
     next_section = text.find("\n## ", start + len(SECTION))
     end = len(text) if next_section == -1 else next_section + 1
@@ -698,7 +693,7 @@ def run(args) -> dict:
     work_dir = tempfile.mkdtemp(prefix="mmphi-bench-", dir=args.work_dir)
     generator = torch.Generator().manual_seed(0)
     report = {"date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"), "machine": machine_description(device),
-              "device": device, "size": size, "command": "python scripts/benchmark.py " + " ".join(args.argv),
+              "device": device, "size": size, "command": "python benchmarks/benchmark.py " + " ".join(args.argv),
               "warmup": args.warmup, "steps": args.steps, "peak_tflops": peak_tflops,
               "threads": torch.get_num_threads(),
               "load_average_before": [round(x, 2) for x in os.getloadavg()], "results": [], "errors": {}}
@@ -750,7 +745,7 @@ def parse_args(argv: list[str] | None = None):
     parser.add_argument("--steps", type=int, default=None, help="measured steps per loop (cpu 5, cuda 8)")
     parser.add_argument("--peak_tflops", type=float, default=None, help="the card's dense bf16 peak, for MFU")
     parser.add_argument("--json", help="write the results here too (after every stage)")
-    parser.add_argument("--markdown", default=os.path.join(REPO_ROOT, "BENCHMARKS.md"))
+    parser.add_argument("--markdown", default="BENCHMARKS.md")
     parser.add_argument("--no_markdown", action="store_true", help="do not append to BENCHMARKS.md")
     parser.add_argument("--keep_going", action="store_true", help="record a failing stage and go on to the next")
     parser.add_argument("--work_dir", default=None, help="where the temporary model/images go (default: /tmp)")

@@ -3,25 +3,21 @@
 Same sub-configs, same weights (copied), same inputs; timings interleaved (A, B, A, B, ...) so machine noise hits
 both alike; the median of each is compared. The ratio must be <= 1.05 (MM-Phi adds nothing to Llava's path).
 
-    python scripts/bench_core.py [--hidden 256 --layers 4 --batch 4 --text_tokens 32 --repeats 15]
+    python benchmarks/bench_core.py [--hidden 256 --layers 4 --batch 4 --text_tokens 32 --repeats 15]
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import platform
 import statistics
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import torch
+from transformers import LlavaConfig, LlavaForConditionalGeneration
 
-import torch  # noqa: E402
-from transformers import LlavaConfig, LlavaForConditionalGeneration  # noqa: E402
-
-from configuration_mmphi import TINY_TEXT_CONFIG, TINY_VISION_CONFIG, MMPhiConfig  # noqa: E402
-from modeling_mmphi import MMPhiForCausalLM  # noqa: E402
+from configuration_mmphi import TINY_TEXT_CONFIG, TINY_VISION_CONFIG, MMPhiConfig
+from modeling_mmphi import MMPhiForCausalLM
 
 
 def build_pair(hidden: int, layers: int):

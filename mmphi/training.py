@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 from dataclasses import dataclass, field
 
@@ -18,9 +17,6 @@ from transformers import HfArgumentParser, TrainingArguments
 
 logger = logging.getLogger(__name__)
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO_ROOT not in sys.path:  # scripts import the model files from the repo root
-    sys.path.insert(0, REPO_ROOT)
 
 
 def explicit_precision_flags(argv: list[str] | None = None) -> bool:
@@ -64,6 +60,21 @@ class StageTrainingArguments(TrainingArguments):
     def __post_init__(self):
         resolve_precision(self)
         super().__post_init__()
+
+
+@dataclass
+class BuiltStage:
+    """What a stage's `build_trainer(model_args, data_args, training_args)` returns: the trainer, ready for
+    `.train()`, with its parts (the demo, benchmarks and tests reach them here, never through private names)."""
+
+    trainer: object
+    model: torch.nn.Module
+    processor: object = None
+    collator: object = None
+    train: object = None  # the training samples (stages 1-2: EncodedSamples; stage 0: the packed blocks)
+    evaluation: object = None
+    report: object = None  # records skipped while reading the data (SkipReport)
+    trainable: list[str] = field(default_factory=list)
 
 
 def parse_stage_args(dataclass_types: tuple, argv: list[str] | None = None):

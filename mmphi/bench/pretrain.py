@@ -8,9 +8,9 @@
    parameter count and activation formulas and printed as an ESTIMATE.
 
 Usage:
-    python scripts/bench_pretrain.py quality --output_dir outputs/bench_stage0 --max_steps 300
-    python scripts/bench_pretrain.py memory                       # estimate (no GPU) or measurement (GPU)
-    python scripts/bench_pretrain.py memory --measure --micro_batch 4 --block_size 2048   # on the GPU
+    python benchmarks/bench_pretrain.py quality --output_dir outputs/bench_stage0 --max_steps 300
+    python benchmarks/bench_pretrain.py memory                       # estimate (no GPU) or measurement (GPU)
+    python benchmarks/bench_pretrain.py memory --measure --micro_batch 4 --block_size 2048   # on the GPU
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 
-import common  # noqa: F401  (repo root on sys.path)
 import numpy as np
 import torch
 
@@ -43,15 +42,16 @@ def unigram_perplexity(train_blocks: list[list[int]], eval_blocks: list[list[int
 
 
 def run_quality(args) -> dict:
-    from pretrain_phi2 import demo_args
-    from pretrain_phi2 import main as pretrain_main
-    from text_data import build_lm_datasets
     from transformers import AutoTokenizer
+
+    from mmphi.data.corpus import build_lm_datasets
+    from mmphi.recipes import tiny_pretrain_args
+    from mmphi.stages.pretrain import main as pretrain_main
 
     load_before = os.getloadavg()
     cpu_before = resource.getrusage(resource.RUSAGE_SELF)
-    metrics = pretrain_main(demo_args(args.output_dir, args.train_files, args.max_steps, eval_steps=args.max_steps,
-                                      max_eval_blocks=None, extra=args.extra))
+    metrics = pretrain_main(tiny_pretrain_args(args.output_dir, args.train_files, args.max_steps,
+                                               eval_steps=args.max_steps, max_eval_blocks=None, extra=args.extra))
     cpu_after = resource.getrusage(resource.RUSAGE_SELF)
 
     tokenizer = AutoTokenizer.from_pretrained(args.output_dir)
@@ -160,7 +160,7 @@ def measure_memory(config, micro_batch: int, block_size: int, steps: int, peak_t
 
 
 def run_memory(args) -> dict:
-    from pretrain_phi2 import build_config, count_parameters
+    from mmphi.stages.pretrain import build_config, count_parameters
 
     config = build_config(args.config_name, args.config_overrides)
     n_params = count_parameters(config)

@@ -16,13 +16,9 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO_ROOT not in sys.path:  # speech_mmphi lives at the top level (not `import common`: it pulls in Trainer)
-    sys.path.insert(0, REPO_ROOT)
-
-import torch  # noqa: E402
-from PIL import Image  # noqa: E402
-from transformers import (  # noqa: E402
+import torch
+from PIL import Image
+from transformers import (
     AutoModelForCausalLM,
     AutoProcessor,
     BitsAndBytesConfig,

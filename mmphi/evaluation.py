@@ -1,17 +1,18 @@
 """Evaluate an MM-Phi folder (or a base + PEFT adapter) offline; scores go to a JSON file and stdout.
 
-    python scripts/evaluate.py --task vqa --model_name_or_path outputs/stage2/merged \
+    python scripts/evaluate_mmphi.py --task vqa --model_name_or_path outputs/stage2/merged \
         --data_path data/synthetic/llava_heldout.json --image_folder data/synthetic/images --output_file vqa.json
-    python scripts/evaluate.py --task caption --model_name_or_path outputs/stage1 \
+    python scripts/evaluate_mmphi.py --task caption --model_name_or_path outputs/stage1 \
         --data_path data/synthetic/captions_val.json --image_folder data/synthetic/images --output_file cap.json
-    python scripts/evaluate.py --task perplexity --model_name_or_path outputs/stage0 --data_path data/corpus/c4.jsonl
+    python scripts/evaluate_mmphi.py --task perplexity --model_name_or_path outputs/stage0 \
+        --data_path data/corpus/c4.jsonl
 
 - vqa: a LLaVA-format file. Each human turn is a question and the next gpt turn its answer; earlier turns of the
   same conversation (with their reference answers) are the context, the image comes with the first turn. Greedy,
   batched, left-padded generation; normalized exact match as the VQA evaluation normalizes answers (lowercase,
   punctuation, articles, number words); overall and per question type (the record's type field, else inferred).
 - caption: a COCO captions file; one caption per image with the stage-1 captioning prompt; BLEU-4 (sacrebleu) and
-  CIDEr-D (scripts/metrics.py) against all references of each image.
+  CIDEr-D (mmphi/metrics.py) against all references of each image.
 - perplexity: JSONL (`{"text": ...}`, also .gz/.zst/.zip) or plain-text files; token-weighted, sliding windows.
 """
 
@@ -28,11 +29,11 @@ from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
-import common  # noqa: F401  (puts the repo root on sys.path)
-import mmphi_data
 import torch
-from metrics import corpus_bleu4, corpus_cider, normalize_vqa_answer, vqa_exact_match
 from transformers import AutoModelForCausalLM, AutoProcessor, AutoTokenizer, HfArgumentParser
+
+from mmphi import data as mmphi_data
+from mmphi.metrics import corpus_bleu4, corpus_cider, normalize_vqa_answer, vqa_exact_match
 
 logger = logging.getLogger("evaluate")
 
@@ -264,7 +265,7 @@ def one_data_path(args: EvaluationArguments) -> str:
 
 def read_text_documents(paths: list[str], skip_bad_records: bool):
     """Documents of JSONL files (via text_data, with its bad-record handling) or whole plain-text files."""
-    from text_data import SkipReport, is_jsonl_name, iter_jsonl_records
+    from mmphi.data.corpus import SkipReport, is_jsonl_name, iter_jsonl_records
 
     report = SkipReport()
     documents = []

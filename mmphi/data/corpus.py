@@ -27,47 +27,12 @@ from typing import IO
 import datasets
 import torch
 
+from mmphi.errors import SKIP_HINT, BadRecordError, SkipReport, handle_bad_record
+
 logger = logging.getLogger(__name__)
 
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst")
-SKIP_HINT = " (pass --skip_bad_records to skip and count such records)"
 FORMAT_VERSION = "text_data-v1"  # bump to invalidate cached tokenized/packed datasets after a format change
-
-
-class BadRecordError(ValueError):
-    """A corpus problem, always phrased as `location: what is wrong`."""
-
-
-@dataclass
-class SkipReport:
-    """Bad records that were skipped (with --skip_bad_records), by reason, with the first few locations."""
-
-    counts: Counter = field(default_factory=Counter)
-    examples: list[str] = field(default_factory=list)
-    max_examples: int = 5
-
-    def add(self, location: str, reason: str) -> None:
-        self.counts[reason.split(" (")[0]] += 1
-        if len(self.examples) < self.max_examples:
-            self.examples.append(f"{location}: {reason}")
-
-    @property
-    def total(self) -> int:
-        return sum(self.counts.values())
-
-    def summary(self) -> str:
-        if not self.total:
-            return "no bad records"
-        reasons = ", ".join(f"{n} x {reason}" for reason, n in self.counts.most_common())
-        return f"skipped {self.total} bad record(s): {reasons}; first: " + "; ".join(self.examples)
-
-
-def warn_skipped(log: logging.Logger, *reports: SkipReport) -> int:
-    """One "Bad input" warning for the records skipped across `reports`; returns how many were skipped."""
-    total = sum(report.total for report in reports)
-    if total:
-        log.warning("Bad input: %s", "; ".join(report.summary() for report in reports if report.total))
-    return total
 
 
 # ---------------------------------------------------------------------------------------------------------- reading
@@ -158,9 +123,7 @@ def iter_jsonl_records(path: str, skip_bad_records: bool = False, report: SkipRe
     report = report if report is not None else SkipReport()
 
     def bad(location: str, reason: str) -> None:
-        if not skip_bad_records:
-            raise BadRecordError(f"{location}: {reason}{SKIP_HINT}")
-        report.add(location, reason)
+        handle_bad_record(location, reason, skip_bad_records, report, hint=SKIP_HINT)
 
     for name, stream in open_jsonl_streams(path):
         line_no, n_good = 0, 0

@@ -1,6 +1,6 @@
 """Stage-1 benchmarks, in one run on the same models and data (writes outputs/bench_stage1.json, prints a table).
 
-    python scripts/bench_stage1.py
+    python benchmarks/bench_stage1.py
 
 1. Step time with cached vision features vs uncached (images decoded, preprocessed and run through the frozen
    tower every step), for the tiny default and for the tiny language model behind a TinyCLIP-size tower (random
@@ -22,21 +22,20 @@ import statistics
 import tempfile
 import time
 
-import common  # noqa: F401  (puts the repo root on sys.path)
 import torch
-from build_model import build_tiny
-from make_synthetic_data import generate
-from mmphi_data import (
+from transformers import CLIPVisionConfig
+
+from configuration_mmphi import TINYCLIP_VISION_CONFIG
+from mmphi.build import build_tiny
+from mmphi.data import (
     ConversationDataset,
     MMPhiDataCollator,
     cache_vision_features,
     caption_conversations,
     load_coco_records,
 )
-from train_projector import freeze_for_stage1
-from transformers import CLIPVisionConfig
-
-from configuration_mmphi import TINYCLIP_VISION_CONFIG
+from mmphi.data.synthetic import generate
+from mmphi.stages.projector import freeze_for_stage1
 
 TOWERS = {"tiny tower (2 layers, 64-d)": None, "TinyCLIP-size tower (12 layers, 640-d)": TINYCLIP_VISION_CONFIG}
 

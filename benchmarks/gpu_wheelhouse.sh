@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# Build .whl/: the wheels scripts/gpu_check.sh installs on a GPU machine that has no internet. Run it here (where pip
+# Build .whl/: the wheels benchmarks/gpu_check.sh installs on a GPU machine that has no internet. Run it here (where pip
 # reaches PyPI), from anywhere in the repository; .whl/ is added to .git/info/exclude (ignored by git, yet it can be
 # carried to the device machine by naming it).
 #
-#   bash scripts/gpu_wheelhouse.sh                 # ~57 MiB: fits the device tool's 64 MiB working-tree limit
-#   PYTHON_VERSION=3.11 bash scripts/gpu_wheelhouse.sh
+#   bash benchmarks/gpu_wheelhouse.sh                 # ~57 MiB: fits the device tool's 64 MiB working-tree limit
+#   PYTHON_VERSION=3.11 bash benchmarks/gpu_wheelhouse.sh
 #
 # What the GPU image lacks or has in another version (its recorded pip list: torch 2.11+cu130, transformers 5.17,
 # accelerate 1.15, tokenizers 0.23.2, huggingface_hub 1.33, no bitsandbytes, trl or datasets): the versions this
@@ -25,4 +25,4 @@ mkdir -p .whl
   --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform manylinux1_x86_64 \
   -d .whl "${PACKAGES[@]}"
 du -ch .whl/*.whl | tail -1
-echo "carry it: run(command='bash scripts/gpu_check.sh', carry=['.whl'])"
+echo "carry it: run(command='bash benchmarks/gpu_check.sh', carry=['.whl'])"

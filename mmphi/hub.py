@@ -1,0 +1,385 @@
+"""Share an MM-Phi folder on the Hugging Face Hub with a generated model card.
+
+    python scripts/push_to_hub.py --model outputs/stage2/merged --repo_id you/mmphi --private
+    python scripts/push_to_hub.py --model outputs/stage2/merged --repo_id you/mmphi --metrics vqa.json \
+        --dry_run --output_dir outputs/to-upload
+
+What is uploaded: the folder's top-level model files (config, safetensors weights, tokenizer/processor files, chat
+template, the remote-code .py files, JSON/PNG results), plus README.md, the model card. Never uploaded: sub-folders
+(checkpoint-*, runs/), pickled weights or training state (*.bin, *.pt, *.pth, *.pkl, *.ckpt). Code files the config
+refers to but the folder lacks are added from this repository, so the repo loads with `trust_remote_code=True`.
+
+The card lists the components (read from config.json and the safetensors headers), the training stages and their
+data, the scores of `scripts/evaluate_mmphi.py` (its JSON outputs found in the folder, recognised by their "task"
+field, and any --metrics FILE), a per-stage summary when the folder has `training_summary.json` (or
+--training_summary FILE: a list of rows such as {"stage", "steps", "time_s", "final_loss", "accuracy"}), and a usage
+snippet.
+
+--dry_run writes exactly the files that would be uploaded to --output_dir and uploads nothing. The real upload uses
+huggingface_hub's `HfApi.create_repo` + `upload_folder` (token from `huggingface-cli login` / HF_TOKEN / --token).
+"""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import importlib.util
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+import tempfile
+
+from huggingface_hub import HfApi, ModelCard, ModelCardData
+
+logger = logging.getLogger("push_to_hub")
+UPLOAD_SUFFIXES = (".json", ".safetensors", ".py", ".jinja", ".txt", ".model", ".png", ".md")
+NEVER_UPLOAD = ("*.bin", "*.pt", "*.pth", "*.pkl", "*.ckpt", "*.msgpack", "*.h5", "README.md")
+CODE_FILES = ("configuration_mmphi.py", "modeling_mmphi.py", "processing_mmphi.py", "speech_mmphi.py")
+EVALUATE_TASKS = ("vqa", "caption", "perplexity")
+TRAINING_SUMMARY = "training_summary.json"
+CARD_TAGS = ["mmphi", "multimodal", "vision-language", "llava", "phi-2", "tinyclip", "speech", "custom_code"]
+
+# The recipe each stage follows at real scale (README "pipeline at real scale"); the card states it as the design,
+# and the per-run numbers come from training_summary.json when present.
+STAGES = [
+    ("0", "Pretrain Phi-2 from scratch (optional: the released microsoft/phi-2 can be used instead)",
+     "RedPajama (cc + c4 samples, `{\"text\": ...}` JSONL), packed blocks", "all of the language model"),
+    ("1", "Projector pretraining (caption the image)", "COCO 2017 captions",
+     "the projector only (vision tower and language model frozen)"),
+    ("2", "Instruction tuning, QLoRA (nf4 language model, LoRA r=64 alpha=16 on q/k/v/dense/fc1/fc2), then merged",
+     "LLaVA-Instruct-150K (multi-turn, loss on answers + EOS only)", "LoRA adapters + projector"),
+]
+
+
+# --- what to upload ----------------------------------------------------------------------------------------------
+
+
+def check_model_folder(model_dir: str) -> dict:
+    """The folder's config, after checking it is a complete model (not an adapter, not pickled weights only)."""
+    config_path = os.path.join(model_dir, "config.json")
+    if not os.path.isdir(model_dir):
+        raise FileNotFoundError(f"{model_dir}: no such folder")
+    names = os.listdir(model_dir)
+    if not os.path.isfile(config_path):
+        if "adapter_config.json" in names:
+            raise ValueError(
+                f"{model_dir} holds a LoRA adapter, not a full model: merge it first "
+                "(scripts/merge_lora.py --model_name_or_path BASE --adapter ADAPTER --output_dir D) and push D."
+            )
+        raise ValueError(f"{model_dir}: no config.json (not a model folder)")
+    if not any(name.endswith(".safetensors") for name in names):
+        pickled = [n for n in names if fnmatch.fnmatch(n, "*.bin") or fnmatch.fnmatch(n, "*.pt")]
+        hint = f" (found {', '.join(sorted(pickled))}: re-save with save_pretrained)" if pickled else ""
+        raise ValueError(f"{model_dir}: no safetensors weights{hint}; only safetensors are uploaded")
+    with open(config_path, encoding="utf-8") as handle:
+        config = json.load(handle)
+    if "processor_config.json" not in names and "preprocessor_config.json" not in names:
+        logger.warning("%s has no processor files: AutoProcessor will not load from the pushed repo", model_dir)
+    return config
+
+
+def select_files(model_dir: str) -> tuple[list[str], list[str]]:
+    """(files to upload, files left out): top-level files with model/result suffixes; sub-folders are left out."""
+    chosen, left_out = [], []
+    for name in sorted(os.listdir(model_dir)):
+        path = os.path.join(model_dir, name)
+        if os.path.isdir(path):
+            left_out.append(name + "/")
+        elif name.endswith(UPLOAD_SUFFIXES) and not any(fnmatch.fnmatch(name, p) for p in NEVER_UPLOAD):
+            chosen.append(name)
+        else:
+            left_out.append(name)
+    return chosen, left_out
+
+
+def missing_code_files(config: dict, present: list[str]) -> list[str]:
+    """Remote-code modules the auto_map names (plus the speech module the processor imports) that the folder lacks."""
+    needed = {ref.split(".")[0] + ".py" for ref in (config.get("auto_map") or {}).values() if isinstance(ref, str)}
+    if "processing_mmphi.py" in needed or "processing_mmphi.py" in present:
+        needed.add("speech_mmphi.py")  # imported lazily, so save_pretrained does not copy it
+    return sorted(name for name in needed if name not in present and name in CODE_FILES)
+
+
+def stage_upload(model_dir: str, staging_dir: str, card: str, metrics_files: list[str]) -> list[str]:
+    """Copy exactly what will be uploaded into `staging_dir`: the chosen files, missing code files, the metrics
+    files given on the command line, and README.md. Returns the staged file names."""
+    config = check_model_folder(model_dir)
+    chosen, left_out = select_files(model_dir)
+    if left_out:
+        logger.info("not uploaded: %s", ", ".join(left_out))
+    os.makedirs(staging_dir, exist_ok=True)
+    for name in chosen:
+        shutil.copy2(os.path.join(model_dir, name), os.path.join(staging_dir, name))
+    for name in missing_code_files(config, chosen):
+        source = importlib.util.find_spec(name.removesuffix(".py")).origin  # the installed model file
+        logger.info("adding %s from %s (the config refers to it)", name, source)
+        shutil.copy2(source, os.path.join(staging_dir, name))
+    for path in metrics_files:
+        target = os.path.join(staging_dir, os.path.basename(path))
+        if not os.path.exists(target):
+            shutil.copy2(path, target)
+    with open(os.path.join(staging_dir, "README.md"), "w", encoding="utf-8") as handle:
+        handle.write(card)
+    return sorted(os.listdir(staging_dir))
+
+
+# --- the model card ----------------------------------------------------------------------------------------------
+
+
+def load_json(path: str):
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return json.load(handle)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: not valid JSON ({error.msg}, line {error.lineno})") from error
+
+
+def find_evaluations(model_dir: str, extra_files: list[str]) -> list[tuple[str, dict]]:
+    """(file name, scores) of scripts/evaluate_mmphi.py outputs: the folder's JSON files with a known "task", then
+    --metrics files (which must be evaluate.py outputs)."""
+    found = []
+    for name in sorted(os.listdir(model_dir)):
+        if name.endswith(".json") and os.path.isfile(os.path.join(model_dir, name)):
+            try:
+                data = load_json(os.path.join(model_dir, name))
+            except ValueError:
+                continue  # not ours to judge: only evaluation outputs matter here
+            if isinstance(data, dict) and data.get("task") in EVALUATE_TASKS:
+                found.append((name, data))
+    for path in extra_files:
+        data = load_json(path)
+        if not isinstance(data, dict) or data.get("task") not in EVALUATE_TASKS:
+            raise ValueError(f"{path}: not a scripts/evaluate_mmphi.py output "
+                             f"(needs \"task\": one of {EVALUATE_TASKS})")
+        if os.path.basename(path) not in {name for name, _ in found}:
+            found.append((os.path.basename(path), data))
+    return found
+
+
+def format_number(value) -> str:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return str(value)
+    if isinstance(value, int):
+        return str(value)
+    if math.isinf(value) or math.isnan(value):
+        return str(value)
+    return f"{value:.4g}"
+
+
+def flatten_scores(scores: dict, prefix: str = "") -> list[tuple[str, object]]:
+    """Nested scores -> (dotted name, number) rows, e.g. per_type.colour.accuracy."""
+    rows = []
+    for key, value in scores.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            rows += flatten_scores(value, name + ".")
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            rows.append((name, value))
+    return rows
+
+
+def evaluation_section(evaluations: list[tuple[str, dict]]) -> str:
+    if not evaluations:
+        return "No evaluation results were given (run `scripts/evaluate_mmphi.py` and pass `--metrics FILE`).\n"
+    parts = []
+    for name, data in evaluations:
+        data_files = data.get("data") or []
+        data_files = [data_files] if isinstance(data_files, str) else data_files
+        source = ", ".join(f"`{os.path.basename(str(d))}`" for d in data_files) or "unspecified data"
+        parts.append(f"**{data['task']}** on {source} (from `{name}`, written by `scripts/evaluate_mmphi.py`):\n")
+        parts.append("| metric | value |\n| --- | --- |")
+        parts += [f"| {metric} | {format_number(value)} |" for metric, value in flatten_scores(data)]
+        parts.append("")
+    return "\n".join(parts) + "\n"
+
+
+def training_summary_section(summary) -> str:
+    rows = summary.get("stages", summary) if isinstance(summary, dict) else summary
+    if not isinstance(rows, list) or not all(isinstance(row, dict) for row in rows) or not rows:
+        raise ValueError("the training summary must be a list of objects (one row per stage) or {\"stages\": [...]}")
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    lines = ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
+    lines += ["| " + " | ".join(format_number(row.get(c, "")) for c in columns) + " |" for row in rows]
+    return "This run:\n\n" + "\n".join(lines) + "\n"
+
+
+def count_parameters(model_dir: str) -> dict[str, int]:
+    """Parameters per component, from the safetensors headers (no weights are loaded)."""
+    from safetensors import safe_open
+
+    counts = {"vision tower": 0, "projector": 0, "language model": 0, "lm head": 0, "other": 0}
+    prefixes = {"model.vision_tower.": "vision tower", "model.multi_modal_projector.": "projector",
+                "model.language_model.": "language model", "lm_head.": "lm head"}
+    for name in sorted(os.listdir(model_dir)):
+        if not name.endswith(".safetensors"):
+            continue
+        with safe_open(os.path.join(model_dir, name), framework="pt") as handle:
+            for key in handle.keys():  # noqa: SIM118 (safe_open is not iterable)
+                numel = math.prod(handle.get_slice(key).get_shape())
+                part = next((p for prefix, p in prefixes.items() if key.startswith(prefix)), "other")
+                counts[part] += numel
+    return {part: n for part, n in counts.items() if n}
+
+
+def human_count(n: int) -> str:
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            return f"{n / size:.2f}{unit}"
+    return str(n)
+
+
+def components_section(config: dict, counts: dict[str, int]) -> str:
+    vision, text = config.get("vision_config", {}), config.get("text_config", {})
+    image_tokens = config.get("image_seq_length")
+    projector = config.get("projector_type", "linear")
+    shape = {"linear": "Linear", "mlp2x_gelu": "Linear-GELU-Linear"}.get(projector, projector)
+    rows = [
+        ("vision tower", f"CLIP ViT: {vision.get('num_hidden_layers')} layers, hidden {vision.get('hidden_size')}, "
+         f"{vision.get('image_size')} px, patch {vision.get('patch_size')} -> {image_tokens} image tokens "
+         f"(layer {config.get('vision_feature_layer')}, strategy `{config.get('vision_feature_select_strategy')}`)"),
+        ("projector", f"`{projector}` ({shape} {vision.get('hidden_size')} -> {text.get('hidden_size')})"),
+        ("language model", f"Phi: {text.get('num_hidden_layers')} layers, hidden {text.get('hidden_size')}, "
+         f"{text.get('num_attention_heads')} heads, vocabulary {text.get('vocab_size')}, "
+         f"context {text.get('max_position_embeddings')}"),
+        ("speech (not in the weights)", "Whisper via faster-whisper/WhisperX: the first 10 s of audio are "
+         "transcribed and the transcript joins the prompt as text (`speech_mmphi.py`)"),
+    ]
+    lines = ["| component | what | parameters |", "| --- | --- | --- |"]
+    for part, what in rows:
+        lines.append(f"| {part} | {what} | {human_count(counts[part]) if part in counts else ''} |")
+    total = sum(counts.values())
+    lines.append(f"| **total** | weights stored as safetensors ({config.get('dtype') or 'float32'}) | "
+                 f"**{human_count(total)}** |")
+    note = ""
+    if text.get("hidden_size") != 2560:
+        note = ("\nThis is a scaled-down configuration (Phi-2 itself has 32 layers and hidden size 2560): a small "
+                "demonstration model whose answers are only meaningful on the kind of data it was trained on.\n")
+    return "\n".join(lines) + "\n" + note
+
+
+def usage_section(repo_id: str) -> str:
+    return f"""```python
+from PIL import Image
+from transformers import AutoModelForCausalLM, AutoProcessor
+
+model = AutoModelForCausalLM.from_pretrained("{repo_id}", trust_remote_code=True, dtype="auto")
+processor = AutoProcessor.from_pretrained("{repo_id}", trust_remote_code=True)
+
+messages = [{{"role": "user", "content": [{{"type": "image"}}, {{"type": "text", "text": "What is in the picture?"}}]}}]
+prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+inputs = processor(text=prompt, images=Image.open("photo.jpg")).to(model.device)
+output = model.generate(**inputs, max_new_tokens=64)
+print(processor.batch_decode(output[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)[0])
+```
+
+A spoken question (needs `pip install faster-whisper pydub` and ffmpeg): add `{{"type": "audio"}}` to the message's
+content and pass `audio="question.wav"` to the processor. It transcribes the first 10 s with Whisper (large-v2 by
+default; choose with `processor.get_transcriber(model_name_or_path=...)`, loaded once) and returns the transcripts as
+`inputs.transcripts`. 4-bit: pass `quantization_config=BitsAndBytesConfig(load_in_4bit=True)` (only the language model
+is quantized). Prompt format, per turn: `User: <image>\\nQUESTION\\nAssistant: ANSWER<|endoftext|>`.
+"""
+
+
+def build_card(model_dir: str, repo_id: str, evaluations, summary=None, license_id: str = "mit",
+               base_models: list[str] | None = None) -> str:
+    config = check_model_folder(model_dir)
+    data = ModelCardData(
+        license=license_id,
+        library_name="transformers",
+        pipeline_tag="image-text-to-text",
+        tags=CARD_TAGS,
+        base_model=base_models or None,
+    )
+    stages = ["| stage | what | data | trained |", "| --- | --- | --- | --- |"]
+    stages += [f"| {number} | {what} | {source} | {trained} |" for number, what, source, trained in STAGES]
+    summary_text = training_summary_section(summary) if summary is not None else ""
+    name = repo_id.split("/")[-1]
+    body = f"""
+# {name}
+
+MM-Phi: a small multimodal chat model (image + speech + text in, text out). A CLIP vision tower (TinyCLIP at full
+size) feeds a projector into Phi (Phi-2 at full size), laid out like transformers' Llava; speech is transcribed by
+Whisper and joins the prompt as text. Load it with `trust_remote_code=True`.
+
+## Components
+
+{components_section(config, count_parameters(model_dir))}
+## Training
+
+{chr(10).join(stages)}
+
+In the full-size recipe the vision tower stays frozen. Labels cover the answers and the end-of-text token that ends
+each one; padding has its own token. {summary_text}
+## Evaluation
+
+{evaluation_section(evaluations)}
+## Usage
+
+{usage_section(repo_id)}"""
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n{body}").content.rstrip() + "\n"
+
+
+# --- main --------------------------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="the MM-Phi folder to share")
+    parser.add_argument("--repo_id", required=True, help="NAME or USER/NAME on the Hub")
+    parser.add_argument("--private", action="store_true")
+    parser.add_argument("--metrics", action="append", default=[], help="a scripts/evaluate_mmphi.py JSON (repeatable)")
+    parser.add_argument("--training_summary", help=f"rows per stage (default: {TRAINING_SUMMARY} in the folder)")
+    parser.add_argument("--license", default="mit")
+    parser.add_argument("--base_model", action="append", default=[], help="card metadata (repeatable)")
+    parser.add_argument("--commit_message", default="Upload MM-Phi")
+    parser.add_argument("--token", help="default: the saved login or HF_TOKEN")
+    parser.add_argument("--dry_run", action="store_true", help="write what would be uploaded to --output_dir")
+    parser.add_argument("--output_dir", help="with --dry_run: where to write the files")
+    args = parser.parse_args(argv)
+    if args.dry_run and not args.output_dir:
+        parser.error("--dry_run needs --output_dir")
+    if args.output_dir and not args.dry_run:
+        parser.error("--output_dir goes with --dry_run")
+    return args
+
+
+def read_summary(model_dir: str, path: str | None):
+    path = path or os.path.join(model_dir, TRAINING_SUMMARY)
+    return load_json(path) if os.path.isfile(path) else None
+
+
+def push(args: argparse.Namespace, api: HfApi | None = None) -> list[str]:
+    """Build the card, stage the files, then write them (dry run) or upload them. Returns the staged names."""
+    evaluations = find_evaluations(args.model, args.metrics)
+    card = build_card(args.model, args.repo_id, evaluations, read_summary(args.model, args.training_summary),
+                      args.license, args.base_model)
+    if args.dry_run:
+        if os.path.isdir(args.output_dir) and os.listdir(args.output_dir):
+            raise ValueError(f"{args.output_dir} is not empty: give a new or empty folder for the dry run")
+        staged = stage_upload(args.model, args.output_dir, card, args.metrics)
+        print(f"dry run: {len(staged)} files that would be uploaded to {args.repo_id} are in {args.output_dir}:")
+        print("\n".join(f"  {name}" for name in staged))
+        return staged
+    api = api or HfApi(token=args.token)
+    with tempfile.TemporaryDirectory() as staging:
+        staged = stage_upload(args.model, staging, card, args.metrics)
+        url = api.create_repo(args.repo_id, private=args.private, exist_ok=True, repo_type="model")
+        api.upload_folder(repo_id=args.repo_id, folder_path=staging, repo_type="model",
+                          commit_message=args.commit_message)
+    print(f"uploaded {len(staged)} files to {url}")
+    return staged
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        push(parse_args(argv))
+    except (ValueError, FileNotFoundError) as error:
+        sys.exit(f"push_to_hub: {error}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,91 @@
+"""Loading an MM-Phi model, one way everywhere: device and dtype choice, bitsandbytes quantization, a LoRA adapter
+on top of its base (unmerged, as LLaVA's `--model-base`), and merging an adapter into a full folder."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+QUANTIZATION_CHOICES = ("4bit", "8bit", "none")
+PROCESSOR_FILE = "processor_config.json"
+
+
+def pick_device(device: str | None = None) -> str:
+    return device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def pick_dtype(dtype: str | torch.dtype | None = "auto", device: str = "cpu") -> torch.dtype:
+    """"auto" (or None): bf16 on GPUs that support it, fp16 on older GPUs, fp32 on CPU (CPU half precision is slow);
+    otherwise the named dtype ("bfloat16", "float16", "float32")."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in (None, "auto"):
+        if not isinstance(getattr(torch, dtype, None), torch.dtype):
+            raise ValueError(f"unknown dtype {dtype!r} (use auto, bfloat16, float16 or float32)")
+        return getattr(torch, dtype)
+    if device.startswith("cuda"):
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def training_dtype(args) -> torch.dtype:
+    """The dtype of the frozen weights under `TrainingArguments` precision flags (fp32 when neither is set)."""
+    return torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
+
+
+def bnb_config(quantization: str | None, compute_dtype: torch.dtype):
+    """QLoRA's nf4 + double quantization computing in `compute_dtype`, 8-bit, or None ("none"). Only the language
+    model is quantized: MMPhiForCausalLM keeps the tower, projector and lm_head in full precision."""
+    if quantization in (None, "none"):
+        return None
+    from transformers import BitsAndBytesConfig
+
+    if quantization == "4bit":
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                  bnb_4bit_compute_dtype=compute_dtype)
+    if quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    raise ValueError(f"unknown quantization {quantization!r} (use one of {', '.join(QUANTIZATION_CHOICES)})")
+
+
+def processor_folder(*paths: str | None) -> str:
+    """The first of `paths` that holds a processor (stage 2 saves one with the adapter; the base has one too)."""
+    for path in paths:
+        if path and os.path.exists(os.path.join(path, PROCESSOR_FILE)):
+            return path
+    raise FileNotFoundError(f"no {PROCESSOR_FILE} in {' or '.join(p for p in paths if p)} (not an MM-Phi folder?)")
+
+
+def load_processor(path: str, adapter: str | None = None):
+    from transformers import AutoProcessor
+
+    return AutoProcessor.from_pretrained(processor_folder(adapter, path), trust_remote_code=True)
+
+
+def load_mmphi(path: str, adapter: str | None = None, quantization: str | None = None, device: str | None = None,
+               dtype: str | torch.dtype | None = "auto", **kwargs):
+    """(model in eval mode, processor) through the Auto classes, as a user of the published folder loads them.
+    `adapter`: a stage-2 LoRA folder applied on top, unmerged. `quantization`: "4bit" / "8bit" (language model only).
+    Extra keyword arguments go to `from_pretrained` (e.g. `attn_implementation`)."""
+    from transformers import AutoModelForCausalLM
+
+    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json")):
+        raise FileNotFoundError(f"{path} is not an MM-Phi folder (no config.json)")
+    device = pick_device(device)
+    torch_dtype = pick_dtype(dtype, device)
+    quantization_config = bnb_config(quantization, torch_dtype)
+    kwargs.update(trust_remote_code=True, dtype=torch_dtype)
+    if quantization_config is not None:
+        kwargs.update(quantization_config=quantization_config, device_map={"": device})
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    if adapter:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter)
+    if quantization_config is None:
+        model.to(device)
+    return model.eval(), load_processor(path, adapter)

@@ -1,0 +1,81 @@
+"""The recipes, written once as data: the tiny offline pipeline (`make demo`, the stage docs, the benchmarks and
+the smoke runs read them from here) and the benchmark workload sizes.
+
+Each tiny recipe is a list of command-line flags for its stage (`mmphi.stages.<stage>.main(flags)`, or the same flags
+after `python scripts/<stage script>.py`); data paths and output folders are added by the caller. BENCHMARKS.md
+"Stages 1-2 tiny run" and "Stage 0" say what each reaches on a 2-core CPU and why its values were chosen.
+"""
+
+from __future__ import annotations
+
+import shlex
+
+from mmphi import TINY_TOKENIZER
+
+# Stage 0, the `tiny` preset: block 128, batch 16, no accumulation. No activation checkpointing and plain AdamW: a
+# 5M-parameter model has no memory to save, while recomputing and bitsandbytes' 8-bit CPU optimizer step cost time.
+# 200 steps = 410K tokens, about 3 minutes of CPU time.
+PRETRAIN_MAX_STEPS = 200
+PRETRAIN = ("--config_name tiny --block_size 128 --per_device_train_batch_size 16 --gradient_accumulation_steps 1 "
+            "--gradient_checkpointing false --optim adamw_torch --learning_rate 2e-3 --warmup_steps 0.05 "
+            "--logging_steps 25 --disable_tqdm true")
+
+# The tiny CLIP (the offline stand-in for TinyCLIP): ~11 epochs of the 1,766 synthetic training images, ~90 s. A
+# linear probe finds count in the tower's features for 96.5% of held-out images after 300 steps (two seeds); 200
+# steps gave 92.5-94%, and held-out VQA count followed (87.5-95.8%).
+CLIP = ("--max_steps 300 --per_device_train_batch_size 64 --learning_rate 1e-3 --weight_decay 0.1 "
+        "--warmup_steps 15 --lr_scheduler_type cosine --logging_steps 25")
+
+# Stage 1 on an MM-Phi built from that CLIP: the tower is frozen, so its features are cached. The tiny Phi had a few
+# minutes of stage 0, too weak for image tokens to steer while frozen, so the tiny stage 1 also trains it.
+PROJECTOR = ("--train_language_model --cache_vision_features --max_steps 300 --per_device_train_batch_size 16 "
+             "--gradient_accumulation_steps 1 --learning_rate 2e-3 --gradient_checkpointing false "
+             "--optim adamw_torch --warmup_steps 20 --lr_scheduler_type cosine --logging_steps 50")
+
+# Stage 2. The tiny Phi's lm_head must move for the short answers ("red", "3"): with LoRA + projector only, the answer
+# loss stayed at 3.3 after 300 steps; saving lm_head with the adapter (and LoRA scale alpha/r = 2) brings it under 1.
+INSTRUCT = ("--max_steps 250 --per_device_train_batch_size 16 --gradient_accumulation_steps 1 "
+            "--learning_rate 1e-3 --gradient_checkpointing false --optim adamw_torch --warmup_steps 10 "
+            "--lr_scheduler_type cosine --logging_steps 10 --val_fraction 0 --lora_alpha 128 --lora_dropout 0 "
+            "--modules_to_save multi_modal_projector lm_head")
+
+TINY = {"pretrain": PRETRAIN, "clip": CLIP, "projector": PROJECTOR, "instruct": INSTRUCT}
+
+# Benchmark workloads (mmphi.bench.stages): micro-batch and tokens per sample of each stage, tiny and real size.
+BENCHMARK_SIZES = {
+    "tiny": {"pretrain": dict(batch=8, seq=128), "projector": dict(batch=8, seq=80),
+             "instruct": dict(batch=4, seq=128, lora_r=16)},
+    "real": {"pretrain": dict(batch=4, seq=2048), "projector": dict(batch=32, seq=128),
+             "instruct": dict(batch=4, seq=2048, lora_r=64)},
+}
+
+
+def tiny_flags(stage: str) -> list[str]:
+    """The tiny recipe of `stage` ("pretrain", "clip", "projector", "instruct") as a list of flags."""
+    if stage not in TINY:
+        raise ValueError(f"no tiny recipe for {stage!r}; known: {', '.join(TINY)}")
+    return shlex.split(TINY[stage])
+
+
+def tiny_pretrain_args(output_dir: str, train_files, max_steps: int = PRETRAIN_MAX_STEPS, eval_steps: int = 100,
+                       max_eval_blocks: int | None = 256, extra=()) -> list[str]:
+    """Stage 0's full tiny command line (the demo's): the recipe plus tokenizer, data, output and step counts."""
+    args = [*tiny_flags("pretrain"), "--tokenizer_name", TINY_TOKENIZER, "--train_files", *train_files,
+            "--output_dir", output_dir, "--max_steps", str(max_steps), "--eval_steps", str(eval_steps),
+            "--save_steps", str(max_steps)]
+    if max_eval_blocks is not None:
+        args += ["--max_eval_blocks", str(max_eval_blocks)]
+    return [*args, *extra]
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m mmphi.recipes STAGE` prints the stage's tiny flags, shell-quoted (for the shell recipes)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("stage", choices=sorted(TINY))
+    print(shlex.join(tiny_flags(parser.parse_args(argv).stage)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,210 @@
+"""Tiny CLIP: the offline stand-in for TinyCLIP, trained with CLIP's own contrastive loss on COCO-format captions.
+
+No pretrained CLIP can be downloaded offline, and a random tower learns too slowly through stage 1's caption loss:
+after 600 stage-1 steps its features still held no count (a linear probe: 48% on held-out images, chance 25%), and
+the captions named the count 28% of the time. A tiny CLIPModel (the tiny MM-Phi tower + a tiny text encoder) trained
+contrastively on the same captions, as CLIP itself was trained, learns count, size, shape and colour in a few hundred
+steps (BENCHMARKS.md "Stages 1-2 tiny run"). MM-Phi is then built from it exactly as the real recipe builds from
+TinyCLIP, and stage 1 keeps the tower frozen:
+
+    python scripts/pretrain_clip.py --data_path data/synthetic/captions_train.json \
+        --image_folder data/synthetic/images --output_dir outputs/tiny-clip     (+ mmphi.recipes.CLIP)
+    python scripts/build_model.py --vision_model outputs/tiny-clip --text_model outputs/stage0 \
+        --vision_feature_select_strategy full --output_dir outputs/mmphi-base
+
+`--model_name_or_path` continues from a CLIP checkpoint instead (its tokenizer and image processor come with it),
+e.g. to adapt TinyCLIP to a domain. Each training image is one sample per epoch, paired with one of its captions
+drawn at random (two captions of one image in a batch would be false negatives). Validation is split by image. Every
+`TrainingArguments` flag works. The output folder is a CLIPModel checkpoint with its tokenizer and image processor.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass, field
+
+import torch
+from transformers import AutoTokenizer, CLIPConfig, CLIPImageProcessor, CLIPModel, Trainer, set_seed
+
+from configuration_mmphi import TINY_VISION_CONFIG
+from mmphi.build import tiny_image_processor, tiny_tokenizer
+from mmphi.data import (
+    CaptionedImage,
+    SkipReport,
+    captioned_images,
+    load_image,
+    read_conversations,
+    split_by_image,
+    validate_file,
+    validation_exit,
+)
+from mmphi.errors import BadRecordError, handle_bad_record, warn_skipped
+from mmphi.training import BuiltStage, StageTrainingArguments, parse_stage_args, record_run, stage_main
+
+logger = logging.getLogger("pretrain_clip")
+
+# The text half of the tiny CLIP (the vision half is MM-Phi's TINY_VISION_CONFIG); 77 positions as in CLIP.
+TINY_CLIP_TEXT_CONFIG = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                             max_position_embeddings=77)
+
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str | None = field(
+        default=None, metadata={"help": "a CLIP checkpoint to continue from; default: a new tiny CLIP (tiny tokenizer)"}
+    )
+
+
+@dataclass
+class DataArguments:
+    data_path: str = field(metadata={"help": "captions: COCO captions JSON, or LLaVA-Pretrain-style one-turn records"})
+    image_folder: str | None = field(default=None, metadata={"help": "folder of the images (default: the JSON's)"})
+    val_fraction: float = field(default=0.02, metadata={"help": "fraction of images held out (split by image)"})
+    skip_bad_records: bool = field(
+        default=False, metadata={"help": "skip bad records/images (counted and reported) instead of failing"}
+    )
+    validate_data: bool = field(default=False, metadata={"help": "scan the data (records + images) and exit"})
+
+
+@dataclass
+class ClipTrainingArguments(StageTrainingArguments):
+    """Contrastive defaults: every sample of a batch is a negative for the others, so no gradient accumulation
+    (it would shrink the batch the loss sees) and a large batch; AdamW with CLIP's weight decay."""
+
+    output_dir: str = field(default="outputs/tiny-clip")
+    optim: str = field(default="adamw_torch")
+    gradient_accumulation_steps: int = field(default=1)
+    gradient_checkpointing: bool = field(default=False)
+    per_device_train_batch_size: int = field(default=64)
+    learning_rate: float = field(default=1e-3)
+    weight_decay: float = field(default=0.1)
+    remove_unused_columns: bool = field(default=False)
+
+
+class ImageCaptionDataset(torch.utils.data.Dataset):
+    """One item per image: its pixels and one of its captions, drawn at random each time the image is served. A bad
+    image raises an error naming its record, or with `skip_bad_records` is counted and the next image served (a
+    contrastive batch wants its full size)."""
+
+    def __init__(self, images: list[CaptionedImage], image_processor, skip_bad_records: bool = False):
+        self.images = images
+        self.image_processor = image_processor
+        self.skip_bad_records = skip_bad_records
+        self.skipped = SkipReport()
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> dict:
+        for attempt in range(min(len(self), 100)):
+            image = self.images[(index + attempt) % len(self)]
+            try:
+                pixels = self.image_processor([load_image(image.image)], return_tensors="pt")["pixel_values"][0]
+                return {"pixel_values": pixels, "caption": random.choice(image.captions)}
+            except BadRecordError as error:
+                handle_bad_record(image.location, error, self.skip_bad_records, self.skipped, logger)
+        raise BadRecordError(f"{min(len(self), 100)} consecutive images failed to load: {self.skipped.summary()}")
+
+
+@dataclass
+class ClipCollator:
+    """Captions -> `input_ids` ending in EOS (CLIP's text embedding is read at the first EOS, so truncation keeps it)
+    + `attention_mask`; stacked `pixel_values`; `return_loss` so the model (and the Trainer's evaluation) gives the
+    contrastive loss."""
+
+    tokenizer: object
+    max_length: int
+
+    def __call__(self, items: list[dict]) -> dict:
+        eos = self.tokenizer.eos_token_id
+        ids = []
+        for item in items:  # CLIP's tokenizer adds BOS/EOS itself (truncation keeps them); Phi's adds none
+            sequence = self.tokenizer(item["caption"], truncation=True, max_length=self.max_length)["input_ids"]
+            ids.append(sequence if sequence[-1] == eos else sequence[: self.max_length - 1] + [eos])
+        longest = max(len(i) for i in ids)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else eos
+        input_ids = torch.full((len(ids), longest), pad, dtype=torch.long)
+        attention_mask = torch.zeros((len(ids), longest), dtype=torch.long)
+        for row, sequence in enumerate(ids):
+            input_ids[row, : len(sequence)] = torch.tensor(sequence)
+            attention_mask[row, : len(sequence)] = 1
+        pixel_values = torch.stack([item["pixel_values"] for item in items])
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": pixel_values,
+                "return_loss": True}
+
+
+def new_tiny_clip(seed: int) -> tuple[CLIPModel, object, CLIPImageProcessor]:
+    """A random tiny CLIP whose vision half is MM-Phi's tiny tower, with the tiny tokenizer."""
+    tokenizer = tiny_tokenizer()
+    text_config = dict(TINY_CLIP_TEXT_CONFIG, vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id,
+                       bos_token_id=tokenizer.bos_token_id, pad_token_id=tokenizer.pad_token_id)
+    config = CLIPConfig(text_config=text_config, vision_config=TINY_VISION_CONFIG,
+                        projection_dim=TINY_VISION_CONFIG["projection_dim"])
+    torch.manual_seed(seed)
+    return CLIPModel(config), tokenizer, tiny_image_processor(TINY_VISION_CONFIG["image_size"])
+
+
+def load_clip(model_args: ModelArguments, seed: int) -> tuple[CLIPModel, object, CLIPImageProcessor]:
+    if model_args.model_name_or_path is None:
+        return new_tiny_clip(seed)
+    path = model_args.model_name_or_path
+    model = CLIPModel.from_pretrained(path)
+    return model, AutoTokenizer.from_pretrained(path), CLIPImageProcessor.from_pretrained(path)
+
+
+def parse_args(argv: list[str] | None = None):
+    return parse_stage_args((ModelArguments, DataArguments, ClipTrainingArguments), argv)
+
+
+def build_trainer(model_args: ModelArguments, data_args: DataArguments, training_args) -> BuiltStage:
+    """The contrastive Trainer with its data: one sample per image and epoch, held out by image."""
+    set_seed(training_args.seed)
+    model, tokenizer, image_processor = load_clip(model_args, training_args.seed)
+    report = SkipReport()
+    captions = read_conversations(data_args.data_path, data_args.image_folder, data_args.skip_bad_records, report)
+    train_images, eval_images = split_by_image(captioned_images(captions), data_args.val_fraction, training_args.seed)
+    if len(train_images) < 2:
+        raise ValueError(f"{data_args.data_path}: {len(train_images)} training image(s); the contrastive loss needs "
+                         "at least 2 per batch")
+    train = ImageCaptionDataset(train_images, image_processor, data_args.skip_bad_records)
+    evaluation = ImageCaptionDataset(eval_images, image_processor, data_args.skip_bad_records) if eval_images else None
+    if evaluation is None:
+        training_args.eval_strategy = "no"
+    logger.info("%d training images, %d held out; %.2fM parameters", len(train), len(eval_images),
+                sum(p.numel() for p in model.parameters()) / 1e6)
+    collator = ClipCollator(tokenizer, model.config.text_config.max_position_embeddings)
+    trainer = Trainer(model=model, args=training_args, train_dataset=train, eval_dataset=evaluation,
+                      data_collator=collator)
+    processor = (tokenizer, image_processor)
+    return BuiltStage(trainer, model, processor, collator, train, evaluation, report)
+
+
+def run(model_args: ModelArguments, data_args: DataArguments, training_args) -> dict:
+    """Train, save the CLIP folder (model + tokenizer + image processor) to output_dir, return the metrics."""
+    stage = build_trainer(model_args, data_args, training_args)
+    trainer, train, evaluation = stage.trainer, stage.train, stage.evaluation
+    metrics = dict(trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint).metrics)
+    if evaluation is not None:
+        metrics.update(trainer.evaluate())
+    reports = [stage.report, train.skipped] + ([evaluation.skipped] if evaluation else [])
+    metrics["skipped_bad_records"] = warn_skipped(logger, *reports)
+    if trainer.is_world_process_zero():
+        trainer.save_model(training_args.output_dir)
+        for part in stage.processor:
+            part.save_pretrained(training_args.output_dir)
+        record_run(trainer, metrics)
+    return metrics
+
+
+def validate(data_args: DataArguments) -> int:
+    return validation_exit(data_args.data_path, *validate_file(data_args.data_path, data_args.image_folder))
+
+
+def main(argv: list[str] | None = None) -> dict | None:
+    return stage_main(argv, parse_args, validate, run)
+
+
+if __name__ == "__main__":
+    main()

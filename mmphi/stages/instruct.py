@@ -1,0 +1,241 @@
+"""Stage 2: instruction tuning on LLaVA-Instruct conversations with TRL's SFTTrainer (QLoRA by default).
+
+The language model is loaded in 4-bit (nf4, double quantization, compute dtype by device) and trained through LoRA
+adapters on its q_proj/k_proj/v_proj/dense/fc1/fc2 (the vision tower's own q/k/v/fc layers are never wrapped); the
+projector trains fully and is saved with the adapter (`modules_to_save`); the vision tower stays frozen.
+`--quantization 8bit|none` changes the base precision, `--full_finetune` trains the whole language model (+ projector)
+without LoRA. Multi-turn conversations go through the processor's chat template, with the loss on the answers and
+the EOS that ends each of them only (mmphi/data/); samples longer than `--max_length` are cut after the
+image (never inside it) or dropped, and counted; batches are grouped by length and the padding fraction is reported.
+Every `SFTConfig` flag works (`--resume_from_checkpoint`, `--report_to tensorboard`, `accelerate launch`).
+
+    # the real recipe (GPU): stage-1 output, LLaVA-Instruct-150K with COCO train2017 images
+    python scripts/finetune_instruct.py --model_name_or_path outputs/stage1 \
+        --data_path llava/llava_instruct_150k.json --image_folder coco/train2017 \
+        --per_device_train_batch_size 8 --output_dir outputs/stage2 --merge
+
+    # the offline tiny pipeline (2-core CPU), see BENCHMARKS.md "Stages 1-2 tiny run" (flags: mmphi.recipes.INSTRUCT)
+    python scripts/finetune_instruct.py --model_name_or_path outputs/stage1-tiny \
+        --data_path data/synthetic/llava_instruct_train.json --image_folder data/synthetic/images \
+        --output_dir outputs/stage2-tiny --merge ...
+
+The output folder holds the adapter (LoRA + projector, safetensors) and the processor; `--merge` (or
+scripts/merge_lora.py) also writes a full MM-Phi folder (`<output_dir>/merged` by default) that loads with
+`AutoModelForCausalLM.from_pretrained(D, trust_remote_code=True)`. `--validate_data` scans the data and exits.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+
+import torch
+from transformers import set_seed
+from trl import SFTConfig, SFTTrainer
+
+from mmphi.build import save_mmphi
+from mmphi.data import (
+    MMPhiDataCollator,
+    MMPhiTrainerMixin,
+    encode_conversations,
+    load_train_eval,
+    validate_data,
+)
+from mmphi.data.formats import MultimodalDataArguments
+from mmphi.errors import warn_skipped
+from mmphi.loading import bnb_config, merge_lora, training_dtype
+from mmphi.training import BuiltStage, parse_stage_args, record_run, resolve_precision, stage_main
+from modeling_mmphi import MMPhiForCausalLM
+from processing_mmphi import MMPhiProcessor
+
+logger = logging.getLogger("finetune_instruct")
+
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"]
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str = field(metadata={"help": "an MM-Phi folder (the stage-1 output)"})
+    quantization: str = field(
+        default="4bit", metadata={"help": "precision of the frozen language model", "choices": ["4bit", "8bit", "none"]}
+    )
+    full_finetune: bool = field(
+        default=False, metadata={"help": "train the whole language model (and projector) without LoRA; needs "
+                                         "--quantization none"}
+    )
+    lora_r: int = field(default=64)
+    lora_alpha: int = field(default=16)
+    lora_dropout: float = field(default=0.1)
+    lora_target_modules: list[str] = field(
+        default_factory=lambda: list(LORA_TARGETS),
+        metadata={"help": "layer names inside the language model (model.language_model) that get LoRA adapters"},
+    )
+    modules_to_save: list[str] = field(
+        default_factory=lambda: ["multi_modal_projector"],
+        metadata={"help": "modules trained fully and saved with the adapter (the projector; the tiny pipeline adds "
+                          "lm_head, see mmphi.recipes)"},
+    )
+    attn_implementation: str = field(default="sdpa", metadata={"help": "eager, sdpa, flash_attention_2, ..."})
+    merge: bool = field(default=False, metadata={"help": "also write base + adapter as one full MM-Phi folder"})
+    merged_output_dir: str | None = field(default=None, metadata={"help": "default: <output_dir>/merged"})
+
+
+@dataclass
+class DataArguments(MultimodalDataArguments):
+    """Any registered format: LLaVA-Instruct (llava_instruct_150k.json) or COCO captions."""
+
+
+@dataclass
+class InstructSFTConfig(SFTConfig):
+    """SFTConfig with the stage defaults (the seed's paged 8-bit AdamW and accumulation 4; QLoRA's learning rate;
+    length-grouped batches) and precision chosen by device: SFTConfig's bf16=True would fail on a CPU."""
+
+    output_dir: str = field(default="outputs/stage2")
+    optim: str = field(default="paged_adamw_8bit")
+    gradient_accumulation_steps: int = field(default=4)
+    learning_rate: float = field(default=2e-4)
+    lr_scheduler_type: str = field(default="cosine")
+    warmup_steps: float = field(default=0.03)
+    train_sampling_strategy: str = field(default="group_by_length")
+    length_column_name: str = field(default="length")
+    # Our data module tokenizes, masks and truncates; the collator loads the images.
+    dataset_kwargs: dict | str | None = field(default_factory=lambda: {"skip_prepare_dataset": True})
+    remove_unused_columns: bool = field(default=False)
+    report_to: None | str | list[str] = field(default="none")  # typed so HfArgumentParser accepts it
+
+    def __post_init__(self):
+        resolve_precision(self)
+        super().__post_init__()
+
+
+# --------------------------------------------------------------------------------------------------------- model
+
+
+def load_model(model_args: ModelArguments, args) -> MMPhiForCausalLM:
+    if model_args.full_finetune and model_args.quantization != "none":
+        raise ValueError("--full_finetune trains the language model's own weights: use it with --quantization none")
+    dtype = training_dtype(args)
+    quantization_config = bnb_config(model_args.quantization, dtype)
+    kwargs = {}
+    if quantization_config is not None and torch.cuda.is_available() and not args.use_cpu:
+        kwargs["device_map"] = {"": args.local_process_index}  # bitsandbytes quantizes as the weights reach the GPU
+    model = MMPhiForCausalLM.from_pretrained(
+        model_args.model_name_or_path, dtype=dtype, quantization_config=quantization_config,
+        attn_implementation=model_args.attn_implementation, **kwargs,
+    )
+    model.model.vision_tower.requires_grad_(False)
+    if model_args.full_finetune:  # trained weights in fp32: mixed precision keeps its master copy there
+        model.model.multi_modal_projector.float()
+        model.model.language_model.float()
+        model.lm_head.float()
+    return model
+
+
+def lora_config(model_args: ModelArguments):
+    """LoRA on the language model's layers only (a regex on the full module name: CLIP has q_proj/k_proj/v_proj/fc1/
+    fc2 too), with the projector trained fully and saved with the adapter."""
+    from peft import LoraConfig
+
+    targets = "|".join(model_args.lora_target_modules)
+    return LoraConfig(
+        r=model_args.lora_r, lora_alpha=model_args.lora_alpha, lora_dropout=model_args.lora_dropout, bias="none",
+        target_modules=rf"model\.language_model\..*\.({targets})", modules_to_save=list(model_args.modules_to_save),
+        task_type="CAUSAL_LM",
+    )
+
+
+def trainable_parameter_names(model) -> list[str]:
+    return [name for name, param in model.named_parameters() if param.requires_grad]
+
+
+def keep_trainable_in_fp32(model, args) -> None:
+    """TRL casts the trainable weights of a quantized model to bf16 (QLoRA's recipe on GPUs). Training in fp32 or
+    fp16 keeps them in fp32: bf16 matmuls are slow on CPUs, and fp16 mixed precision needs fp32 master weights."""
+    if args.bf16:
+        return
+    for param in model.parameters():
+        if param.requires_grad and param.dtype != torch.float32:
+            param.data = param.data.float()
+
+
+class InstructTrainer(MMPhiTrainerMixin, SFTTrainer):
+    pass
+
+
+# ----------------------------------------------------------------------------------------------------------- run
+
+
+def parse_args(argv: list[str] | None = None):
+    return parse_stage_args((ModelArguments, DataArguments, InstructSFTConfig), argv)
+
+
+def build_trainer(model_args: ModelArguments, data_args: DataArguments, args: InstructSFTConfig) -> BuiltStage:
+    """The SFTTrainer for stage 2 with its data (the same dataset and collator shape as stage 1's) and model."""
+    set_seed(args.seed)
+    processor = MMPhiProcessor.from_pretrained(model_args.model_name_or_path, trust_remote_code=True)
+    train_records, eval_records, report = load_train_eval(data_args, args.seed)
+    encode = dict(max_length=args.max_length, num_proc=data_args.preprocessing_num_workers)
+    train = encode_conversations(train_records, processor, desc="tokenising training samples", **encode)
+    evaluation = encode_conversations(eval_records, processor, desc="tokenising eval samples", **encode) \
+        if eval_records else None
+    logger.info("%d training samples, %d eval samples", len(train), len(evaluation) if evaluation else 0)
+    if evaluation is None:
+        args.eval_strategy = "no"
+
+    model = load_model(model_args, args)
+    collator = MMPhiDataCollator(processor, skip_bad_records=data_args.skip_bad_records)
+    trainer = InstructTrainer(
+        model=model, args=args, train_dataset=train.dataset,
+        eval_dataset=evaluation.dataset if evaluation else None, data_collator=collator,
+        processing_class=processor, peft_config=None if model_args.full_finetune else lora_config(model_args),
+    )
+    keep_trainable_in_fp32(trainer.model, args)
+    trainable = trainable_parameter_names(trainer.model)
+    logger.info("training %d tensors (%.2fM parameters): %s", len(trainable),
+                sum(p.numel() for p in trainer.model.parameters() if p.requires_grad) / 1e6,
+                "language model + projector" if model_args.full_finetune
+                else "LoRA adapters + " + " + ".join(model_args.modules_to_save))
+    return BuiltStage(trainer, trainer.model, processor, collator, train, evaluation, report, trainable)
+
+
+def run_stage2(model_args: ModelArguments, data_args: DataArguments, args: InstructSFTConfig) -> dict:
+    """Train, save the adapter + processor (or the full model) to output_dir, optionally merge; returns metrics."""
+    stage = build_trainer(model_args, data_args, args)
+    trainer, train = stage.trainer, stage.train
+    start = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+    metrics = dict(result.metrics)
+    metrics["train_wall_s"] = round(time.perf_counter() - start, 1)
+    metrics["padding_fraction"] = round(stage.collator.padding_fraction, 4)
+    if stage.evaluation is not None:
+        metrics.update(trainer.evaluate())
+    metrics.update(
+        trainable_parameters=sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
+        truncated=train.truncation.truncated, dropped_too_long=train.truncation.dropped,
+        skipped_bad_records=warn_skipped(logger, stage.report, stage.collator.skipped),
+    )
+    if trainer.is_world_process_zero():
+        save_outputs(trainer, stage.processor, model_args, args, metrics)
+    return metrics
+
+
+def save_outputs(trainer, processor, model_args: ModelArguments, args, metrics: dict) -> None:
+    if model_args.full_finetune:
+        save_mmphi(trainer.model, processor, args.output_dir)
+    else:
+        trainer.save_model(args.output_dir)  # adapter (LoRA + projector) and the processor
+    record_run(trainer, metrics)
+    if model_args.merge and not model_args.full_finetune:
+        merged_dir = model_args.merged_output_dir or os.path.join(args.output_dir, "merged")
+        merge_lora(model_args.model_name_or_path, args.output_dir, merged_dir)
+        metrics["merged_output_dir"] = merged_dir
+
+
+def main(argv: list[str] | None = None) -> dict | None:
+    return stage_main(argv, parse_args, validate_data, run_stage2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,252 @@
+"""Stage 0: pretrain a Phi-2 language model (`PhiForCausalLM`) from random initialisation with HF Trainer.
+
+Data: RedPajama-style JSONL (`.jsonl`, `.jsonl.gz`, `.jsonl.zst`, `.zip` of them), split into train/validation by
+document, tokenized once (cached), packed into full blocks with EOS between documents, optionally mixed by source.
+Every `TrainingArguments` flag works (`--resume_from_checkpoint`, `--report_to tensorboard`, `accelerate launch`).
+
+Offline demo (the `tiny` preset; 200 steps = 410K tokens, about 3 minutes of CPU time, see BENCHMARKS.md):
+    python scripts/prepare_corpus.py --output_dir data/corpus
+    python scripts/pretrain_phi2.py --config_name tiny --tokenizer_name mmphi/assets/tiny-tokenizer \
+        --train_files data/corpus/cc.jsonl data/corpus/c4.jsonl --output_dir outputs/stage0 \
+        --block_size 128 --per_device_train_batch_size 16 --gradient_accumulation_steps 1 --max_steps 200 \
+        --learning_rate 2e-3 --warmup_steps 0.05 --optim adamw_torch --gradient_checkpointing false \
+        --eval_steps 100 --max_eval_blocks 256
+(`mmphi.recipes.tiny_pretrain_args()` returns this recipe.)
+The real run (one 40 GB GPU): `--config_name phi-2 --tokenizer_name microsoft/phi-2 --block_size 2048
+--per_device_train_batch_size 4`, see BENCHMARKS.md "Stage 0" for the memory plan.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from dataclasses import dataclass, field
+
+import torch
+from transformers import (
+    AutoConfig,
+    AutoTokenizer,
+    PhiConfig,
+    PhiForCausalLM,
+    Trainer,
+    set_seed,
+)
+from transformers.trainer_utils import IntervalStrategy, get_last_checkpoint
+
+from configuration_mmphi import PHI2_TEXT_CONFIG, TINY_TEXT_CONFIG
+from mmphi import TINY_TOKENIZER
+from mmphi.data.corpus import build_lm_datasets, collate_blocks, parse_source_weights
+from mmphi.errors import warn_skipped
+from mmphi.training import BuiltStage, StageTrainingArguments, parse_stage_args, record_run
+
+logger = logging.getLogger("pretrain_phi2")
+
+CONFIG_PRESETS = {"phi-2": PHI2_TEXT_CONFIG, "tiny": TINY_TEXT_CONFIG}
+
+
+@dataclass
+class ModelArguments:
+    config_name: str = field(
+        default="tiny",
+        metadata={"help": "`phi-2` (the real 2.7B architecture), `tiny` (CPU-trainable), or a path/hub id of a config"},
+    )
+    tokenizer_name: str = field(
+        default=TINY_TOKENIZER,
+        metadata={"help": "path or hub id (microsoft/phi-2 when online; the packaged tiny tokenizer offline)"},
+    )
+    config_overrides: str | None = field(
+        default=None,
+        metadata={"help": "comma-separated key=value applied to the config, e.g. hidden_size=64,num_hidden_layers=2"},
+    )
+    attn_implementation: str = field(default="sdpa", metadata={"help": "eager, sdpa, flash_attention_2, ..."})
+
+
+@dataclass
+class DataArguments:
+    train_files: list[str] = field(
+        default_factory=list, metadata={"help": "RedPajama JSONL files (.jsonl, .jsonl.gz, .jsonl.zst, .zip)"}
+    )
+    validation_files: list[str] | None = field(default=None, metadata={"help": "held-out files (else a split)"})
+    validation_split_percentage: float = field(
+        default=5.0, metadata={"help": "percent of training documents held out (by document, never by block)"}
+    )
+    source_weights: str | None = field(
+        default=None,
+        metadata={"help": "mix sources, e.g. RedPajamaC4=0.2,RedPajamaCommonCrawl=0.8 (set names, or file names "
+                          "with --mix_by file)"},
+    )
+    mix_by: str = field(
+        default="set_name",
+        metadata={"help": "what a source is: meta.redpajama_set_name (file name when absent), or the file",
+                  "choices": ["set_name", "file"]},
+    )
+    mixing_stopping_strategy: str = field(
+        default="all_exhausted",
+        metadata={"help": "interleave_datasets strategy: all_exhausted (oversample small sources) or first_exhausted",
+                  "choices": ["all_exhausted", "first_exhausted"]},
+    )
+    block_size: int = field(default=2048, metadata={"help": "tokens per packed training block"})
+    streaming: bool = field(default=False, metadata={"help": "stream the corpus (needs --max_steps)"})
+    preprocessing_num_workers: int | None = field(default=None, metadata={"help": "num_proc for tokenizing"})
+    skip_bad_records: bool = field(
+        default=False, metadata={"help": "skip malformed records (counted and reported) instead of failing"}
+    )
+    data_cache_dir: str | None = field(default=None, metadata={"help": "where tokenized datasets are cached"})
+    max_eval_blocks: int | None = field(default=None, metadata={"help": "evaluate on at most this many blocks"})
+
+
+@dataclass
+class PretrainTrainingArguments(StageTrainingArguments):
+    """Stage defaults plus what from-scratch pretraining wants: periodic held-out loss, AdamW betas of LM practice."""
+
+    output_dir: str = field(default="outputs/stage0")
+    eval_strategy: str = field(default="steps")
+    eval_steps: float | None = field(default=200)
+    save_steps: float = field(default=500)
+    learning_rate: float = field(default=3e-4)
+    weight_decay: float = field(default=0.1)
+    adam_beta2: float = field(default=0.95)
+    include_num_input_tokens_seen: str | bool = field(default=True)  # -> "all": tokens/s in the logs
+    # Same default as common's, but typed as TrainingArguments types it: HfArgumentParser rejects `str | list | None`.
+    report_to: None | str | list[str] = field(default="none")
+
+
+def parse_args(argv: list[str] | None = None):
+    return parse_stage_args((ModelArguments, DataArguments, PretrainTrainingArguments), argv)
+
+
+def parse_overrides(overrides: str | None) -> dict:
+    """`"hidden_size=64,resid_pdrop=0.1,qk_layernorm=true"` -> typed dict (JSON literals, else strings)."""
+    parsed = {}
+    for item in (overrides or "").split(","):
+        if not item.strip():
+            continue
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--config_overrides: cannot read {item!r}; expected key=value")
+        try:
+            parsed[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            parsed[key.strip()] = value
+    return parsed
+
+
+def build_config(config_name: str, overrides: str | None = None) -> PhiConfig:
+    """A preset (`phi-2`, `tiny`) written out in the repo, or any Phi config path/hub id. Overrides go in before the
+    config is built, so a preset's derived values follow them (num_key_value_heads after num_attention_heads)."""
+    if config_name in CONFIG_PRESETS:
+        base = dict(CONFIG_PRESETS[config_name])
+    else:
+        loaded = AutoConfig.from_pretrained(config_name)
+        if not isinstance(loaded, PhiConfig):
+            raise ValueError(f"{config_name}: a {type(loaded).__name__}; stage 0 trains PhiForCausalLM (a phi config)")
+        base = loaded.to_dict()
+    return PhiConfig(**{**base, **parse_overrides(overrides)})
+
+
+def count_parameters(config: PhiConfig) -> int:
+    """Parameter count without allocating anything (the 2.7B model is built on the meta device)."""
+    with torch.device("meta"):
+        model = PhiForCausalLM(config)
+    return sum(p.numel() for p in model.parameters())
+
+
+def align_config_with_tokenizer(config: PhiConfig, tokenizer, block_size: int) -> None:
+    if len(tokenizer) > config.vocab_size:
+        raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but the config's vocab_size is "
+                         f"{config.vocab_size}: use a larger vocab_size (--config_overrides vocab_size=N)")
+    if block_size > config.max_position_embeddings:
+        raise ValueError(f"--block_size {block_size} exceeds max_position_embeddings {config.max_position_embeddings}")
+    config.bos_token_id = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    config.eos_token_id = tokenizer.eos_token_id
+
+
+class PretrainTrainer(Trainer):
+    """Trainer that reports held-out perplexity (exp of the mean held-out loss) next to every eval loss."""
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        for key in [k for k in logs if k.endswith("eval_loss")]:
+            logs[key.replace("eval_loss", "eval_perplexity")] = math.exp(logs[key]) if logs[key] < 700 else math.inf
+        super().log(logs, start_time)
+
+
+def resolve_resume(training_args) -> str | bool | None:
+    """`--resume_from_checkpoint latest` (or `true`) means the newest checkpoint in output_dir."""
+    value = training_args.resume_from_checkpoint
+    if isinstance(value, str) and value.lower() in ("latest", "last", "true"):
+        last = get_last_checkpoint(training_args.output_dir) if os.path.isdir(training_args.output_dir) else None
+        if last is None:
+            raise FileNotFoundError(f"--resume_from_checkpoint {value}: no checkpoint in {training_args.output_dir}")
+        return last
+    return value
+
+
+def build_trainer(model_args: ModelArguments, data_args: DataArguments,
+                  training_args: PretrainTrainingArguments) -> BuiltStage:
+    """A random-init PhiForCausalLM, the packed corpus blocks and the Trainer that pretrains it."""
+    if data_args.streaming and training_args.max_steps <= 0:
+        raise ValueError("--streaming needs --max_steps (a stream has no length to count epochs by)")
+    set_seed(training_args.seed)
+    tokenizer = AutoTokenizer.from_pretrained(model_args.tokenizer_name)
+    config = build_config(model_args.config_name, model_args.config_overrides)
+    align_config_with_tokenizer(config, tokenizer, data_args.block_size)
+
+    with training_args.main_process_first(desc="tokenizing and packing"):
+        data = build_lm_datasets(
+            data_args.train_files, tokenizer, data_args.block_size, data_args.validation_files,
+            data_args.validation_split_percentage, parse_source_weights(data_args.source_weights), data_args.mix_by,
+            data_args.mixing_stopping_strategy, data_args.streaming, data_args.preprocessing_num_workers,
+            data_args.skip_bad_records, data_args.data_cache_dir, training_args.seed,
+        )
+    if data.skip_report.total:
+        logger.warning(data.skip_report.summary())
+    eval_dataset = data.eval
+    if eval_dataset is not None and data_args.max_eval_blocks is not None:
+        eval_dataset = (eval_dataset.take(data_args.max_eval_blocks) if data_args.streaming
+                        else eval_dataset.select(range(min(data_args.max_eval_blocks, len(eval_dataset)))))
+    if eval_dataset is None:
+        training_args.eval_strategy = IntervalStrategy.NO
+
+    config._attn_implementation = model_args.attn_implementation
+    model = PhiForCausalLM(config)  # random init (seeded above)
+    logger.info("PhiForCausalLM with %.1fM parameters; training sources: %s",
+                sum(p.numel() for p in model.parameters()) / 1e6, data.sources or "streamed")
+
+    trainer = PretrainTrainer(
+        model=model, args=training_args, train_dataset=data.train, eval_dataset=eval_dataset,
+        data_collator=collate_blocks, processing_class=tokenizer,
+    )
+    return BuiltStage(trainer, model, tokenizer, collate_blocks, data.train, eval_dataset, data.skip_report,
+                      [name for name, _ in model.named_parameters()])
+
+
+def run_pretraining(model_args: ModelArguments, data_args: DataArguments,
+                    training_args: PretrainTrainingArguments) -> dict:
+    """Train, evaluate, save model + tokenizer + loss curve to output_dir; returns the final metrics."""
+    stage = build_trainer(model_args, data_args, training_args)
+    trainer = stage.trainer
+    train_result = trainer.train(resume_from_checkpoint=resolve_resume(training_args))
+    trainer.save_model()  # safetensors weights + config + tokenizer: loads with AutoModelForCausalLM
+    metrics = dict(train_result.metrics)
+    if stage.evaluation is not None:
+        metrics.update(trainer.evaluate())
+    # counted when the corpus is read (streamed: by now)
+    metrics["skipped_bad_records"] = warn_skipped(logger, stage.report)
+    if trainer.is_world_process_zero():
+        record_run(trainer, metrics)
+        from mmphi.plots import plot_trainer_state  # matplotlib only when there is something to plot
+
+        metrics["loss_curve"] = plot_trainer_state(training_args.output_dir)
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> dict:
+    model_args, data_args, training_args = parse_args(argv)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    return run_pretraining(model_args, data_args, training_args)
+
+
+if __name__ == "__main__":
+    main()

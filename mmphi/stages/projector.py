@@ -1,0 +1,243 @@
+"""Stage 1: pretrain the projector on image captions (COCO 2017 format) with HF Trainer.
+
+The vision tower and the language model are frozen (`requires_grad_(False)`; the optimizer sees only the projector).
+Each caption is one teacher-forced sample: a fixed captioning prompt with the image as the user turn, the caption as
+the assistant turn; the loss is on the caption tokens and the EOS that ends them (one forward per batch).
+Validation is split by image (`--val_fraction`, or a separate `--eval_data_path`). Every `TrainingArguments` flag
+works (`--resume_from_checkpoint`, `--report_to tensorboard`, `accelerate launch`).
+
+    # the real recipe (GPU): TinyCLIP + Phi-2 from scripts/build_model.py, COCO 2017 captions
+    python scripts/train_projector.py --model_name_or_path outputs/mmphi-base \
+        --data_path coco/annotations/captions_train2017.json --image_folder coco/train2017 \
+        --eval_data_path coco/annotations/captions_val2017.json --eval_image_folder coco/val2017 \
+        --cache_vision_features --per_device_train_batch_size 32 --output_dir outputs/stage1
+
+    # the offline tiny pipeline (2-core CPU, a few minutes; scripts/demo.py runs it), see BENCHMARKS.md "Stage 1"
+    python scripts/make_synthetic_data.py --output_dir data/synthetic
+    python scripts/pretrain_clip.py --data_path data/synthetic/captions_train.json --output_dir outputs/tiny-clip ...
+    python scripts/build_model.py --vision_model outputs/tiny-clip --text_model outputs/stage0 \
+        --vision_feature_select_strategy full --output_dir outputs/mmphi-tiny
+    python scripts/train_projector.py --model_name_or_path outputs/mmphi-tiny \
+        --data_path data/synthetic/captions_train.json --image_folder data/synthetic/images \
+        --output_dir outputs/stage1-tiny ...   (flags: mmphi.recipes.PROJECTOR)
+
+`--cache_vision_features` runs the frozen tower once over every image, stores its features as safetensors
+(`--feature_cache_dir`, reused while the tower is unchanged) and trains from them. `--train_language_model` is for
+the tiny pipeline only: its Phi had a few minutes of stage 0, too weak for projected image tokens to steer while
+frozen (its caption loss stayed flat at 6.1 for 300 steps with only the tower and projector training); the real
+recipe keeps Phi-2 frozen. `--train_vision_tower` is for a random tower (`build_model.py --vision_model tiny`); it
+learns slowly through the caption loss, so the offline pipeline instead pretrains a tiny CLIP contrastively
+(`pretrain_clip.py`) and, like the real recipe with TinyCLIP, keeps it frozen here. `--validate_data` scans the data
+files (records and every image) and exits.
+The output folder is a complete MM-Phi checkpoint (loads with AutoModelForCausalLM, trust_remote_code=True).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+
+import torch
+from transformers import Trainer, set_seed
+
+from mmphi.build import save_mmphi
+from mmphi.data import (
+    CAPTION_PROMPT,
+    MMPhiDataCollator,
+    MMPhiTrainerMixin,
+    cache_vision_features,
+    encode_conversations,
+    load_train_eval,
+    padding_fraction,
+    validate_data,
+)
+from mmphi.data.formats import MultimodalDataArguments
+from mmphi.errors import warn_skipped
+from mmphi.loading import training_dtype
+from mmphi.training import BuiltStage, StageTrainingArguments, parse_stage_args, record_run, stage_main
+from modeling_mmphi import MMPhiForCausalLM
+from processing_mmphi import MMPhiProcessor
+
+logger = logging.getLogger("train_projector")
+
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str = field(metadata={"help": "an MM-Phi folder (scripts/build_model.py)"})
+    train_vision_tower: bool = field(
+        default=False,
+        metadata={"help": "also train the vision tower: ONLY for a random tower (build_model.py --vision_model "
+                          "tiny); the real recipe keeps TinyCLIP frozen, the offline one its pretrain_clip.py CLIP"},
+    )
+    train_language_model: bool = field(
+        default=False,
+        metadata={"help": "also train the language model: ONLY for the tiny pipeline, whose few-minute stage-0 Phi "
+                          "is too weak for image tokens to steer while frozen; the real recipe keeps Phi-2 frozen"},
+    )
+    attn_implementation: str = field(default="sdpa", metadata={"help": "eager, sdpa, flash_attention_2, ..."})
+
+
+@dataclass
+class DataArguments(MultimodalDataArguments):
+    """Any registered format: COCO captions (annotations/captions_train2017.json) or LLaVA-Pretrain-558K."""
+
+    max_eval_samples: int | None = field(default=2000, metadata={"help": "evaluate on at most this many captions"})
+    max_train_images: int | None = field(default=None, metadata={"help": "use at most this many training images"})
+    max_length: int = field(default=128, metadata={"help": "tokens per sample (image tokens included)"})
+    caption_prompt: str = field(default=CAPTION_PROMPT, metadata={"help": "the user turn of COCO caption samples"})
+    cache_vision_features: bool = field(
+        default=False, metadata={"help": "run the frozen tower once, store its features, train from them"}
+    )
+    feature_cache_dir: str | None = field(
+        default=None, metadata={"help": "where cached features live (default: <output_dir>/vision_features)"}
+    )
+
+
+@dataclass
+class ProjectorTrainingArguments(StageTrainingArguments):
+    """Stage defaults, with what projector pretraining wants: a high learning rate (LLaVA uses 1e-3), no weight
+    decay, and the image tensors kept in the batches."""
+
+    output_dir: str = field(default="outputs/stage1")
+    learning_rate: float = field(default=1e-3)
+    weight_decay: float = field(default=0.0)
+    remove_unused_columns: bool = field(default=False)
+    report_to: None | str | list[str] = field(default="none")  # typed so HfArgumentParser accepts it
+
+
+class ProjectorTrainer(MMPhiTrainerMixin, Trainer):
+    pass
+
+
+def parse_args(argv: list[str] | None = None):
+    return parse_stage_args((ModelArguments, DataArguments, ProjectorTrainingArguments), argv)
+
+
+def freeze_for_stage1(
+    model: MMPhiForCausalLM, train_vision_tower: bool = False, train_language_model: bool = False
+) -> list[str]:
+    """Everything frozen except the projector (and the tower / language model when asked: tiny pipeline only);
+    returns the trainable parameter names."""
+    model.requires_grad_(False)
+    for module in stage1_trained_modules(model, train_vision_tower, train_language_model):
+        module.requires_grad_(True)
+    if train_vision_tower:
+        for module in tower_modules_after_feature_layer(model):
+            module.requires_grad_(False)
+    return [name for name, param in model.named_parameters() if param.requires_grad]
+
+
+def stage1_trained_modules(
+    model: MMPhiForCausalLM, train_vision_tower: bool, train_language_model: bool
+) -> list[torch.nn.Module]:
+    """The projector, plus the tower and/or the language model for the tiny pipeline."""
+    modules = [model.model.multi_modal_projector]
+    if train_vision_tower:
+        modules.append(model.model.vision_tower)
+    if train_language_model:
+        modules += [model.model.language_model, model.lm_head]
+    return modules
+
+
+def tower_modules_after_feature_layer(model: MMPhiForCausalLM) -> list[torch.nn.Module]:
+    """Tower parts the loss never reaches: the encoder layers after the deepest `vision_feature_layer` and the
+    pooler's `post_layernorm`. Left trainable they get no gradient, which DistributedDataParallel refuses."""
+    tower = model.model.vision_tower
+    layers = tower.encoder.layers
+    selected = model.config.vision_feature_layer
+    selected = [selected] if isinstance(selected, int) else selected
+    # hidden_states[i] is the output of encoder layer i - 1 (hidden_states[0]: the embeddings)
+    deepest = max(index if index >= 0 else len(layers) + 1 + index for index in selected)
+    return [tower.post_layernorm, *layers[deepest:]]
+
+
+def load_model(model_args: ModelArguments, training_args) -> MMPhiForCausalLM:
+    """Frozen parts in the training precision's dtype (half the memory on GPU); trained parts in fp32, as mixed
+    precision needs for its master weights."""
+    model = MMPhiForCausalLM.from_pretrained(
+        model_args.model_name_or_path, dtype=training_dtype(training_args),
+        attn_implementation=model_args.attn_implementation,
+    )
+    for module in stage1_trained_modules(model, model_args.train_vision_tower, model_args.train_language_model):
+        module.float()
+    return model
+
+
+def build_datasets(model, processor, data_args: DataArguments, training_args, train_records, eval_records):
+    """(train, eval, collator): the tokenised samples and the collator that loads their images or, with
+    `--cache_vision_features`, the tower's cached features."""
+    store = None
+    if data_args.cache_vision_features:
+        cache_dir = data_args.feature_cache_dir or os.path.join(training_args.output_dir, "vision_features")
+        images = [c.image for c in train_records + eval_records if c.image is not None]
+        start = time.perf_counter()
+        with training_args.main_process_first(desc="caching vision features"):
+            store = cache_vision_features(model, processor, images, cache_dir)
+        logger.info("vision features ready in %.1f s", time.perf_counter() - start)
+    encode = dict(max_length=data_args.max_length, num_proc=data_args.preprocessing_num_workers)
+    train = encode_conversations(train_records, processor, desc="tokenising training samples", **encode)
+    evaluation = encode_conversations(eval_records, processor, desc="tokenising eval samples", **encode) \
+        if eval_records else None
+    collator = MMPhiDataCollator(processor, vision_features=store, skip_bad_records=data_args.skip_bad_records)
+    return train, evaluation, collator
+
+
+def build_trainer(model_args: ModelArguments, data_args: DataArguments, training_args) -> BuiltStage:
+    if data_args.cache_vision_features and model_args.train_vision_tower:
+        raise ValueError("--cache_vision_features needs a frozen tower; drop --train_vision_tower")
+    set_seed(training_args.seed)
+    # Our own class; without trust_remote_code the tokenizer loader sees the folder's auto_map and prompts [y/N].
+    processor = MMPhiProcessor.from_pretrained(model_args.model_name_or_path, trust_remote_code=True)
+    model = load_model(model_args, training_args)
+    trainable = freeze_for_stage1(model, model_args.train_vision_tower, model_args.train_language_model)
+    parts = ["projector"] + ["vision tower"] * model_args.train_vision_tower
+    parts += ["language model"] * model_args.train_language_model
+    logger.info("training %d tensors (%.2fM parameters): %s", len(trainable),
+                sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6, " + ".join(parts))
+
+    train_records, eval_records, report = load_train_eval(data_args, training_args.seed)
+    train, evaluation, collator = build_datasets(model, processor, data_args, training_args, train_records,
+                                                 eval_records)
+    logger.info("%d training samples (%d images), %d eval samples (%d images)", len(train),
+                len({c.image for c in train_records}), len(evaluation) if evaluation else 0,
+                len({c.image for c in eval_records}))
+    if evaluation is None:
+        training_args.eval_strategy = "no"
+    trainer = ProjectorTrainer(model=model, args=training_args, train_dataset=train.dataset,
+                               eval_dataset=evaluation.dataset if evaluation else None, data_collator=collator)
+    return BuiltStage(trainer, model, processor, collator, train, evaluation, report, trainable)
+
+
+def run_stage1(model_args: ModelArguments, data_args: DataArguments, training_args) -> dict:
+    """Train the projector, save a complete MM-Phi folder to output_dir, return the metrics."""
+    stage = build_trainer(model_args, data_args, training_args)
+    trainer, train = stage.trainer, stage.train
+    start = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    metrics = dict(result.metrics)
+    metrics["train_wall_s"] = round(time.perf_counter() - start, 1)
+    metrics["padding_fraction"] = round(stage.collator.padding_fraction, 4)  # before evaluation adds its batches
+    if stage.evaluation is not None:
+        metrics.update(trainer.evaluate())
+    metrics.update(
+        trainable_parameters=sum(p.numel() for p in stage.model.parameters() if p.requires_grad),
+        padding_fraction_random_order=round(padding_fraction(train.lengths, training_args.train_batch_size), 4),
+        truncated=train.truncation.truncated,
+        dropped_too_long=train.truncation.dropped,
+        skipped_bad_records=warn_skipped(logger, stage.report, stage.collator.skipped),
+    )
+    if trainer.is_world_process_zero():
+        save_mmphi(stage.model, stage.processor, training_args.output_dir)
+        record_run(trainer, metrics)
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> dict | None:
+    return stage_main(argv, parse_args, validate_data, run_stage1)
+
+
+if __name__ == "__main__":
+    main()

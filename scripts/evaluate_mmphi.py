@@ -1,0 +1,9 @@
+"""Evaluate an MM-Phi folder (or a base + PEFT adapter) offline; scores go to a JSON file and stdout.
+
+Thin command line; the code is mmphi/evaluation.py (`--help` lists the flags).
+"""
+
+from mmphi.evaluation import main
+
+if __name__ == "__main__":
+    main()
