@@ -5,7 +5,8 @@
     + the tiny Phi; tower frozen) -> stage 2 (QLoRA) -> merge -> evaluate (held-out VQA)
     -> a question about an image asked by voice (flite-synthesized WAV -> Whisper tiny.en -> transcript -> answer)
 
-Each stage is the real script run as a subprocess (so its progress bars show); a finished stage is reused on a
+Each stage is the stage's own command line (`python -m mmphi.stages.<stage>`, the same `main` as scripts/) run as a
+subprocess with its tiny recipe from `mmphi.recipes` (so its progress bars show); a finished stage is reused on a
 re-run unless FORCE=1 (or --force). Each training stage gets a loss-curve PNG; a summary table ends the run and is
 saved as `training_summary.json` (with the evaluation JSON) in the final model folder, where push_to_hub.py's model
 card picks both up.

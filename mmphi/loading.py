@@ -89,3 +89,25 @@ def load_mmphi(path: str, adapter: str | None = None, quantization: str | None =
     if quantization_config is None:
         model.to(device)
     return model.eval(), load_processor(path, adapter)
+
+
+def merge_lora(model_name_or_path: str, adapter: str, output_dir: str, dtype: torch.dtype = torch.float32):
+    """Write base + stage-2 adapter as one full MM-Phi folder; returns the merged model. The base is loaded in full
+    precision (never 4-bit: a QLoRA adapter is merged into the unquantized weights it approximates), LoRA deltas are
+    folded into the weights, and the adapter's copies of `modules_to_save` (the projector) replace the base's."""
+    from peft import PeftModel
+
+    from mmphi.build import save_mmphi
+    from modeling_mmphi import MMPhiForCausalLM
+    from processing_mmphi import MMPhiProcessor  # this repo's class: the folder gets this repo's code files
+
+    if not os.path.exists(os.path.join(adapter, "adapter_config.json")):
+        raise FileNotFoundError(f"{adapter}: no adapter_config.json (is it a stage-2 LoRA output?)")
+    base = MMPhiForCausalLM.from_pretrained(model_name_or_path, dtype=dtype)
+    merged = PeftModel.from_pretrained(base, adapter).merge_and_unload()
+    leftovers = [name for name, _ in merged.named_parameters() if "lora_" in name or "modules_to_save" in name]
+    if leftovers:
+        raise RuntimeError(f"merge left adapter parameters behind: {leftovers[:5]}")
+    save_mmphi(merged, MMPhiProcessor.from_pretrained(processor_folder(adapter, model_name_or_path)), output_dir)
+    logger.info("merged %s + %s into %s", model_name_or_path, adapter, output_dir)
+    return merged

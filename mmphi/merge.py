@@ -14,39 +14,10 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 
 import torch
 
-from mmphi.build import save_mmphi
-from modeling_mmphi import MMPhiForCausalLM
-from processing_mmphi import MMPhiProcessor
-
-logger = logging.getLogger("merge_lora")
-
-
-def load_processor(adapter: str, base: str) -> MMPhiProcessor:
-    """Stage 2 saves the processor with the adapter; fall back to the base's."""
-    for path in (adapter, base):
-        if os.path.exists(os.path.join(path, "processor_config.json")):
-            return MMPhiProcessor.from_pretrained(path)
-    raise FileNotFoundError(f"no processor_config.json in {adapter} or {base}")
-
-
-def merge_lora(model_name_or_path: str, adapter: str, output_dir: str, dtype: torch.dtype = torch.float32):
-    """Write base + adapter as one MM-Phi folder; returns the merged model."""
-    from peft import PeftModel
-
-    if not os.path.exists(os.path.join(adapter, "adapter_config.json")):
-        raise FileNotFoundError(f"{adapter}: no adapter_config.json (is it a stage-2 LoRA output?)")
-    base = MMPhiForCausalLM.from_pretrained(model_name_or_path, dtype=dtype)
-    merged = PeftModel.from_pretrained(base, adapter).merge_and_unload()
-    leftovers = [name for name, _ in merged.named_parameters() if "lora_" in name or "modules_to_save" in name]
-    if leftovers:
-        raise RuntimeError(f"merge left adapter parameters behind: {leftovers[:5]}")
-    save_mmphi(merged, load_processor(adapter, model_name_or_path), output_dir)
-    logger.info("merged %s + %s into %s", model_name_or_path, adapter, output_dir)
-    return merged
+from mmphi.loading import merge_lora
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -10,10 +10,13 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import time
 from dataclasses import dataclass, field
 
 import torch
 from transformers import HfArgumentParser, TrainingArguments
+
+from mmphi.errors import warn_skipped
 
 logger = logging.getLogger(__name__)
 
@@ -84,6 +87,24 @@ def parse_stage_args(dataclass_types: tuple, argv: list[str] | None = None):
     if len(argv) == 1 and argv[0].endswith(".json"):
         return parser.parse_json_file(argv[0])
     return parser.parse_args_into_dataclasses(args=argv)
+
+
+def train_and_evaluate(stage: BuiltStage, resume_from_checkpoint=None) -> dict:
+    """Stages 1-2: train, then evaluate; the metrics with the wall time, the training batches' padding fraction
+    (read before evaluation adds its batches), the trainable size, what truncation did and the skipped records."""
+    trainer = stage.trainer
+    start = time.perf_counter()
+    metrics = dict(trainer.train(resume_from_checkpoint=resume_from_checkpoint).metrics)
+    metrics["train_wall_s"] = round(time.perf_counter() - start, 1)
+    metrics["padding_fraction"] = round(stage.collator.padding_fraction, 4)
+    if stage.evaluation is not None:
+        metrics.update(trainer.evaluate())
+    metrics.update(
+        trainable_parameters=sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
+        truncated=stage.train.truncation.truncated, dropped_too_long=stage.train.truncation.dropped,
+        skipped_bad_records=warn_skipped(logger, stage.report, stage.collator.skipped),
+    )
+    return metrics
 
 
 def record_run(trainer, metrics: dict) -> None:

@@ -1,6 +1,7 @@
 """Stage 1 (scripts/train_projector.py) on the tiny default and a few synthetic images: CPU, seconds per test."""
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -156,3 +157,76 @@ def test_runs_without_a_validation_split(setup, tmp_path):
     assert "eval_loss" not in metrics
     saved = MMPhiForCausalLM.from_pretrained(str(output_dir)).config
     assert saved.image_seq_length == MMPhiConfig.tiny().image_seq_length
+
+
+# --- dataset formats: one registry -----------------------------------------------------------------------------
+
+
+def test_llava_pretrain_captions_train_stage1(setup, tmp_path):
+    """LLaVA-Pretrain-558K's format (one human turn with <image>, one caption) trains stage 1 like COCO captions."""
+    root, data = setup
+    coco = json.loads(Path(data["captions_train"]).read_text())
+    files = {image["id"]: image["file_name"] for image in coco["images"]}
+    records = [{"id": f"{a['image_id']:06d}-{n}", "image": files[a["image_id"]],
+                "conversations": [{"from": "human", "value": "Summarize the photo.\n<image>"},
+                                  {"from": "gpt", "value": a["caption"]}]}
+               for n, a in enumerate(coco["annotations"])]
+    path = tmp_path / "blip_laion_cc_sbu_558k.json"
+    path.write_text(json.dumps(records))
+    argv = stage1_argv(root, data, tmp_path / "out")
+    argv[argv.index("--data_path") + 1] = str(path)
+    metrics = main(argv)
+    assert math.isfinite(metrics["train_loss"]) and math.isfinite(metrics["eval_loss"])
+    assert json.loads((tmp_path / "out" / "trainer_state.json").read_text())["global_step"] == 2
+
+
+def test_a_new_dataset_format_is_one_registered_reader(setup, tmp_path):
+    """A format nobody wrote a stage for (VQA pairs: `[{"image", "question", "answer"}]`) is one reader registered
+    in mmphi.data.formats; recognised from the data, it trains stage 1 unchanged, and bad records name themselves."""
+    import mmphi.data as md
+
+    def is_vqa_pairs(data) -> bool:
+        return isinstance(data, list) and all(isinstance(r, dict) and "question" in r for r in data[:1])
+
+    @md.register_format("vqa_pairs", matches=is_vqa_pairs, description='[{"image", "question", "answer"}]')
+    def read_vqa_pairs(records, path, options):
+        samples = []
+        for index, record in enumerate(records):
+            if not str(record.get("answer", "")).strip():
+                options.bad(f"{path}: record {index}", md.BadRecordError("empty answer"))
+                continue
+            image = f"{options.image_folder}/{record['image']}"
+            samples.append(md.Conversation(str(index), image, [md.Turn(record["question"], record["answer"])],
+                                           location=f"{path}: record {index}"))
+        return samples
+
+    try:
+        root, data = setup
+        coco = json.loads(Path(data["captions_train"]).read_text())
+        pairs = [{"image": image["file_name"], "question": "What is shown?", "answer": "shapes"}
+                 for image in coco["images"]]
+        path = tmp_path / "vqa_pairs.json"
+        path.write_text(json.dumps(pairs + [{"image": pairs[0]["image"], "question": "Q?", "answer": ""}]))
+        with pytest.raises(md.BadRecordError, match=rf"{path.name}: record {len(pairs)}: empty answer"):
+            md.read_conversations(str(path), data["images"])
+        assert len(md.read_conversations(str(path), data["images"], skip_bad_records=True)) == len(pairs)
+
+        argv = stage1_argv(root, data, tmp_path / "out", "--skip_bad_records")
+        argv[argv.index("--data_path") + 1] = str(path)
+        metrics = main(argv)
+        assert math.isfinite(metrics["train_loss"])
+        assert json.loads((tmp_path / "out" / "trainer_state.json").read_text())["global_step"] == 2
+        assert metrics["skipped_bad_records"] == 1
+    finally:
+        md.FORMATS.pop("vqa_pairs", None)
+
+
+def test_unknown_format_is_a_clear_error_naming_what_was_found(setup, tmp_path):
+    root, data = setup
+    path = tmp_path / "rows.json"
+    path.write_text(json.dumps([{"img": "a.png", "text": "x"}]))
+    argv = stage1_argv(root, data, tmp_path / "out")
+    argv[argv.index("--data_path") + 1] = str(path)
+    with pytest.raises(ValueError, match=r"rows\.json: no known dataset format fits \(a JSON list of 1 item\(s\) "
+                                         r"whose first record has keys \['img', 'text'\]\).*coco_captions.*llava"):
+        main(argv)

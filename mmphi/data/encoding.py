@@ -270,7 +270,8 @@ class MMPhiTrainerMixin:
 
     def _get_train_sampler(self, train_dataset=None):
         dataset = train_dataset if train_dataset is not None else self.train_dataset
-        if self.args.train_sampling_strategy == "group_by_length" and "length" in (dataset.column_names or []):
+        if self.args.train_sampling_strategy == "group_by_length" and "length" in (
+                getattr(dataset, "column_names", None) or []):
             return length_grouped_sampler(dataset["length"], self.args)
         return super()._get_train_sampler(train_dataset)
 

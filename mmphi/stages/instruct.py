@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 from dataclasses import dataclass, field
 
 import torch
@@ -44,9 +43,15 @@ from mmphi.data import (
     validate_data,
 )
 from mmphi.data.formats import MultimodalDataArguments
-from mmphi.errors import warn_skipped
 from mmphi.loading import bnb_config, merge_lora, training_dtype
-from mmphi.training import BuiltStage, parse_stage_args, record_run, resolve_precision, stage_main
+from mmphi.training import (
+    BuiltStage,
+    parse_stage_args,
+    record_run,
+    resolve_precision,
+    stage_main,
+    train_and_evaluate,
+)
 from modeling_mmphi import MMPhiForCausalLM
 from processing_mmphi import MMPhiProcessor
 
@@ -203,21 +208,9 @@ def build_trainer(model_args: ModelArguments, data_args: DataArguments, args: In
 def run_stage2(model_args: ModelArguments, data_args: DataArguments, args: InstructSFTConfig) -> dict:
     """Train, save the adapter + processor (or the full model) to output_dir, optionally merge; returns metrics."""
     stage = build_trainer(model_args, data_args, args)
-    trainer, train = stage.trainer, stage.train
-    start = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
-    metrics = dict(result.metrics)
-    metrics["train_wall_s"] = round(time.perf_counter() - start, 1)
-    metrics["padding_fraction"] = round(stage.collator.padding_fraction, 4)
-    if stage.evaluation is not None:
-        metrics.update(trainer.evaluate())
-    metrics.update(
-        trainable_parameters=sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
-        truncated=train.truncation.truncated, dropped_too_long=train.truncation.dropped,
-        skipped_bad_records=warn_skipped(logger, stage.report, stage.collator.skipped),
-    )
-    if trainer.is_world_process_zero():
-        save_outputs(trainer, stage.processor, model_args, args, metrics)
+    metrics = train_and_evaluate(stage, args.resume_from_checkpoint)
+    if stage.trainer.is_world_process_zero():
+        save_outputs(stage.trainer, stage.processor, model_args, args, metrics)
     return metrics
 
 

@@ -54,9 +54,15 @@ from mmphi.data import (
     validate_data,
 )
 from mmphi.data.formats import MultimodalDataArguments
-from mmphi.errors import warn_skipped
 from mmphi.loading import training_dtype
-from mmphi.training import BuiltStage, StageTrainingArguments, parse_stage_args, record_run, stage_main
+from mmphi.training import (
+    BuiltStage,
+    StageTrainingArguments,
+    parse_stage_args,
+    record_run,
+    stage_main,
+    train_and_evaluate,
+)
 from modeling_mmphi import MMPhiForCausalLM
 from processing_mmphi import MMPhiProcessor
 
@@ -214,24 +220,12 @@ def build_trainer(model_args: ModelArguments, data_args: DataArguments, training
 def run_stage1(model_args: ModelArguments, data_args: DataArguments, training_args) -> dict:
     """Train the projector, save a complete MM-Phi folder to output_dir, return the metrics."""
     stage = build_trainer(model_args, data_args, training_args)
-    trainer, train = stage.trainer, stage.train
-    start = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    metrics = dict(result.metrics)
-    metrics["train_wall_s"] = round(time.perf_counter() - start, 1)
-    metrics["padding_fraction"] = round(stage.collator.padding_fraction, 4)  # before evaluation adds its batches
-    if stage.evaluation is not None:
-        metrics.update(trainer.evaluate())
-    metrics.update(
-        trainable_parameters=sum(p.numel() for p in stage.model.parameters() if p.requires_grad),
-        padding_fraction_random_order=round(padding_fraction(train.lengths, training_args.train_batch_size), 4),
-        truncated=train.truncation.truncated,
-        dropped_too_long=train.truncation.dropped,
-        skipped_bad_records=warn_skipped(logger, stage.report, stage.collator.skipped),
-    )
-    if trainer.is_world_process_zero():
+    metrics = train_and_evaluate(stage, training_args.resume_from_checkpoint)
+    metrics["padding_fraction_random_order"] = round(
+        padding_fraction(stage.train.lengths, training_args.train_batch_size), 4)
+    if stage.trainer.is_world_process_zero():
         save_mmphi(stage.model, stage.processor, training_args.output_dir)
-        record_run(trainer, metrics)
+        record_run(stage.trainer, metrics)
     return metrics
 
 

@@ -73,9 +73,27 @@ launcher() {
   fi
 }
 
-# Flags every CPU smoke run needs: the CPU (also under accelerate launch), no hub, quick logging.
+# Flags every CPU smoke run needs: the CPU (also under accelerate launch), no hub, quick logging, and the same
+# short schedule (MAX_STEPS steps, batch 4, evaluated and saved at the end).
 smoke_flags() {
-  echo --use_cpu true --logging_steps 1 --report_to none --disable_tqdm true
+  local steps=${MAX_STEPS:-2}
+  echo --use_cpu true --logging_steps 1 --report_to none --disable_tqdm true \
+    --per_device_train_batch_size 4 --gradient_accumulation_steps 1 --max_steps "$steps" --warmup_steps 1 \
+    --eval_steps "$steps" --save_steps "$steps"
+}
+
+# smoke_data_flags TRAIN_JSON EVAL_JSON: the smoke data (synthetic, offline) with its held-out file.
+smoke_data_flags() {
+  echo --data_path "$SMOKE_ROOT/data/$1" --image_folder "$SMOKE_ROOT/data/images" \
+    --eval_data_path "$SMOKE_ROOT/data/$2" --eval_image_folder "$SMOKE_ROOT/data/images" \
+    --eval_strategy steps --max_eval_samples 8
+}
+
+# use_tiny_model VARIABLE: point VARIABLE at the smoke runs' tiny MM-Phi folder, building it on first use.
+use_tiny_model() {
+  local dir=$SMOKE_ROOT/mmphi-tiny
+  [[ -f "$dir/config.json" ]] || run "$PYTHON" scripts/build_model.py --preset tiny --output_dir "$dir"
+  printf -v "$1" '%s' "$dir"
 }
 
 # run COMMAND...: print it (shell-quoted, so it can be copied), then run it unless DRY_RUN=1.

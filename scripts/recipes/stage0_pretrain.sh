@@ -24,11 +24,9 @@ if [[ "$SMOKE" == 1 ]]; then
   # shellcheck disable=SC2046
   run "${LAUNCH[@]}" scripts/pretrain_phi2.py \
     --config_name tiny --config_overrides hidden_size=64,intermediate_size=128,num_hidden_layers=2,num_attention_heads=4 \
-    --tokenizer_name mmphi/assets/tiny-tokenizer --train_files "$SMOKE_ROOT/data/corpus.jsonl" \
-    --data_cache_dir "$SMOKE_ROOT/cache" --output_dir "${OUTPUT_DIR:-$SMOKE_ROOT/stage0}" \
-    --block_size 64 --per_device_train_batch_size 4 --gradient_accumulation_steps 1 --max_steps "${MAX_STEPS:-2}" \
-    --learning_rate 3e-3 --warmup_steps 1 --eval_steps "${MAX_STEPS:-2}" --save_steps "${MAX_STEPS:-2}" --max_eval_blocks 8 --validation_split_percentage 10 \
-    $(smoke_flags) "${EXTRA_ARGS[@]}"
+    --train_files "$SMOKE_ROOT/data/corpus.jsonl" --data_cache_dir "$SMOKE_ROOT/cache" \
+    --output_dir "${OUTPUT_DIR:-$SMOKE_ROOT/stage0}" --block_size 64 --learning_rate 3e-3 --max_eval_blocks 8 \
+    --validation_split_percentage 10 $(smoke_flags) "${EXTRA_ARGS[@]}"
   exit 0
 fi
 

@@ -19,18 +19,12 @@ if [[ "$SMOKE" == 1 ]]; then
   describe "projector pretraining"
   SMOKE_ROOT=${OUTPUT_ROOT:-outputs/smoke}
   make_smoke_data "$SMOKE_ROOT/data"
-  BASE_MODEL=${BASE_MODEL:-$SMOKE_ROOT/mmphi-tiny}
-  [[ -f "$BASE_MODEL/config.json" ]] || run "$PYTHON" scripts/build_model.py --preset tiny --output_dir "$BASE_MODEL"
+  [[ -n "${BASE_MODEL:-}" ]] || use_tiny_model BASE_MODEL
   read -ra LAUNCH <<< "$(launcher)"
   # shellcheck disable=SC2046
-  run "${LAUNCH[@]}" scripts/train_projector.py \
-    --model_name_or_path "$BASE_MODEL" \
-    --data_path "$SMOKE_ROOT/data/captions_train.json" --image_folder "$SMOKE_ROOT/data/images" \
-    --eval_data_path "$SMOKE_ROOT/data/captions_val.json" --eval_image_folder "$SMOKE_ROOT/data/images" \
-    --cache_vision_features --output_dir "${OUTPUT_DIR:-$SMOKE_ROOT/stage1}" \
-    --per_device_train_batch_size 4 --gradient_accumulation_steps 1 --max_steps "${MAX_STEPS:-2}" \
-    --learning_rate 2e-3 --warmup_steps 1 --eval_strategy steps --eval_steps "${MAX_STEPS:-2}" --save_steps "${MAX_STEPS:-2}" --max_eval_samples 8 \
-    $(smoke_flags) "${EXTRA_ARGS[@]}"
+  run "${LAUNCH[@]}" scripts/train_projector.py --model_name_or_path "$BASE_MODEL" \
+    $(smoke_data_flags captions_train.json captions_val.json) --cache_vision_features \
+    --output_dir "${OUTPUT_DIR:-$SMOKE_ROOT/stage1}" --learning_rate 2e-3 $(smoke_flags) "${EXTRA_ARGS[@]}"
   exit 0
 fi
 

@@ -19,19 +19,13 @@ if [[ "$SMOKE" == 1 ]]; then
   SMOKE_ROOT=${OUTPUT_ROOT:-outputs/smoke}
   make_smoke_data "$SMOKE_ROOT/data"
   STAGE1_MODEL=${STAGE1_MODEL:-$SMOKE_ROOT/stage1}
-  if [[ ! -f "$STAGE1_MODEL/config.json" ]]; then  # no stage-1 smoke output yet: start from the tiny default
-    STAGE1_MODEL=$SMOKE_ROOT/mmphi-tiny
-    [[ -f "$STAGE1_MODEL/config.json" ]] || run "$PYTHON" scripts/build_model.py --preset tiny --output_dir "$STAGE1_MODEL"
-  fi
+  # no stage-1 smoke output yet: start from the tiny default
+  [[ -f "$STAGE1_MODEL/config.json" ]] || use_tiny_model STAGE1_MODEL
   read -ra LAUNCH <<< "$(launcher)"
   # shellcheck disable=SC2046
-  run "${LAUNCH[@]}" scripts/finetune_instruct.py \
-    --model_name_or_path "$STAGE1_MODEL" \
-    --data_path "$SMOKE_ROOT/data/llava_instruct_train.json" --image_folder "$SMOKE_ROOT/data/images" \
-    --eval_data_path "$SMOKE_ROOT/data/llava_instruct_val.json" --eval_image_folder "$SMOKE_ROOT/data/images" \
-    --output_dir "${OUTPUT_DIR:-$SMOKE_ROOT/stage2}" --max_length 256 --lora_r 8 \
-    --per_device_train_batch_size 4 --gradient_accumulation_steps 1 --max_steps "${MAX_STEPS:-2}" \
-    --learning_rate 1e-3 --warmup_steps 1 --eval_strategy steps --eval_steps "${MAX_STEPS:-2}" --save_steps "${MAX_STEPS:-2}" --max_eval_samples 8 \
+  run "${LAUNCH[@]}" scripts/finetune_instruct.py --model_name_or_path "$STAGE1_MODEL" \
+    $(smoke_data_flags llava_instruct_train.json llava_instruct_val.json) \
+    --output_dir "${OUTPUT_DIR:-$SMOKE_ROOT/stage2}" --max_length 256 --lora_r 8 --learning_rate 1e-3 \
     --merge $(smoke_flags) "${EXTRA_ARGS[@]}"
   exit 0
 fi
