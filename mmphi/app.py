@@ -20,7 +20,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home: the
 import gradio as gr
 
 from mmphi import inference
-from mmphi.inference import Conversation, GenerationOptions, Turn
+from mmphi.inference import Chat, ChatTurn, GenerationOptions
 
 EMPTY_ANSWER = "(the model ended its answer without any text)"
 
@@ -29,11 +29,11 @@ EMPTY_ANSWER = "(the model ended its answer without any text)"
 class Session:
     """Per-browser-session state: the model-side conversation and the image already sent (not re-sent each turn)."""
 
-    conversation: Conversation = field(default_factory=Conversation)
+    conversation: Chat = field(default_factory=Chat)
     sent_image: str | None = None
 
 
-def user_bubble(turn: Turn, transcript: str | None) -> str:
+def user_bubble(turn: ChatTurn, transcript: str | None) -> str:
     question = turn.question(transcript) if transcript is not None else turn.prompt
     spoken = "(spoken) " if turn.audio is not None else ""
     return spoken + (question or "…")
@@ -48,7 +48,7 @@ def build_app(model, processor, options: GenerationOptions | None = None, speech
         history = list(history or [])
         new_image = image_path if image_path and image_path != session.sent_image else None
         try:
-            turn = Turn(prompt or "", image=new_image, audio=audio_path)
+            turn = ChatTurn(prompt or "", image=new_image, audio=audio_path)
         except ValueError as error:
             raise gr.Error(str(error)) from error
         history.append({"role": "user", "content": user_bubble(turn, None)})
@@ -110,23 +110,12 @@ def build_app(model, processor, options: GenerationOptions | None = None, speech
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="an MM-Phi folder")
-    parser.add_argument("--speech_model", help="Whisper size or CTranslate2 folder (default: offline tiny.en if "
-                        "installed, else large-v2)")
-    quantization = parser.add_mutually_exclusive_group()
-    quantization.add_argument("--load_in_4bit", action="store_true")
-    quantization.add_argument("--load_in_8bit", action="store_true")
-    parser.add_argument("--device", help="cuda / cpu (default: cuda when available)")
-    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    parser.add_argument("--max_new_tokens", type=int, default=128)
+    inference.add_model_arguments(parser)
     parser.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to serve other machines")
     parser.add_argument("--port", type=int, default=7860)
     parser.add_argument("--share", action="store_true", help="a public gradio.live link (needs internet)")
     args = parser.parse_args(argv)
-    model, processor = inference.load_model(
-        args.model, load_in_4bit=args.load_in_4bit, load_in_8bit=args.load_in_8bit, device=args.device,
-        dtype=args.dtype,
-    )
+    model, processor = inference.load_from_arguments(args)
     app = build_app(model, processor, GenerationOptions(max_new_tokens=args.max_new_tokens), args.speech_model)
     app.queue().launch(server_name=args.host, server_port=args.port, share=args.share)
 

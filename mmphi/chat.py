@@ -35,25 +35,17 @@ HELP = """Commands:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("prompt", nargs="?", default="", help="the question (omit for the interactive chat)")
-    parser.add_argument("--model", required=True, help="an MM-Phi folder (or anything AutoModelForCausalLM loads)")
     parser.add_argument("--image", help="image for the (first) question")
     parser.add_argument("--audio", help="spoken question for the (first) turn; the transcript is printed")
     parser.add_argument("--interactive", action="store_true", help="keep chatting after the first answer")
     parser.add_argument("--batch", help="JSONL file of requests: {image, audio, prompt, id} per line")
     parser.add_argument("--output", help="with --batch: write the answers here (JSONL) instead of stdout")
     parser.add_argument("--batch_size", type=int, default=8)
-    quantization = parser.add_mutually_exclusive_group()
-    quantization.add_argument("--load_in_4bit", action="store_true", help="nf4 language model (bitsandbytes)")
-    quantization.add_argument("--load_in_8bit", action="store_true", help="int8 language model (bitsandbytes)")
-    parser.add_argument("--device", help="cuda / cpu (default: cuda when available)")
-    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    parser.add_argument("--max_new_tokens", type=int, default=128)
+    inference.add_model_arguments(parser)
     parser.add_argument("--do_sample", action="store_true", help="sample instead of greedy decoding")
     parser.add_argument("--temperature", type=float, default=0.7)
     parser.add_argument("--top_p", type=float, default=0.9)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--speech_model", help="Whisper size or CTranslate2 folder (default: offline tiny.en if "
-                        "installed, else large-v2)")
     parser.add_argument("--no_stream", action="store_true", help="print each answer when it is complete")
     args = parser.parse_args(argv)
     if args.batch and (args.prompt or args.image or args.audio or args.interactive):
@@ -101,10 +93,10 @@ def run_batch(args, requests, model, processor, options, transcriber) -> None:
     print(f"wrote {len(answers)} answers to {args.output}", file=sys.stderr)
 
 
-def interactive(args, model, processor, options, transcriber, first_turn: inference.Turn | None) -> None:
+def interactive(args, model, processor, options, transcriber, first_turn: inference.ChatTurn | None) -> None:
     """A multi-turn chat on stdin/stdout. History goes through the chat template; each /image attaches to the next
     message (earlier images stay in the context)."""
-    conversation = inference.Conversation()
+    conversation = inference.Chat()
     image, audio = args.image, args.audio
     print(f"MM-Phi chat ({args.model}). /help for commands.", file=sys.stderr)
     if first_turn is not None:
@@ -143,7 +135,7 @@ def interactive(args, model, processor, options, transcriber, first_turn: infere
         if not line and audio is None:
             continue
         try:
-            turn = inference.Turn(line, image=image, audio=audio)
+            turn = inference.ChatTurn(line, image=image, audio=audio)
             stream = not args.no_stream
             answer_and_print(model, processor, conversation, turn, options, transcriber, stream, "Assistant: ")
         except ValueError as error:  # bad image/audio, context full: report and keep the session
@@ -161,18 +153,15 @@ def main(argv: list[str] | None = None) -> None:
     requests = inference.read_requests(args.batch) if args.batch else None  # bad lines fail before loading
     first_turn = None
     if args.prompt or args.audio:
-        first_turn = inference.Turn(args.prompt, image=args.image, audio=args.audio)
+        first_turn = inference.ChatTurn(args.prompt, image=args.image, audio=args.audio)
 
-    model, processor = inference.load_model(
-        args.model, load_in_4bit=args.load_in_4bit, load_in_8bit=args.load_in_8bit, device=args.device,
-        dtype=args.dtype,
-    )
+    model, processor = inference.load_from_arguments(args)
     transcriber = inference.LazyTranscriber(processor, args.speech_model)
 
     if args.batch:
         run_batch(args, requests, model, processor, options, transcriber)
     elif first_turn is not None and not args.interactive:
-        answer_and_print(model, processor, inference.Conversation(), first_turn, options, transcriber,
+        answer_and_print(model, processor, inference.Chat(), first_turn, options, transcriber,
                          not args.no_stream)
     else:
         interactive(args, model, processor, options, transcriber, first_turn)

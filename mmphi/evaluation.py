@@ -26,13 +26,17 @@ import re
 import sys
 import time
 from collections import defaultdict
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
 import torch
-from transformers import AutoModelForCausalLM, AutoProcessor, AutoTokenizer, HfArgumentParser
+from tqdm.auto import tqdm
+from transformers import AutoTokenizer, HfArgumentParser
 
 from mmphi import data as mmphi_data
+from mmphi.errors import handle_bad_record
+from mmphi.inference import GenerationOptions
+from mmphi.inference import generate_answers as inference_answers
+from mmphi.loading import load_causal_lm, load_processor
 from mmphi.metrics import corpus_bleu4, corpus_cider, normalize_vqa_answer, vqa_exact_match
 
 logger = logging.getLogger("evaluate")
@@ -72,35 +76,6 @@ class EvaluationArguments:
 
 
 # ------------------------------------------------------------------------------------------------ model loading
-
-def pick_dtype(name: str, device: str) -> torch.dtype:
-    if name != "auto":
-        return getattr(torch, name)
-    if device.startswith("cuda"):
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float32
-
-
-def load_model(args: EvaluationArguments):
-    """The model (with the adapter applied, if any) in eval mode on the chosen device."""
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = AutoModelForCausalLM.from_pretrained(
-        args.model_name_or_path, trust_remote_code=True, dtype=pick_dtype(args.dtype, device)
-    )
-    if args.adapter:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, args.adapter)
-    return model.to(device).eval()
-
-
-def load_processor(args: EvaluationArguments):
-    """The adapter folder's processor when it has one (stage 2 saves it there), else the model's."""
-    for path in (args.adapter, args.model_name_or_path):
-        if path and os.path.exists(os.path.join(path, "processor_config.json")):
-            return AutoProcessor.from_pretrained(path, trust_remote_code=True)
-    raise FileNotFoundError(f"{args.model_name_or_path}: no processor_config.json (not an MM-Phi folder?)")
-
 
 # -------------------------------------------------------------------------------------------------------- VQA
 
@@ -164,48 +139,35 @@ def caption_items(images: list[mmphi_data.CaptionedImage], prompt: str) -> list[
     return items
 
 
-def drop_unreadable_images(items: list[EvalItem], skip_bad_records: bool, report: mmphi_data.SkipReport,
-                           num_threads: int = 8) -> list[EvalItem]:
-    """Decode every image once before generating (threads), so a long evaluation never dies half-way on a bad
-    file: the error names the record and file, or with --skip_bad_records the items are dropped and counted."""
-    paths = sorted({item.image for item in items if item.image is not None})
-    with ThreadPoolExecutor(max_workers=num_threads) as pool:
-        checked = zip(paths, pool.map(mmphi_data.check_image_file, paths), strict=True)
-        problems = {path: problem for path, problem in checked if problem}
+def drop_unreadable_images(items: list[EvalItem], skip_bad_records: bool, report: mmphi_data.SkipReport
+                           ) -> list[EvalItem]:
+    """Decode every image once before generating, so a long evaluation never dies half-way on a bad file: the error
+    names the record and file, or with --skip_bad_records the items are dropped and counted (a record once, not
+    once per question)."""
+    problems = mmphi_data.image_problems(item.image for item in items if item.image is not None)
     kept = []
     for item in items:
         problem = problems.get(item.image)
         if problem is None:
             kept.append(item)
-        elif not skip_bad_records:
-            raise mmphi_data.BadRecordError(f"{item.location}: {problem}{mmphi_data.SKIP_HINT}")
-        elif item.turn == 0:  # count a record once, not once per question
-            report.add(item.location, problem)
+        elif item.turn == 0 or not skip_bad_records:
+            handle_bad_record(item.location, problem, skip_bad_records, report)
     return kept
 
 
-@torch.no_grad()
 def generate_answers(model, processor, items: list[EvalItem], batch_size: int, max_new_tokens: int) -> None:
-    """Greedy answers into `item.prediction`. Prompts are batched by length (left padding stays small), the images
-    of a batch are read with it, and the prompt ends in "Assistant:" exactly as in training."""
-    device = next(model.parameters()).device
-    tokenizer = processor.tokenizer
+    """Greedy answers into `item.prediction`, with inference's batched generation (left-padded prompts ending in
+    "Assistant:" exactly as in training). Prompts are batched by length (little padding), the images of a batch are
+    read with it."""
+    options = GenerationOptions(max_new_tokens=max_new_tokens)
     prompts = [processor.apply_chat_template(item.messages, add_generation_prompt=True) for item in items]
     order = sorted(range(len(items)), key=lambda i: len(prompts[i]))
-    for start in range(0, len(order), batch_size):
-        batch = order[start: start + batch_size]
-        images = [[mmphi_data.load_image(items[i].image)] if items[i].image else [] for i in batch]
-        inputs = processor(text=[prompts[i] for i in batch], images=images if any(images) else None)
-        inputs = {k: v.to(device) for k, v in inputs.items()}
-        if "pixel_values" in inputs:
-            inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
-        output = model.generate(
-            **inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-        )
-        new_tokens = output[:, inputs["input_ids"].shape[1]:]
-        for i, text in zip(batch, tokenizer.batch_decode(new_tokens, skip_special_tokens=True), strict=True):
-            items[i].prediction = text.strip()
+    batches = [order[start: start + batch_size] for start in range(0, len(order), batch_size)]
+    for batch in tqdm(batches, desc="generating", unit="batch"):
+        images = [mmphi_data.load_image(items[i].image) for i in batch if items[i].image]
+        inputs = processor(text=[prompts[i] for i in batch], images=images or None)
+        for i, text in zip(batch, inference_answers(model, processor, inputs, options), strict=True):
+            items[i].prediction = text
 
 
 def score_vqa(items: list[EvalItem]) -> dict:
@@ -348,12 +310,12 @@ def run_evaluation(args: EvaluationArguments) -> dict:
     if not args.data_path:
         raise ValueError("--data_path is required")
     started = time.perf_counter()
-    model = load_model(args)
+    model = load_causal_lm(args.model_name_or_path, adapter=args.adapter, device=args.device, dtype=args.dtype)
     if args.task == "perplexity":
         tokenizer = AutoTokenizer.from_pretrained(args.adapter or args.model_name_or_path)
         scores, predictions = evaluate_perplexity(args, model, tokenizer)
     else:
-        processor = load_processor(args)
+        processor = load_processor(args.model_name_or_path, args.adapter)
         evaluate_task = evaluate_vqa if args.task == "vqa" else evaluate_caption
         scores, predictions = evaluate_task(args, model, processor)
     result = {"task": args.task, "model": args.model_name_or_path, "adapter": args.adapter,

@@ -9,6 +9,7 @@ the history in place of the placeholder, so later turns do not transcribe the sa
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
@@ -18,73 +19,46 @@ from dataclasses import dataclass, field
 
 import torch
 from PIL import Image
-from transformers import (
-    AutoModelForCausalLM,
-    AutoProcessor,
-    BitsAndBytesConfig,
-    TextIteratorStreamer,
-    TextStreamer,
-)
+from tqdm.auto import tqdm
+from transformers import TextIteratorStreamer, TextStreamer
+
+from mmphi.data.images import load_image as decode_image
+from mmphi.loading import load_mmphi
+from processing_mmphi import IMAGE_TOKEN as IMAGE_PLACEHOLDER
 
 AUDIO_PLACEHOLDER = "<audio>"
-IMAGE_PLACEHOLDER = "<image>"
 REQUEST_KEYS = {"image", "audio", "prompt", "id"}
 
 
 # --- loading -----------------------------------------------------------------------------------------------------
 
 
-def pick_device(device: str | None = None) -> str:
-    return device or ("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def pick_dtype(dtype: str, device: str) -> torch.dtype:
-    """"auto": bf16 on GPUs that support it, fp16 on older GPUs, fp32 on CPU (CPU half precision is slow)."""
-    if dtype != "auto":
-        return getattr(torch, dtype)
-    if device.startswith("cuda"):
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float32
-
-
-def quantization_config(load_in_4bit: bool, load_in_8bit: bool, compute_dtype: torch.dtype):
+def load_model(model_path: str, load_in_4bit: bool = False, load_in_8bit: bool = False, device: str | None = None,
+               dtype: str = "auto", adapter: str | None = None):
+    """(model, processor) through the Auto classes, as a user of the published folder would load them (see
+    `mmphi.loading.load_mmphi`). 4/8-bit quantizes the language model only."""
     if load_in_4bit and load_in_8bit:
         raise ValueError("Choose one of --load_in_4bit and --load_in_8bit.")
-    if load_in_4bit:
-        return BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=compute_dtype,
-        )
-    if load_in_8bit:
-        return BitsAndBytesConfig(load_in_8bit=True)
-    return None
+    quantization = "4bit" if load_in_4bit else "8bit" if load_in_8bit else None
+    return load_mmphi(model_path, adapter=adapter, quantization=quantization, device=device, dtype=dtype)
 
 
-def load_model(
-    model_path: str,
-    load_in_4bit: bool = False,
-    load_in_8bit: bool = False,
-    device: str | None = None,
-    dtype: str = "auto",
-):
-    """(model, processor) through the Auto classes, as a user of the published folder would load them.
-    4/8-bit quantizes the language model only (the model class keeps the tower, projector and head in full
-    precision)."""
-    if not os.path.isfile(os.path.join(model_path, "config.json")):
-        raise FileNotFoundError(f"{model_path} is not an MM-Phi folder (no config.json)")
-    device = pick_device(device)
-    torch_dtype = pick_dtype(dtype, device)
-    quantization = quantization_config(load_in_4bit, load_in_8bit, torch_dtype)
-    kwargs = dict(trust_remote_code=True, dtype=torch_dtype)
-    if quantization is not None:
-        kwargs.update(quantization_config=quantization, device_map={"": device})
-    model = AutoModelForCausalLM.from_pretrained(model_path, **kwargs)
-    if quantization is None:
-        model.to(device)
-    processor = AutoProcessor.from_pretrained(model_path, trust_remote_code=True)
-    return model.eval(), processor
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """The loading flags chat.py and app.py share."""
+    parser.add_argument("--model", required=True, help="an MM-Phi folder (or anything AutoModelForCausalLM loads)")
+    quantization = parser.add_mutually_exclusive_group()
+    quantization.add_argument("--load_in_4bit", action="store_true", help="nf4 language model (bitsandbytes)")
+    quantization.add_argument("--load_in_8bit", action="store_true", help="int8 language model (bitsandbytes)")
+    parser.add_argument("--device", help="cuda / cpu (default: cuda when available)")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    parser.add_argument("--speech_model", help="Whisper size or CTranslate2 folder (default: offline tiny.en if "
+                        "installed, else large-v2)")
+    parser.add_argument("--max_new_tokens", type=int, default=128)
+
+
+def load_from_arguments(args: argparse.Namespace):
+    return load_model(args.model, load_in_4bit=args.load_in_4bit, load_in_8bit=args.load_in_8bit, device=args.device,
+                      dtype=args.dtype)
 
 
 def default_speech_model() -> str:
@@ -116,19 +90,14 @@ class LazyTranscriber:
 
 
 def load_image(image):
-    """A path (or an already opened PIL image) -> PIL image, with an error that names the file."""
+    """A path (or an already opened PIL image, or None) -> PIL image, with an error that names the file."""
     if image is None or isinstance(image, Image.Image):
         return image
-    try:
-        with Image.open(image) as opened:
-            opened.load()
-            return opened.copy()
-    except (OSError, SyntaxError) as error:
-        raise ValueError(f"Cannot read image {image}: {error}") from error
+    return decode_image(image)
 
 
 @dataclass
-class Turn:
+class ChatTurn:
     """One user turn: `prompt` (typed), `image` (path or PIL image), `audio` (path, bytes, array... a spoken
     question; anything `speech_mmphi.load_audio` reads)."""
 
@@ -157,19 +126,19 @@ class Turn:
 
 
 @dataclass
-class Conversation:
+class Chat:
     """Chat history in the processor's message format, plus its images in placeholder order."""
 
     messages: list = field(default_factory=list)
     images: list = field(default_factory=list)
 
-    def prompt_messages(self, turn: Turn) -> list[dict]:
+    def prompt_messages(self, turn: ChatTurn) -> list[dict]:
         return self.messages + [turn.user_message()]
 
-    def turn_images(self, turn: Turn) -> list:
+    def turn_images(self, turn: ChatTurn) -> list:
         return self.images + ([turn.image] if turn.image is not None else [])
 
-    def commit(self, turn: Turn, transcript: str | None, answer: str) -> None:
+    def commit(self, turn: ChatTurn, transcript: str | None, answer: str) -> None:
         """Record an answered turn; the transcript replaces the audio placeholder for good."""
         self.messages.append(turn.user_message(transcript))
         self.messages.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
@@ -203,7 +172,7 @@ class GenerationOptions:
         return kwargs
 
 
-def prepare_inputs(processor, conversations: list[Conversation], turns: list[Turn], transcriber=None):
+def prepare_inputs(processor, conversations: list[Chat], turns: list[ChatTurn], transcriber=None):
     """Tokenize the pending turns (each after its conversation's history) as one left-padded batch. Returns the
     batch and, per turn, its transcript text (None when the turn has no audio)."""
     prompts, images, clips = [], [], []
@@ -290,7 +259,7 @@ class Answer:
 
 
 def answer_turn(
-    model, processor, conversation: Conversation, turn: Turn, options: GenerationOptions, transcriber=None,
+    model, processor, conversation: Chat, turn: ChatTurn, options: GenerationOptions, transcriber=None,
     streamer=None,
 ) -> Answer:
     """Answer one turn after the conversation's history, and record it in the conversation."""
@@ -301,15 +270,16 @@ def answer_turn(
 
 
 def answer_batch(
-    model, processor, turns: list[Turn], options: GenerationOptions, transcriber=None, batch_size: int = 8
+    model, processor, turns: list[ChatTurn], options: GenerationOptions, transcriber=None, batch_size: int = 8
 ) -> list[Answer]:
     """Answer independent single-turn requests, `batch_size` at a time (left-padded batched generate)."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     answers = []
-    for start in range(0, len(turns), batch_size):
+    starts = range(0, len(turns), batch_size)
+    for start in tqdm(starts, desc="answering", unit="batch", disable=len(starts) < 2):
         chunk = turns[start : start + batch_size]
-        inputs, transcripts = prepare_inputs(processor, [Conversation() for _ in chunk], chunk, transcriber)
+        inputs, transcripts = prepare_inputs(processor, [Chat() for _ in chunk], chunk, transcriber)
         texts = generate_answers(model, processor, inputs, options)
         answers.extend(Answer(text, transcript) for text, transcript in zip(texts, transcripts, strict=True))
     return answers
@@ -330,7 +300,7 @@ def _resolve(path: str, base_dir: str) -> str:
 class Request:
     line: int
     record: dict
-    turn: Turn
+    turn: ChatTurn
 
 
 def read_requests(path: str) -> list[Request]:
@@ -363,7 +333,7 @@ def read_requests(path: str) -> list[Request]:
                     if not os.path.isfile(paths[key]):
                         raise ValueError(f"{where}: {key} file not found: {record[key]}")
             try:
-                turn = Turn(record.get("prompt") or "", image=paths.get("image"), audio=paths.get("audio"))
+                turn = ChatTurn(record.get("prompt") or "", image=paths.get("image"), audio=paths.get("audio"))
             except ValueError as error:
                 raise ValueError(f"{where}: {error}") from error
             requests.append(Request(number, record, turn))

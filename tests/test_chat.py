@@ -17,7 +17,7 @@ from PIL import Image, ImageDraw
 
 from mmphi import chat, inference
 from mmphi.build import build_tiny, save_mmphi
-from mmphi.inference import Conversation, GenerationOptions, Turn
+from mmphi.inference import Chat, ChatTurn, GenerationOptions
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GREEDY = GenerationOptions(max_new_tokens=6)
@@ -69,17 +69,17 @@ def loaded(files):
 
 
 def one_by_one(model, processor, turns, options=GREEDY):
-    return [inference.answer_turn(model, processor, Conversation(), turn, options) for turn in turns]
+    return [inference.answer_turn(model, processor, Chat(), turn, options) for turn in turns]
 
 
 def test_batch_matches_one_by_one_with_left_padding(files, loaded):
     model, processor = loaded
     turns = [
-        Turn("What colour is the circle?", image=files["red"]),
-        Turn("Hi"),  # text-only, much shorter: the batch is left-padded
-        Turn("What shape is it? Answer with one word, please.", image=files["blue"]),
+        ChatTurn("What colour is the circle?", image=files["red"]),
+        ChatTurn("Hi"),  # text-only, much shorter: the batch is left-padded
+        ChatTurn("What shape is it? Answer with one word, please.", image=files["blue"]),
     ]
-    inputs, _ = inference.prepare_inputs(processor, [Conversation() for _ in turns], turns)
+    inputs, _ = inference.prepare_inputs(processor, [Chat() for _ in turns], turns)
     assert (inputs["attention_mask"] == 0).any(dim=1).tolist() == [True, True, False]
     assert (inputs["attention_mask"][:, 0] == 0).any(), "padding must be on the left for generation"
     batched = inference.answer_batch(model, processor, turns, GREEDY, batch_size=8)
@@ -92,8 +92,8 @@ def test_batch_matches_one_by_one_with_left_padding(files, loaded):
 
 def test_stream_answer_yields_growing_text_that_ends_in_the_answer(files, loaded):
     model, processor = loaded
-    turn = Turn("What colour is the circle?", image=files["red"])
-    inputs, _ = inference.prepare_inputs(processor, [Conversation()], [turn])
+    turn = ChatTurn("What colour is the circle?", image=files["red"])
+    inputs, _ = inference.prepare_inputs(processor, [Chat()], [turn])
     chunks = list(inference.stream_answer(model, processor, inputs, GREEDY))
     (expected,) = inference.generate_answers(model, processor, inputs, GREEDY)
     assert len(chunks) > 2 and chunks[-1] == expected
@@ -103,9 +103,9 @@ def test_stream_answer_yields_growing_text_that_ends_in_the_answer(files, loaded
 
 def test_history_goes_through_the_chat_template(files, loaded):
     model, processor = loaded
-    conversation = Conversation()
-    first = inference.answer_turn(model, processor, conversation, Turn("What is it?", image=files["red"]), GREEDY)
-    second = inference.answer_turn(model, processor, conversation, Turn("And the colour?"), GREEDY)
+    conversation = Chat()
+    first = inference.answer_turn(model, processor, conversation, ChatTurn("What is it?", image=files["red"]), GREEDY)
+    second = inference.answer_turn(model, processor, conversation, ChatTurn("And the colour?"), GREEDY)
     eos = processor.tokenizer.eos_token
     assert processor.apply_chat_template(conversation.messages) == (
         f"User: <image>\nWhat is it?\nAssistant: {first.text}{eos}\n"
@@ -113,7 +113,7 @@ def test_history_goes_through_the_chat_template(files, loaded):
     )
     assert len(conversation.images) == 1 and len(conversation) == 2
     # The next prompt is the whole history (with its image) followed by the new question.
-    inputs, _ = inference.prepare_inputs(processor, [conversation], [Turn("Why?")])
+    inputs, _ = inference.prepare_inputs(processor, [conversation], [ChatTurn("Why?")])
     history = processor.apply_chat_template(conversation.messages)
     expected = processor(text=history + "User: Why?\nAssistant:", images=[Image.open(files["red"])])
     assert torch.equal(inputs["input_ids"], expected["input_ids"])
@@ -122,13 +122,13 @@ def test_history_goes_through_the_chat_template(files, loaded):
 
 def test_cli_one_shot_and_interactive_in_process(files, loaded, capsys, monkeypatch):
     model, processor = loaded
-    expected = one_by_one(model, processor, [Turn("What colour is the circle?", image=files["red"])])[0].text
+    expected = one_by_one(model, processor, [ChatTurn("What colour is the circle?", image=files["red"])])[0].text
     question = "What colour is the circle?"
     chat.main(["--model", files["model"], "--image", files["red"], "--max_new_tokens", "6", question])
     assert capsys.readouterr().out.strip() == expected
 
-    conversation = Conversation()
-    turns = [Turn("What is it?", image=files["red"]), Turn("And the colour?"), Turn("Hello")]
+    conversation = Chat()
+    turns = [ChatTurn("What is it?", image=files["red"]), ChatTurn("And the colour?"), ChatTurn("Hello")]
     first, second = (inference.answer_turn(model, processor, conversation, t, GREEDY).text for t in turns[:2])
     third = one_by_one(model, processor, turns[2:])[0].text  # after /reset: no history
     stdin = f"/image {files['red']}\nWhat is it?\nAnd the colour?\n/reset\n/image missing.png\nHello\n/quit\n"
@@ -142,8 +142,8 @@ def test_cli_one_shot_and_interactive_in_process(files, loaded, capsys, monkeypa
 @needs_speech
 def test_audio_question_is_transcribed_printed_and_kept_as_text(files, loaded, capsys):
     model, processor = loaded
-    conversation = Conversation()
-    turn = Turn("", image=files["red"], audio=files["wav"])
+    conversation = Chat()
+    turn = ChatTurn("", image=files["red"], audio=files["wav"])
     answer = inference.answer_turn(model, processor, conversation, turn, GREEDY)
     assert "circle" in answer.transcript.lower()
     # The history holds the transcript, not the placeholder: later turns do not transcribe again.
@@ -166,10 +166,10 @@ def test_cli_batch_subprocess_matches_one_by_one(files, loaded):
         {"prompt": "Hi"},
         {"image": files["blue"], "prompt": "What shape is it? Answer with one word, please."},
     ]
-    turns = [Turn(r["prompt"], image=os.path.join(root, r["image"]) if "image" in r else None) for r in records]
+    turns = [ChatTurn(r["prompt"], image=os.path.join(root, r["image"]) if "image" in r else None) for r in records]
     if "wav" in files:
         records.append({"image": "red.png", "audio": "question.wav"})
-        turns.append(Turn("", image=files["red"], audio=files["wav"]))
+        turns.append(ChatTurn("", image=files["red"], audio=files["wav"]))
     requests = root / "requests.jsonl"
     requests.write_text(json.dumps(records[0]) + "\n\n" + "".join(json.dumps(r) + "\n" for r in records[1:]))
     output = root / "answers.jsonl"
@@ -205,7 +205,7 @@ def test_bad_requests_name_the_file_line_and_problem(files, tmp_path):
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"\x89PNG\r\n\x1a\n not really")
     path.write_text(json.dumps({"image": str(broken), "prompt": "x"}) + "\n")
-    with pytest.raises(ValueError, match="line 1: Cannot read image .*broken.png"):
+    with pytest.raises(ValueError, match="line 1: cannot read image .*broken.png"):
         inference.read_requests(str(path))
     path.write_text("\n")
     with pytest.raises(ValueError, match="no requests"):
@@ -216,13 +216,13 @@ def test_full_context_is_a_clear_error(files, loaded):
     model, processor = loaded
     too_many = model.config.text_config.max_position_embeddings
     with pytest.raises(ValueError, match="start a new conversation"):
-        inference.answer_turn(model, processor, Conversation(), Turn("Hi"), GenerationOptions(max_new_tokens=too_many))
+        inference.answer_turn(model, processor, Chat(), ChatTurn("Hi"), GenerationOptions(max_new_tokens=too_many))
 
 
 def test_sampling_flags_and_seed_reproduce(files, loaded):
     model, processor = loaded
     sampling = GenerationOptions(max_new_tokens=6, do_sample=True, temperature=1.5, top_p=0.95)
-    turn = Turn("Tell me something.", image=files["red"])
+    turn = ChatTurn("Tell me something.", image=files["red"])
     torch.manual_seed(1)
     first = one_by_one(model, processor, [turn], sampling)[0].text
     torch.manual_seed(1)
@@ -238,5 +238,5 @@ def test_load_in_4bit_quantizes_the_language_model_only(files):
     model, processor = inference.load_model(files["model"], load_in_4bit=True)
     quantized = {name for name, module in model.named_modules() if isinstance(module, bnb.nn.Linear4bit)}
     assert quantized and all(name.startswith("model.language_model.") for name in quantized)
-    answer = inference.answer_turn(model, processor, Conversation(), Turn("Hi", image=files["red"]), GREEDY)
+    answer = inference.answer_turn(model, processor, Chat(), ChatTurn("Hi", image=files["red"]), GREEDY)
     assert isinstance(answer.text, str)

@@ -38,18 +38,16 @@ from mmphi.data.formats import (
     validate_data,
     validate_file,
 )
-from mmphi.data.images import check_image_file, check_images, load_image
+from mmphi.data.images import check_image_file, check_images, image_problems, load_image
 from mmphi.data.records import CAPTION_PROMPT, CaptionedImage, Conversation, Turn, captioned_images, split_by_image
 from mmphi.errors import SCAN_HINT, BadRecordError, SkipReport, validation_exit
-
-SKIP_HINT = SCAN_HINT  # the name evaluation uses
 
 __all__ = [
     "IGNORE_INDEX", "EncodedSamples", "MMPhiDataCollator", "MMPhiTrainerMixin", "TruncationReport",
     "encode_conversation", "encode_conversations", "encode_messages", "length_grouped_sampler", "padding_fraction",
     "VisionFeatureStore", "cache_vision_features", "FORMATS", "DatasetFormat", "ReadOptions", "caption_conversations",
     "detect_format", "load_coco_records", "load_llava_records", "load_train_eval", "read_conversations",
-    "register_format", "validate_data", "validate_file", "check_image_file", "check_images", "load_image",
-    "CAPTION_PROMPT", "CaptionedImage", "Conversation", "Turn", "captioned_images", "split_by_image", "SCAN_HINT", "SKIP_HINT",
+    "register_format", "validate_data", "validate_file", "check_image_file", "check_images", "image_problems", "load_image",
+    "CAPTION_PROMPT", "CaptionedImage", "Conversation", "Turn", "captioned_images", "split_by_image", "SCAN_HINT",
     "BadRecordError", "SkipReport", "validation_exit",
 ]

@@ -40,14 +40,20 @@ def check_image_file(path: str) -> str | None:
     return None
 
 
-def check_images(items: Sequence, report: SkipReport, num_threads: int = 8) -> int:
-    """Decode the image of every item (threads: PIL releases the GIL while decoding), with a progress bar. Each bad
-    image is counted once in `report` (at the first item that uses it); returns how many items use a bad image."""
-    with_images = [item for item in items if item.image is not None]
-    unique = sorted({item.image for item in with_images})
+def image_problems(paths, num_threads: int = 8) -> dict[str, str]:
+    """Decode every image of `paths` (threads: PIL releases the GIL while decoding), with a progress bar; returns
+    {path: what is wrong} for the bad ones."""
+    unique = sorted(set(paths))
     with ThreadPoolExecutor(max_workers=num_threads) as pool:
         checks = tqdm(pool.map(check_image_file, unique), total=len(unique), desc="decoding images", unit="image")
-        problems = {path: problem for path, problem in zip(unique, checks, strict=True) if problem}
+        return {path: problem for path, problem in zip(unique, checks, strict=True) if problem}
+
+
+def check_images(items: Sequence, report: SkipReport, num_threads: int = 8) -> int:
+    """The `--validate_data` image scan: each bad image is counted once in `report` (at the first item that uses
+    it); returns how many items use a bad image."""
+    with_images = [item for item in items if item.image is not None]
+    problems = image_problems((item.image for item in with_images), num_threads)
     reported = set()
     for item in with_images:
         if item.image in problems and item.image not in reported:
