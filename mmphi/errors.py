@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from collections import Counter
 from dataclasses import dataclass, field
@@ -36,6 +37,21 @@ class SkipReport:
             return "no bad records"
         reasons = ", ".join(f"{n} x {reason}" for reason, n in self.counts.most_common())
         return f"skipped {self.total} bad record(s): {reasons}; first: " + "; ".join(self.examples)
+
+
+def parse_json_object(raw: bytes | str) -> dict:
+    """One JSON line -> a dict; BadRecordError says what is wrong (the caller adds file and line)."""
+    try:
+        line = raw.decode("utf-8") if isinstance(raw, bytes) else raw
+    except UnicodeDecodeError as e:
+        raise BadRecordError(f"not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})") from None
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise BadRecordError(f"malformed JSON ({e.msg} at column {e.colno})") from None
+    if not isinstance(record, dict):
+        raise BadRecordError(f"record is a JSON {type(record).__name__}, not an object")
+    return record
 
 
 def handle_bad_record(location: str, error: Exception, skip_bad_records: bool, report: SkipReport,

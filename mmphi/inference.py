@@ -10,7 +10,6 @@ the history in place of the placeholder, so later turns do not transcribe the sa
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import threading
@@ -23,6 +22,7 @@ from tqdm.auto import tqdm
 from transformers import TextIteratorStreamer, TextStreamer
 
 from mmphi.data.images import load_image as decode_image
+from mmphi.errors import BadRecordError, parse_json_object
 from mmphi.loading import load_mmphi
 from processing_mmphi import IMAGE_TOKEN as IMAGE_PLACEHOLDER
 
@@ -315,11 +315,9 @@ def read_requests(path: str) -> list[Request]:
                 continue
             where = f"{path}, line {number}"
             try:
-                record = json.loads(raw)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{where}: not valid JSON ({error.msg})") from error
-            if not isinstance(record, dict):
-                raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
+                record = parse_json_object(raw)
+            except BadRecordError as error:
+                raise BadRecordError(f"{where}: {error}") from None
             unknown = set(record) - REQUEST_KEYS
             if unknown:
                 raise ValueError(f"{where}: unknown key(s) {sorted(unknown)}; expected {sorted(REQUEST_KEYS)}")

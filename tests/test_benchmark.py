@@ -14,14 +14,9 @@ import torch
 from transformers import PhiConfig, PhiForCausalLM
 
 from configuration_mmphi import PHI2_TEXT_CONFIG
-from mmphi.bench.stages import (
-    append_to_markdown,
-    attention_flops_per_token,
-    estimate,
-    goal_verdicts,
-    linear_weights,
-    main,
-)
+from mmphi.bench.flops import attention_flops_per_token, linear_weights
+from mmphi.bench.report import append_to_markdown, estimate, goal_verdicts
+from mmphi.bench.stages import main
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -94,7 +89,7 @@ def test_cpu_run_measures_trainer_and_bare_loop_on_the_same_batch(tmp_path):
 @pytest.mark.slow
 def test_gpu_check_dry_run_on_cpu(tmp_path):
     env = dict(os.environ, OUT=str(tmp_path), STAGES="instruct", PYTHON=sys.executable)
-    result = subprocess.run(["bash", os.path.join(REPO_ROOT, "scripts", "gpu_check.sh"), "--tiny"], cwd=REPO_ROOT,
+    result = subprocess.run(["bash", os.path.join(REPO_ROOT, "benchmarks", "gpu_check.sh"), "--tiny"], cwd=REPO_ROOT,
                             env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert sorted(os.listdir(tmp_path)) == ["environment.txt", "goals.json", "gpu_check.log", "gpu_check.md",

@@ -189,8 +189,8 @@ def test_cli_batch_subprocess_matches_one_by_one(files, loaded):
 
 def test_bad_requests_name_the_file_line_and_problem(files, tmp_path):
     cases = {
-        "not json": "not valid JSON",
-        '["a list"]': "expected a JSON object",
+        "not json": "malformed JSON",
+        '["a list"]': "record is a JSON list, not an object",
         '{"prompt": "x", "imgae": "a.png"}': r"unknown key\(s\) \['imgae'\]",
         '{"image": "nowhere.png", "prompt": "x"}': "image file not found: nowhere.png",
         '{"image": "' + files["red"] + '"}': "Empty question",

@@ -14,9 +14,10 @@ import statistics
 import time
 
 import torch
-from transformers import LlavaConfig, LlavaForConditionalGeneration
+from transformers import LlavaForConditionalGeneration
 
 from configuration_mmphi import TINY_TEXT_CONFIG, TINY_VISION_CONFIG, MMPhiConfig
+from mmphi.build import to_llava_config
 from modeling_mmphi import MMPhiForCausalLM
 
 
@@ -25,16 +26,7 @@ def build_pair(hidden: int, layers: int):
     config = MMPhiConfig(
         vision_config=dict(TINY_VISION_CONFIG), text_config=text, projector_type="mlp2x_gelu", image_token_index=4000
     )
-    llava = LlavaForConditionalGeneration(
-        LlavaConfig(
-            vision_config=config.vision_config.to_dict(),
-            text_config=config.text_config.to_dict(),
-            image_token_index=config.image_token_index,
-            image_seq_length=config.image_seq_length,
-            vision_feature_layer=-1,
-            projector_hidden_act="gelu",
-        )
-    )
+    llava = LlavaForConditionalGeneration(to_llava_config(config))
     mmphi = MMPhiForCausalLM(config)
     mmphi.load_state_dict(llava.state_dict(), strict=False)
     torch.nn.init.zeros_(mmphi.lm_head.bias)

@@ -28,10 +28,10 @@ from transformers import CLIPVisionConfig
 from configuration_mmphi import TINYCLIP_VISION_CONFIG
 from mmphi.build import build_tiny
 from mmphi.data import (
-    ConversationDataset,
     MMPhiDataCollator,
     cache_vision_features,
     caption_conversations,
+    encode_conversations,
     load_coco_records,
 )
 from mmphi.data.synthetic import generate
@@ -95,14 +95,12 @@ def bench_tower(name: str, vision_config: dict | None, images, cache_root: str, 
     model, processor = build_tiny(seed=0, **overrides)
     freeze_for_stage1(model)
     model.train()
-    conversations = caption_conversations(images)
-    collator = MMPhiDataCollator(processor)
-    uncached = StepRunner(model, ConversationDataset(conversations, processor), collator, args.batch_size)
+    samples = encode_conversations(caption_conversations(images), processor).dataset
+    uncached = StepRunner(model, samples, MMPhiDataCollator(processor), args.batch_size)
     start = time.perf_counter()
     store = cache_vision_features(model, processor, [i.image for i in images], os.path.join(cache_root, name))
     cache_s = time.perf_counter() - start
-    cached = StepRunner(model, ConversationDataset(conversations, processor, vision_features=store), collator,
-                        args.batch_size)
+    cached = StepRunner(model, samples, MMPhiDataCollator(processor, vision_features=store), args.batch_size)
     result = {
         "tower": name,
         "tower_parameters_M": round(sum(p.numel() for p in model.model.vision_tower.parameters()) / 1e6, 2),
@@ -114,8 +112,7 @@ def bench_tower(name: str, vision_config: dict | None, images, cache_root: str, 
     result["speedup_wall"] = result["uncached_step"]["wall_s"] / result["cached_step"]["wall_s"]
     result["speedup_cpu"] = result["uncached_step"]["cpu_s"] / result["cached_step"]["cpu_s"]
     if vision_config is None:  # the per-token comparison on the tiny default, pixel path for both
-        caption_tokens = statistics.mean(int((uncached.dataset[i]["labels"] != -100).sum())
-                                         for i in range(len(uncached.dataset)))
+        caption_tokens = statistics.mean(sum(label != -100 for label in row["labels"]) for row in samples)
         result["teacher_forced_step"] = result["uncached_step"]
         result["per_token_loop_step"] = timed(uncached.per_token_step, max(1, args.repeats // 2))
         result["mean_caption_tokens_incl_eos"] = round(caption_tokens, 1)

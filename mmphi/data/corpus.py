@@ -27,7 +27,7 @@ from typing import IO
 import datasets
 import torch
 
-from mmphi.errors import SKIP_HINT, BadRecordError, SkipReport, handle_bad_record
+from mmphi.errors import SKIP_HINT, BadRecordError, SkipReport, handle_bad_record, parse_json_object
 
 logger = logging.getLogger(__name__)
 
@@ -83,16 +83,7 @@ def open_jsonl_streams(path: str) -> Iterator[tuple[str, IO[bytes]]]:
 
 def parse_record(raw_line: bytes) -> dict:
     """One JSONL line -> the record dict; BadRecordError says what is wrong (the caller adds file:line)."""
-    try:
-        line = raw_line.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise BadRecordError(f"not valid UTF-8 (byte 0x{raw_line[e.start]:02x} at column {e.start + 1})") from None
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise BadRecordError(f"malformed JSON ({e.msg} at column {e.colno})") from None
-    if not isinstance(record, dict):
-        raise BadRecordError(f"record is a JSON {type(record).__name__}, not an object")
+    record = parse_json_object(raw_line)
     if "text" not in record:
         raise BadRecordError('record has no "text" field')
     if not isinstance(record["text"], str):
