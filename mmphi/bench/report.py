@@ -152,6 +152,11 @@ def estimate(micro_batch: int = 4, seq: int = 2048, lora_r: int = 64) -> dict:
     }
 
 
+def measured_summary(run_: dict) -> dict:
+    keys = ("machine", "size", "batch", "seq", "peak_memory_gib", "peak_device_used_gib", "tokens_per_second", "mfu")
+    return {k: run_[k] for k in keys if k in run_}
+
+
 def goal_verdicts(paths: list[str]) -> dict:
     """The issue's real-size goals against measured Trainer runs (GiB = 2**30 bytes), next to the estimate."""
     measured = {}
@@ -168,8 +173,7 @@ def goal_verdicts(paths: list[str]) -> dict:
         run_ = measured["pretrain"]
         verdicts["pretrain"] = {
             "goal": "Phi-2 2.7B, block 2048, micro-batch >= 4, fits in 40 GB; MFU >= 40% on an H100",
-            "measured": {k: run_[k] for k in ("machine", "size", "batch", "seq", "peak_memory_gib",
-                                             "peak_device_used_gib", "tokens_per_second", "mfu") if k in run_},
+            "measured": measured_summary(run_),
             "fits_40gib": max(run_["peak_memory_gib"], run_["peak_device_used_gib"]) <= 40,
             "mfu_at_least_40pct": (run_.get("mfu") or 0) >= 0.40,
         }
@@ -177,8 +181,7 @@ def goal_verdicts(paths: list[str]) -> dict:
         run_ = measured["instruct"]
         verdicts["instruct"] = {
             "goal": "stage 2 QLoRA peak <= 16 GB at max_length 2048, micro-batch 4",
-            "measured": {k: run_[k] for k in ("machine", "size", "batch", "seq", "peak_memory_gib",
-                                             "peak_device_used_gib", "tokens_per_second", "mfu") if k in run_},
+            "measured": measured_summary(run_),
             "peak_allocated_at_most_16gib": run_["peak_memory_gib"] <= 16,
             "card_used_at_most_16gib": run_["peak_device_used_gib"] <= 16,
         }

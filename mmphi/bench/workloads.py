@@ -141,24 +141,32 @@ def caption_data(folder: str, images: list[str], seq: int, generator: torch.Gene
     })
 
 
+def multimodal_trainer(stage_module, write_data, model_folder: str, work_dir: str, device: str, batch: int,
+                       seq: int, generator: torch.Generator, *stage_flags: str):
+    """`build_trainer(output_dir, max_steps)` for stage 1 or 2: `batch` images and their records (`write_data`),
+    read by the stage's own build_trainer with every sample cut at `seq` tokens."""
+    image_folder = os.path.join(work_dir, "images")
+    data_path = write_data(work_dir, write_images(image_folder, batch, generator), seq, generator)
+
+    def build_trainer(output_dir: str, max_steps: int):
+        flags = ["--model_name_or_path", model_folder, "--data_path", data_path, "--image_folder", image_folder,
+                 "--val_fraction", "0", "--max_length", str(seq), *stage_flags,
+                 *training_flags(device, batch, max_steps, output_dir)]
+        stage = stage_module.build_trainer(*stage_module.parse_args(flags))
+        check_full_length(stage, seq)
+        return stage.trainer
+
+    return build_trainer
+
+
 def projector_workload(size: str, device: str, generator: torch.Generator, model_folder: str,
                        work_dir: str) -> Workload:
     from mmphi.stages import projector
 
     batch, seq = SIZES[size]["projector"]["batch"], SIZES[size]["projector"]["seq"]
-    image_folder = os.path.join(work_dir, "images")
-    images = write_images(image_folder, batch, generator)
-    captions = caption_data(work_dir, images, seq, generator)
-
-    def build_trainer(output_dir: str, max_steps: int):
-        flags = ["--model_name_or_path", model_folder, "--data_path", captions, "--image_folder", image_folder,
-                 "--val_fraction", "0",
-                 "--max_length", str(seq), "--cache_vision_features",
-                 "--feature_cache_dir", os.path.join(work_dir, "features"),
-                 *training_flags(device, batch, max_steps, output_dir)]
-        stage = projector.build_trainer(*projector.parse_args(flags))
-        check_full_length(stage, seq)
-        return stage.trainer
+    build_trainer = multimodal_trainer(projector, caption_data, model_folder, work_dir, device, batch, seq, generator,
+                                       "--cache_vision_features", "--feature_cache_dir",
+                                       os.path.join(work_dir, "features"))
 
     def flops_per_sample(model) -> float:
         language = model.model.language_model
@@ -187,18 +195,8 @@ def instruct_workload(size: str, device: str, generator: torch.Generator, model_
 
     settings = SIZES[size]["instruct"]
     batch, seq = settings["batch"], settings["seq"]
-    image_folder = os.path.join(work_dir, "images")
-    images = write_images(image_folder, batch, generator)
-    conversations = conversation_data(work_dir, images, seq, generator)
-
-    def build_trainer(output_dir: str, max_steps: int):
-        flags = ["--model_name_or_path", model_folder, "--data_path", conversations, "--image_folder", image_folder,
-                 "--val_fraction", "0",
-                 "--max_length", str(seq), "--lora_r", str(settings["lora_r"]),
-                 *training_flags(device, batch, max_steps, output_dir)]
-        stage = instruct.build_trainer(*instruct.parse_args(flags))
-        check_full_length(stage, seq)
-        return stage.trainer
+    build_trainer = multimodal_trainer(instruct, conversation_data, model_folder, work_dir, device, batch, seq,
+                                       generator, "--lora_r", str(settings["lora_r"]))
 
     def flops_per_sample(model) -> float:
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
