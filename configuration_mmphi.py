@@ -78,6 +78,12 @@ TINY_TEXT_CONFIG = dict(
 PROJECTOR_TYPES = ("linear", "mlp2x_gelu")
 
 
+def image_seq_length_for(vision_config, vision_feature_select_strategy: str = "default") -> int:
+    """Image tokens per image: one per patch, plus CLS unless it is dropped ("default", LLaVA's choice)."""
+    patches = (vision_config.image_size // vision_config.patch_size) ** 2
+    return patches if vision_feature_select_strategy == "default" else patches + 1
+
+
 class MMPhiConfig(PretrainedConfig):
     r"""
     Args:
@@ -130,8 +136,7 @@ class MMPhiConfig(PretrainedConfig):
             )
 
     def expected_image_seq_length(self) -> int:
-        patches = (self.vision_config.image_size // self.vision_config.patch_size) ** 2
-        return patches if self.vision_feature_select_strategy == "default" else patches + 1
+        return image_seq_length_for(self.vision_config, self.vision_feature_select_strategy)
 
     @classmethod
     def tiny(cls, **overrides) -> MMPhiConfig:

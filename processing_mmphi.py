@@ -101,11 +101,11 @@ class MMPhiProcessor(ProcessorMixin):
         cls,
         vision_model: str,
         text_model: str,
-        image_seq_length: int | None = None,
-        vision_feature_select_strategy: str = "default",
+        image_seq_length: int,
     ) -> MMPhiProcessor:
         """Processor for a CLIP checkpoint + a Phi checkpoint (ids or paths): the CLIP image processor (or CLIP's
-        defaults at the tower's image size), the Phi tokenizer with `<image>` and a pad token distinct from EOS."""
+        defaults at the tower's image size), the Phi tokenizer with `<image>` and a pad token distinct from EOS.
+        `image_seq_length` is the model config's (`MMPhiConfig.expected_image_seq_length`)."""
         from transformers import AutoConfig
 
         vision_config = AutoConfig.from_pretrained(vision_model)
@@ -118,9 +118,6 @@ class MMPhiProcessor(ProcessorMixin):
             image_processor = CLIPImageProcessor(size={"shortest_edge": size}, crop_size=crop_size)
         tokenizer = AutoTokenizer.from_pretrained(text_model)
         add_mmphi_tokens(tokenizer)
-        if image_seq_length is None:
-            image_seq_length = (vision_config.image_size // vision_config.patch_size) ** 2
-            image_seq_length += 0 if vision_feature_select_strategy == "default" else 1
         return cls(image_processor=image_processor, tokenizer=tokenizer, image_seq_length=image_seq_length)
 
     def __call__(

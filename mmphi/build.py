@@ -19,9 +19,9 @@ import os
 import shutil
 
 import torch
-from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+from transformers import AutoConfig, CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
 
-from configuration_mmphi import TINY_VISION_CONFIG, MMPhiConfig
+from configuration_mmphi import TINY_VISION_CONFIG, MMPhiConfig, image_seq_length_for
 from mmphi import TINY_TOKENIZER
 from modeling_mmphi import MMPhiForCausalLM
 from processing_mmphi import MMPhiProcessor, add_mmphi_tokens
@@ -106,7 +106,10 @@ def to_llava_config(config: MMPhiConfig):
 
 def build_from_components(vision_model: str, text_model: str, **config_overrides):
     strategy = config_overrides.get("vision_feature_select_strategy", "default")
-    processor = MMPhiProcessor.from_components(vision_model, text_model, vision_feature_select_strategy=strategy)
+    vision_config = AutoConfig.from_pretrained(vision_model)
+    vision_config = getattr(vision_config, "vision_config", vision_config)  # a CLIPModel's, or a tower's own
+    processor = MMPhiProcessor.from_components(vision_model, text_model,
+                                               image_seq_length_for(vision_config, strategy))
     tokenizer = processor.tokenizer
     overrides = dict(image_token_index=processor.image_token_id, image_seq_length=processor.image_seq_length)
     overrides.update(config_overrides)

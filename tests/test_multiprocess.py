@@ -81,11 +81,15 @@ def reset_bitsandbytes_overrides() -> None:
     bnb.optim.GlobalOptimManager.get_instance().initialize()
 
 
+STAGE_MODULES = {"pretrain_phi2.py": "mmphi.stages.pretrain", "train_projector.py": "mmphi.stages.projector",
+                 "finetune_instruct.py": "mmphi.stages.instruct"}
+
+
 def run_both(tmp_path, script: str, args: list[str], batch_size: int) -> tuple:
     """The same global batch two ways: 1 process x (2 * batch_size), run here (the stage's own `main`), and
     2 processes x batch_size through `accelerate launch`."""
     single, multi = tmp_path / "single", tmp_path / "multi"
-    stage = importlib.import_module(script.removesuffix(".py"))
+    stage = importlib.import_module(STAGE_MODULES[script])
     reset_bitsandbytes_overrides()
     stage.main([*args, "--output_dir", str(single), "--per_device_train_batch_size", str(2 * batch_size)])
     launch_two_processes(script, [*args, "--output_dir", str(multi), "--per_device_train_batch_size",
