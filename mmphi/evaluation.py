@@ -37,7 +37,7 @@ from mmphi.errors import handle_bad_record
 from mmphi.inference import GenerationOptions
 from mmphi.inference import generate_answers as inference_answers
 from mmphi.loading import load_causal_lm, load_processor
-from mmphi.metrics import corpus_bleu4, corpus_cider, normalize_vqa_answer, vqa_exact_match
+from mmphi.metrics import corpus_bleu4, corpus_cider, normalize_vqa_answer, vqa_accuracy, vqa_exact_match
 
 logger = logging.getLogger("evaluate")
 
@@ -173,7 +173,7 @@ def generate_answers(model, processor, items: list[EvalItem], batch_size: int, m
 def score_vqa(items: list[EvalItem]) -> dict:
     by_type: dict[str, list[bool]] = defaultdict(list)
     for item in items:
-        by_type[item.question_type].append(vqa_exact_match(item.prediction, item.references))
+        by_type[item.question_type].append(vqa_accuracy(item.prediction, item.references))
     correct = [c for results in by_type.values() for c in results]
     return {
         "accuracy": sum(correct) / len(correct) if correct else 0.0,

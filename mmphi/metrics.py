@@ -29,12 +29,14 @@ CONTRACTIONS = {"aint": "ain't", "arent": "aren't", "cant": "can't", "couldnt": 
                 "thats": "that's", "theres": "there's", "theyre": "they're", "wasnt": "wasn't", "werent": "weren't",
                 "whats": "what's", "wont": "won't", "wouldnt": "wouldn't", "youre": "you're"}
 _COMMA_BETWEEN_DIGITS = re.compile(r"(\d)(,)(\d)")
-_PERIOD_NOT_IN_NUMBER = re.compile(r"(?<!\d)\.(?!\d)")
+# vqaEval.py writes `(?!<=\d)(\.)(?!\d)`: a typo for a lookbehind, so only the lookahead acts: "2." loses its period
+# (the official score treats "2." as "2"), "2.5" keeps it.
+_PERIOD_NOT_IN_NUMBER = re.compile(r"\.(?!\d)")
 
 
 def _strip_punctuation(text: str) -> str:
     """vqaEval's rule: a mark next to a space (or any text with a 1,000-style comma) is deleted, otherwise it becomes
-    a space; periods are deleted unless they sit inside a number."""
+    a space; periods are deleted unless a digit follows."""
     out = text
     delete = _COMMA_BETWEEN_DIGITS.search(text) is not None
     for mark in VQA_PUNCTUATION:
@@ -58,6 +60,27 @@ def vqa_exact_match(prediction: str, reference: str | Sequence[str]) -> bool:
     references = [reference] if isinstance(reference, str) else list(reference)
     predicted = normalize_vqa_answer(prediction)
     return any(predicted == normalize_vqa_answer(r) for r in references)
+
+
+def vqa_soft_accuracy(prediction: str, answers: Sequence[str]) -> float:
+    """The official VQA accuracy for the 10 human answers of VQAv2-format data: min(#humans that gave the answer / 3,
+    1), averaged over the 10 leave-one-out subsets of the answers, as vqaEval.py computes it."""
+    if not answers:
+        raise ValueError("vqa_soft_accuracy needs at least one human answer")
+    predicted = normalize_vqa_answer(prediction)
+    normalized = [normalize_vqa_answer(answer) for answer in answers]
+    scores = []
+    for left_out in range(len(normalized)):
+        others = normalized[:left_out] + normalized[left_out + 1:]
+        scores.append(min(1.0, sum(answer == predicted for answer in others) / 3))
+    return sum(scores) / len(scores)
+
+
+def vqa_accuracy(prediction: str, references: Sequence[str]) -> float:
+    """Exact match (1.0 / 0.0) against a single reference, the official soft accuracy against several human answers."""
+    if len(references) > 1:
+        return vqa_soft_accuracy(prediction, references)
+    return float(vqa_exact_match(prediction, references))
 
 
 # ----------------------------------------------------------------------------------------------- caption metrics

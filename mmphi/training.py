@@ -13,7 +13,9 @@ import sys
 import time
 from dataclasses import dataclass, field
 
+import datasets
 import torch
+import transformers
 from transformers import HfArgumentParser, TrainingArguments
 
 from mmphi.errors import warn_skipped
@@ -114,11 +116,26 @@ def record_run(trainer, metrics: dict) -> None:
     trainer.save_state()
 
 
+def configure_logging(training_args) -> None:
+    """Our INFO lines from the main process only; the other processes of a multi-GPU run log warnings and errors, as
+    in HF's example scripts (`--log_level` / `--log_level_replica` override both)."""
+    if training_args.log_level != "passive" or training_args.log_level_replica != "warning":
+        level = training_args.get_process_log_level()
+    else:
+        level = logging.INFO if training_args.should_log else logging.WARNING
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger().setLevel(level)  # also when a handler was set up before us
+    if not training_args.should_log:  # libraries too: a replica repeats the main process's progress and notes
+        transformers.utils.logging.set_verbosity(max(level, logging.WARNING))
+        datasets.utils.logging.set_verbosity(max(level, logging.WARNING))
+        datasets.utils.logging.disable_progress_bar()
+
+
 def stage_main(argv: list[str] | None, parse_args, validate, run) -> dict | None:
     """A stage script's command line: parse, then either scan the data (`--validate_data`; exits 0 when clean) or
     train, printing the metrics."""
     model_args, data_args, training_args = parse_args(argv)
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    configure_logging(training_args)
     if data_args.validate_data:
         sys.exit(validate(data_args))
     metrics = run(model_args, data_args, training_args)

@@ -11,7 +11,15 @@ from mmphi.build import build_tiny, save_mmphi
 from mmphi.data import BadRecordError
 from mmphi.data.synthetic import generate
 from mmphi.evaluation import infer_question_type, main, perplexity_windows
-from mmphi.metrics import CiderD, corpus_bleu4, corpus_cider, normalize_vqa_answer, vqa_exact_match
+from mmphi.metrics import (
+    CiderD,
+    corpus_bleu4,
+    corpus_cider,
+    normalize_vqa_answer,
+    vqa_accuracy,
+    vqa_exact_match,
+    vqa_soft_accuracy,
+)
 
 # --- VQA normalization -------------------------------------------------------------------------------------------
 
@@ -28,6 +36,9 @@ from mmphi.metrics import CiderD, corpus_bleu4, corpus_cider, normalize_vqa_answ
     ("1,000", "1000"),
     ("dont know", "don't know"),
     ("An Apple", "apple"),
+    ("2.", "2"),  # vqaEval.py's period regex keeps a period only when a digit follows it
+    ("It is 2. Yes", "it is 2 yes"),
+    (".5", ".5"),
 ])
 def test_vqa_normalization(raw, normalized):
     assert normalize_vqa_answer(raw) == normalized
@@ -40,6 +51,16 @@ def test_vqa_exact_match_after_normalization():
     assert vqa_exact_match("bottom right", ["top left", "Bottom-right"])
     assert not vqa_exact_match("red square", "red")
     assert not vqa_exact_match("4", "3")
+
+
+@pytest.mark.parametrize("matching, expected", [(0, 0.0), (1, 0.3), (2, 0.6), (3, 0.9), (4, 1.0), (10, 1.0)])
+def test_vqa_soft_accuracy_is_the_official_leave_one_out_average(matching, expected):
+    """vqaEval.py: for each of the 10 human answers left out, min(#others equal to the prediction / 3, 1); averaged.
+    So 1 matching human answer scores 0.3, 2 score 0.6, 3 score 0.9 and 4 or more 1.0."""
+    answers = ["Two."] * matching + ["three"] * (10 - matching)
+    assert vqa_soft_accuracy("2", answers) == pytest.approx(expected)
+    assert vqa_accuracy("2", answers) == pytest.approx(expected)
+    assert vqa_accuracy("2", ["two"]) == 1.0 and vqa_accuracy("2", ["3"]) == 0.0  # one reference: exact match
 
 
 def test_question_type_inference():

@@ -149,6 +149,8 @@ def test_stage1_two_processes_match_one(tmp_path, multimodal):
             "--learning_rate", "2e-3", "--max_steps", "3", *COMMON_TRAINER_FLAGS]
     single, multi = run_both(tmp_path, "train_projector.py", args, batch_size=2)
     assert_same_training(single, multi, weight_prefixes=("model.multi_modal_projector.",), learning_rate=2e-3)
+    log = (tmp_path / "multi.log").read_text()
+    assert log.count("INFO train_projector: training ") == 1  # INFO from the main process only, not once per rank
 
 
 def test_stage2_qlora_two_processes_match_one(tmp_path, multimodal):

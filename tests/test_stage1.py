@@ -230,3 +230,20 @@ def test_unknown_format_is_a_clear_error_naming_what_was_found(setup, tmp_path):
     with pytest.raises(ValueError, match=r"rows\.json: no known dataset format fits \(a JSON list of 1 item\(s\) "
                                          r"whose first record has keys \['img', 'text'\]\).*coco_captions.*llava"):
         main(argv)
+
+
+def test_only_the_main_process_logs_info(setup, tmp_path):
+    import logging
+
+    from mmphi.training import configure_logging
+
+    root, data = setup
+    _, _, training_args = parse_args(stage1_argv(root, data, tmp_path / "out"))
+    configure_logging(training_args)  # a single process is the main one
+    assert logging.getLogger().level == logging.INFO
+    replica = type("Replica", (), {"should_log": False, "log_level": "passive", "log_level_replica": "warning"})()
+    try:
+        configure_logging(replica)
+        assert logging.getLogger().level == logging.WARNING
+    finally:
+        configure_logging(training_args)

@@ -39,7 +39,7 @@ from configuration_mmphi import PHI2_TEXT_CONFIG, TINY_TEXT_CONFIG
 from mmphi import TINY_TOKENIZER
 from mmphi.data.corpus import build_lm_datasets, collate_blocks, parse_source_weights
 from mmphi.errors import warn_skipped
-from mmphi.training import BuiltStage, StageTrainingArguments, parse_stage_args, record_run
+from mmphi.training import BuiltStage, StageTrainingArguments, configure_logging, parse_stage_args, record_run
 
 logger = logging.getLogger("pretrain_phi2")
 
@@ -244,7 +244,7 @@ def run_pretraining(model_args: ModelArguments, data_args: DataArguments,
 
 def main(argv: list[str] | None = None) -> dict:
     model_args, data_args, training_args = parse_args(argv)
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    configure_logging(training_args)
     return run_pretraining(model_args, data_args, training_args)
 
 
