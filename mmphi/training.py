@@ -24,28 +24,21 @@ logger = logging.getLogger(__name__)
 
 
 
-def explicit_precision_flags(argv: list[str] | None = None) -> bool:
-    """True when the user chose a precision on the command line (then we never override it)."""
-    argv = sys.argv[1:] if argv is None else argv
-    return any(a.split("=")[0] in ("--fp16", "--bf16") for a in argv)
+PRECISION_HELP = "mixed precision; default (unset): bf16 on GPUs that support it, fp16 on older GPUs, fp32 on CPU"
 
 
 def resolve_precision(args) -> None:
-    """Pick fp16/bf16 by device when the user did not: bf16 on GPUs that support it, fp16 on older GPUs, fp32 on CPU.
-
-    fp16=True on a CPU does nothing in Trainer (no autocast) and bf16=True fails without `use_cpu`, so on CPU we
-    turn both off rather than pretend.
-    """
+    """An explicit precision, from any source (command line, JSON config, code), is the user's and is kept (bf16
+    autocast on a CPU is real: `--bf16 true --use_cpu true`). Only when neither `fp16` nor `bf16` was given (both
+    None) is it chosen by device: bf16 on GPUs that support it, fp16 on older GPUs, fp32 on CPU."""
     on_gpu = torch.cuda.is_available() and not getattr(args, "use_cpu", False)
-    if not on_gpu:
-        if args.fp16 or args.bf16:
-            logger.warning("No CUDA device: training in fp32 instead of fp16/bf16.")
-        args.fp16 = args.bf16 = False
+    if args.fp16 is None and args.bf16 is None:
+        args.bf16 = bool(on_gpu and torch.cuda.is_bf16_supported())
+        args.fp16 = bool(on_gpu and not args.bf16)
         return
-    if explicit_precision_flags():
-        return
-    args.bf16 = torch.cuda.is_bf16_supported()
-    args.fp16 = not args.bf16
+    args.fp16, args.bf16 = bool(args.fp16), bool(args.bf16)
+    if args.fp16 and not on_gpu:
+        logger.warning("--fp16 without a CUDA device: the Trainer does not autocast to fp16 on a CPU (use --bf16)")
 
 
 @dataclass
@@ -61,6 +54,8 @@ class StageTrainingArguments(TrainingArguments):
     logging_steps: float = field(default=10)
     save_safetensors: bool = field(default=True)
     report_to: None | str | list[str] = field(default="none")
+    fp16: bool | None = field(default=None, metadata={"help": PRECISION_HELP})
+    bf16: bool | None = field(default=None, metadata={"help": PRECISION_HELP})
 
     def __post_init__(self):
         resolve_precision(self)

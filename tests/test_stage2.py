@@ -183,3 +183,54 @@ def test_collator_mixes_image_and_text_samples_and_handles_bad_images(tiny_folde
         MMPhiDataCollator(processor)(rows)
     skipping = MMPhiDataCollator(processor, skip_bad_records=True)
     assert skipping(rows)["input_ids"].shape[0] == 2 and skipping.skipped.total == 1
+
+
+# --- precision ---------------------------------------------------------------------------------------------------
+
+
+def test_explicit_precision_from_any_source_is_kept(tmp_path, monkeypatch):
+    from mmphi.stages.instruct import parse_args
+    from mmphi.training import resolve_precision
+
+    base = ["--model_name_or_path", "m", "--data_path", "d.json", "--output_dir", str(tmp_path)]
+    *_, args = parse_args([*base, "--bf16", "true", "--use_cpu", "true"])
+    assert args.bf16 and not args.fp16  # CPU bf16 autocast is real: not turned into fp32
+    config = tmp_path / "run.json"
+    config.write_text(json.dumps({"model_name_or_path": "m", "data_path": "d.json", "output_dir": str(tmp_path),
+                                  "bf16": True, "use_cpu": True}))
+    *_, args = parse_args([str(config)])
+    assert args.bf16 and not args.fp16  # a JSON config is as explicit as a flag
+    *_, args = parse_args(base)
+    assert not args.bf16 and not args.fp16  # nothing given, no GPU: fp32
+
+    # on a bf16-capable GPU the automatic choice is bf16, but never over what the user gave
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+
+    def resolved(fp16, bf16):
+        args = type("Args", (), {"fp16": fp16, "bf16": bf16, "use_cpu": False})()
+        resolve_precision(args)
+        return args.fp16, args.bf16
+
+    assert resolved(None, None) == (False, True)
+    assert resolved(True, None) == (True, False)
+    assert resolved(None, False) == (False, False)  # --bf16 false alone: fp32, as asked
+
+
+@pytest.mark.slow  # a bf16-autocast 4-bit run on the CPU (~20 s)
+def test_bf16_qlora_keeps_fp32_master_weights_so_small_updates_land(tiny_folder, synthetic, tmp_path):
+    """At lr 1e-5 an Adam step changes a weight by ~1e-5, below bf16's resolution for weights of ~0.05: only fp32
+    master weights (autocast keeps the matmuls in bf16) let the projector move."""
+    output_dir = tmp_path / "bf16"
+    main(["--model_name_or_path", str(tiny_folder), "--data_path", synthetic["llava_train"],
+          "--image_folder", synthetic["images"], "--output_dir", str(output_dir), "--quantization", "4bit",
+          "--bf16", "true", "--use_cpu", "true", "--lora_r", "8", "--max_steps", "2",
+          "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "1", "--learning_rate", "1e-5",
+          "--warmup_steps", "0", "--lr_scheduler_type", "constant", "--optim", "adamw_torch", "--val_fraction", "0",
+          "--save_strategy", "no", "--max_length", str(MAX_LENGTH), "--gradient_checkpointing", "false"])
+    adapter = load_file(output_dir / "adapter_model.safetensors")
+    base = load_file(tiny_folder / "model.safetensors")
+    trained = {k: v for k, v in adapter.items() if "multi_modal_projector" in k or "lora_" in k}
+    assert trained and all(v.dtype == torch.float32 for v in trained.values())
+    projector = next(v for k, v in adapter.items() if k.endswith("multi_modal_projector.linear_1.weight"))
+    assert not torch.equal(projector, base["model.multi_modal_projector.linear_1.weight"])

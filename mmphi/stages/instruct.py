@@ -45,6 +45,7 @@ from mmphi.data import (
 from mmphi.data.formats import MultimodalDataArguments
 from mmphi.loading import bnb_config, merge_lora, training_dtype
 from mmphi.training import (
+    PRECISION_HELP,
     BuiltStage,
     parse_stage_args,
     record_run,
@@ -95,7 +96,7 @@ class DataArguments(MultimodalDataArguments):
 @dataclass
 class InstructSFTConfig(SFTConfig):
     """SFTConfig with the stage defaults (the seed's paged 8-bit AdamW and accumulation 4; QLoRA's learning rate;
-    length-grouped batches) and precision chosen by device: SFTConfig's bf16=True would fail on a CPU."""
+    length-grouped batches) and precision chosen by device unless given: SFTConfig's bf16=True would fail on a CPU."""
 
     output_dir: str = field(default="outputs/stage2")
     optim: str = field(default="paged_adamw_8bit")
@@ -109,6 +110,8 @@ class InstructSFTConfig(SFTConfig):
     dataset_kwargs: dict | str | None = field(default_factory=lambda: {"skip_prepare_dataset": True})
     remove_unused_columns: bool = field(default=False)
     report_to: None | str | list[str] = field(default="none")  # typed so HfArgumentParser accepts it
+    fp16: bool | None = field(default=None, metadata={"help": PRECISION_HELP})
+    bf16: bool | None = field(default=None, metadata={"help": PRECISION_HELP})
 
     def __post_init__(self):
         resolve_precision(self)
@@ -155,11 +158,11 @@ def trainable_parameter_names(model) -> list[str]:
     return [name for name, param in model.named_parameters() if param.requires_grad]
 
 
-def keep_trainable_in_fp32(model, args) -> None:
-    """TRL casts the trainable weights of a quantized model to bf16 (QLoRA's recipe on GPUs). Training in fp32 or
-    fp16 keeps them in fp32: bf16 matmuls are slow on CPUs, and fp16 mixed precision needs fp32 master weights."""
-    if args.bf16:
-        return
+def keep_trainable_in_fp32(model) -> None:
+    """Everything that trains (LoRA A/B, the projector, lm_head in `modules_to_save`) holds fp32 master weights, in
+    every precision: autocast keeps the matmuls in bf16/fp16, while small Adam updates would round away in bf16
+    weights. TRL casts the trainable weights of a model it sees as quantized to bf16; we cast back after it,
+    whatever it detected."""
     for param in model.parameters():
         if param.requires_grad and param.dtype != torch.float32:
             param.data = param.data.float()
@@ -196,7 +199,7 @@ def build_trainer(model_args: ModelArguments, data_args: DataArguments, args: In
         eval_dataset=evaluation.dataset if evaluation else None, data_collator=collator,
         processing_class=processor, peft_config=None if model_args.full_finetune else lora_config(model_args),
     )
-    keep_trainable_in_fp32(trainer.model, args)
+    keep_trainable_in_fp32(trainer.model)
     trainable = trainable_parameter_names(trainer.model)
     logger.info("training %d tensors (%.2fM parameters): %s", len(trainable),
                 sum(p.numel() for p in trainer.model.parameters() if p.requires_grad) / 1e6,
