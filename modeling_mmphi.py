@@ -132,7 +132,11 @@ class MMPhiModel(MMPhiPreTrainedModel):
         """Tower hidden states at `vision_feature_layer`, CLS dropped for the "default" strategy: the projector's
         input, and what `--cache_vision_features` stores."""
         tower_dtype = self.vision_tower.get_input_embeddings().weight.dtype
-        outputs = self.vision_tower(pixel_values.to(tower_dtype), output_hidden_states=True, return_dict=True)
+        # A frozen tower runs without autograd: no activations kept, no backward through it, even when a trainer has
+        # hooked every input embedding (TRL's enable_input_require_grads hooks CLIP's patch embedding too).
+        tower_trains = any(param.requires_grad for param in self.vision_tower.parameters())
+        with torch.set_grad_enabled(torch.is_grad_enabled() and tower_trains):
+            outputs = self.vision_tower(pixel_values.to(tower_dtype), output_hidden_states=True, return_dict=True)
         layers = self.config.vision_feature_layer
         layers = [layers] if isinstance(layers, int) else layers
         features = torch.cat([outputs.hidden_states[layer] for layer in layers], dim=-1)

@@ -234,3 +234,23 @@ def test_bf16_qlora_keeps_fp32_master_weights_so_small_updates_land(tiny_folder,
     assert trained and all(v.dtype == torch.float32 for v in trained.values())
     projector = next(v for k, v in adapter.items() if k.endswith("multi_modal_projector.linear_1.weight"))
     assert not torch.equal(projector, base["model.multi_modal_projector.linear_1.weight"])
+
+
+def test_frozen_tower_runs_without_autograd_under_trl_hooks(tiny_folder, synthetic, tmp_path):
+    """TRL's enable_input_require_grads (gradient checkpointing) hooks every input embedding, CLIP's patch embedding
+    included; the frozen tower must still build no graph: no activations kept, no backward through it."""
+    from mmphi.stages.instruct import build_trainer, parse_args
+
+    stage = build_trainer(*parse_args([
+        "--model_name_or_path", str(tiny_folder), "--data_path", synthetic["llava_train"],
+        "--image_folder", synthetic["images"], "--output_dir", str(tmp_path), "--lora_r", "8", "--val_fraction", "0",
+        "--max_length", str(MAX_LENGTH), "--gradient_checkpointing", "true", "--optim", "adamw_torch",
+    ]))
+    backbone = stage.trainer.model.get_base_model().model
+    patch_embedding = backbone.vision_tower.get_input_embeddings()
+    assert patch_embedding._forward_hooks  # TRL did hook it
+    pixels = torch.rand(2, 3, 224, 224)
+    features = backbone.get_vision_features(pixels)
+    assert not features.requires_grad and features.grad_fn is None
+    projected = backbone.get_image_features(pixel_values=pixels)
+    assert projected.requires_grad  # the trained projector still gets its gradient
