@@ -98,23 +98,54 @@ def load_mmphi(path: str, adapter: str | None = None, quantization: str | None =
     return model, load_processor(path, adapter)
 
 
-def merge_lora(model_name_or_path: str, adapter: str, output_dir: str, dtype: torch.dtype = torch.float32):
-    """Write base + stage-2 adapter as one full MM-Phi folder; returns the merged model. The base is loaded in full
-    precision (never 4-bit: a QLoRA adapter is merged into the unquantized weights it approximates), LoRA deltas are
-    folded into the weights, and the adapter's copies of `modules_to_save` (the projector) replace the base's."""
+MERGE_TARGETS = ("dequantized", "original")
+
+
+def nf4_roundtrip_(model, skip_prefixes) -> int:
+    """Replace, in place, every weight that stage 2's 4-bit load quantizes (each nn.Linear outside `skip_prefixes`)
+    by its NF4 round trip (nf4, double quantization, bitsandbytes' block size): bit for bit the weights the adapter
+    was trained against. Returns how many weights were replaced."""
+    import bitsandbytes as bnb
+
+    count = 0
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and not name.startswith(tuple(skip_prefixes)):
+            weight = module.weight.data
+            packed, state = bnb.functional.quantize_4bit(weight, quant_type="nf4", compress_statistics=True)
+            module.weight.data = bnb.functional.dequantize_4bit(packed, state).to(weight.dtype)
+            count += 1
+    return count
+
+
+def merge_lora(model_name_or_path: str, adapter: str, output_dir: str | None = None,
+               dtype: torch.dtype = torch.float32, merge_into: str = "dequantized", base_quantization: str = "4bit"):
+    """Base + stage-2 adapter as one full-precision MM-Phi (written to `output_dir` when given); returns the merged
+    model. LoRA deltas are folded into the weights and the adapter's `modules_to_save` (the projector, ...) replace
+    the base's. A QLoRA adapter was trained against the NF4-rounded base: `merge_into="dequantized"` (the default)
+    folds it into those dequantized weights, so the merged model computes what was trained (BENCHMARKS.md "Merge
+    target": much closer to 4-bit base + adapter than a merge into the original weights); "original" merges into the
+    unquantized base weights. An 8-bit or unquantized base is always merged into its original weights."""
     from peft import PeftModel
 
-    from mmphi.build import save_mmphi
-    from modeling_mmphi import MMPhiForCausalLM
-    from processing_mmphi import MMPhiProcessor  # this repo's class: the folder gets this repo's code files
+    from modeling_mmphi import QUANTIZATION_SKIP_MODULES, MMPhiForCausalLM
 
+    if merge_into not in MERGE_TARGETS:
+        raise ValueError(f"merge_into must be one of {MERGE_TARGETS}, got {merge_into!r}")
     if not os.path.exists(os.path.join(adapter, "adapter_config.json")):
         raise FileNotFoundError(f"{adapter}: no adapter_config.json (is it a stage-2 LoRA output?)")
     base = MMPhiForCausalLM.from_pretrained(model_name_or_path, dtype=dtype)
+    if merge_into == "dequantized" and base_quantization == "4bit":
+        replaced = nf4_roundtrip_(base, QUANTIZATION_SKIP_MODULES)
+        logger.info("merging into the NF4-dequantized weights of %d layers (what the adapter was trained on)",
+                    replaced)
     merged = PeftModel.from_pretrained(base, adapter).merge_and_unload()
     leftovers = [name for name, _ in merged.named_parameters() if "lora_" in name or "modules_to_save" in name]
     if leftovers:
         raise RuntimeError(f"merge left adapter parameters behind: {leftovers[:5]}")
-    save_mmphi(merged, MMPhiProcessor.from_pretrained(processor_folder(adapter, model_name_or_path)), output_dir)
-    logger.info("merged %s + %s into %s", model_name_or_path, adapter, output_dir)
+    if output_dir is not None:
+        from mmphi.build import save_mmphi
+        from processing_mmphi import MMPhiProcessor  # this repo's class: the folder gets this repo's code files
+
+        save_mmphi(merged, MMPhiProcessor.from_pretrained(processor_folder(adapter, model_name_or_path)), output_dir)
+        logger.info("merged %s + %s into %s", model_name_or_path, adapter, output_dir)
     return merged

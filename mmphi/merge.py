@@ -3,11 +3,12 @@
     python scripts/merge_lora.py --model_name_or_path outputs/stage1 --adapter outputs/stage2 \
         --output_dir outputs/stage2-merged
 
-The base is loaded in full precision (never 4-bit, even when the adapter was trained on a 4-bit base: a QLoRA
-adapter is merged into the unquantized weights it approximates), LoRA deltas are folded into the weights, and the
-adapter's copy of the projector (`modules_to_save`) replaces the base's. The folder holds safetensors weights, the
-config, the processor and the model code, and loads with `AutoModelForCausalLM.from_pretrained(D,
-trust_remote_code=True)`.
+The result is full precision. A QLoRA adapter was trained against the NF4-rounded base, so by default it is merged into
+those dequantized weights (`--merge_into dequantized`; BENCHMARKS.md "Merge target" measures how much closer that is to
+the 4-bit base + adapter than `--merge_into original`, the unquantized weights). LoRA deltas are folded into the
+weights, and the adapter's copy of the projector (`modules_to_save`) replaces the base's. The folder holds
+safetensors weights, the config, the processor and the model code, and loads with
+`AutoModelForCausalLM.from_pretrained(D, trust_remote_code=True)`.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import logging
 
 import torch
 
-from mmphi.loading import merge_lora
+from mmphi.loading import MERGE_TARGETS, QUANTIZATION_CHOICES, merge_lora
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -26,10 +27,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--adapter", required=True, help="the stage-2 adapter folder")
     parser.add_argument("--output_dir", required=True)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                        help="dtype of the merged weights")
+                        help="dtype of the merged weights (for --merge_into dequantized: the one stage 2 loaded with)")
+    parser.add_argument("--merge_into", default="dequantized", choices=MERGE_TARGETS,
+                        help="dequantized: the NF4 weights the adapter was trained on; original: the unquantized ones")
+    parser.add_argument("--base_quantization", default="4bit", choices=QUANTIZATION_CHOICES,
+                        help="how stage 2 loaded the base (its --quantization)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    merge_lora(args.model_name_or_path, args.adapter, args.output_dir, getattr(torch, args.dtype))
+    merge_lora(args.model_name_or_path, args.adapter, args.output_dir, getattr(torch, args.dtype), args.merge_into,
+               args.base_quantization)
 
 
 if __name__ == "__main__":

@@ -143,9 +143,12 @@ def test_truncation_and_padding_are_reported(qlora_run, tiny_folder, synthetic):
 
 
 @pytest.mark.slow  # shares one real QLoRA run (~15 s idle, ~50 s on a loaded 2-core machine)
-def test_merged_model_gives_the_logits_of_base_plus_adapter(qlora_run, tiny_folder):
-    from peft import PeftModel
+def test_merged_model_gives_the_logits_of_the_trained_4bit_base_plus_adapter(qlora_run, tiny_folder):
+    """The default merge folds LoRA into the NF4-dequantized weights the adapter was trained on: the merged folder
+    computes what was trained (4-bit base + adapter), far closer than a merge into the original weights."""
     from transformers import AutoModelForCausalLM
+
+    from mmphi.loading import load_causal_lm, merge_lora
 
     output_dir, metrics = qlora_run
     merged_dir = output_dir / "merged"
@@ -156,14 +159,15 @@ def test_merged_model_gives_the_logits_of_base_plus_adapter(qlora_run, tiny_fold
     processor = MMPhiProcessor.from_pretrained(merged_dir, trust_remote_code=True)
     batch = processor(text=["User: <image>\nWhat colour is it?\nAssistant:", "User: How many sides?\nAssistant:"],
                       images=[[Image.new("RGB", (60, 40), (220, 30, 30))], []])
-    base = AutoModelForCausalLM.from_pretrained(tiny_folder, trust_remote_code=True).eval()
     with torch.no_grad():
-        plain = base(**batch).logits
-        with_adapter = PeftModel.from_pretrained(base, str(output_dir)).eval()  # wraps `base` in place
-        expected = with_adapter(**batch).logits
+        trained = load_causal_lm(str(tiny_folder), adapter=str(output_dir), quantization="4bit", device="cpu",
+                                 dtype="float32")(**batch).logits
+        plain = AutoModelForCausalLM.from_pretrained(tiny_folder, trust_remote_code=True).eval()(**batch).logits
         actual = merged(**batch).logits
-    torch.testing.assert_close(actual, expected, atol=1e-4, rtol=1e-4)
-    assert not torch.allclose(plain, expected, atol=1e-3)  # the adapter does change the model
+        into_original = merge_lora(str(tiny_folder), str(output_dir), merge_into="original").eval()(**batch).logits
+    torch.testing.assert_close(actual, trained, atol=1e-4, rtol=1e-4)
+    assert (into_original - trained).abs().max() > 10 * (actual - trained).abs().max()
+    assert not torch.allclose(plain, trained, atol=1e-3)  # the adapter does change the model
 
 
 def test_collator_mixes_image_and_text_samples_and_handles_bad_images(tiny_folder, synthetic, tmp_path):

@@ -43,7 +43,7 @@ from mmphi.data import (
     validate_data,
 )
 from mmphi.data.formats import MultimodalDataArguments
-from mmphi.loading import bnb_config, merge_lora, training_dtype
+from mmphi.loading import MERGE_TARGETS, bnb_config, merge_lora, training_dtype
 from mmphi.training import (
     PRECISION_HELP,
     BuiltStage,
@@ -85,6 +85,11 @@ class ModelArguments:
     )
     attn_implementation: str = field(default="sdpa", metadata={"help": "eager, sdpa, flash_attention_2, ..."})
     merge: bool = field(default=False, metadata={"help": "also write base + adapter as one full MM-Phi folder"})
+    merge_into: str = field(
+        default="dequantized", metadata={"help": "with --merge: fold LoRA into the NF4-dequantized base weights the "
+                                                 "adapter was trained on, or the original ones",
+                                         "choices": list(MERGE_TARGETS)},
+    )
     merged_output_dir: str | None = field(default=None, metadata={"help": "default: <output_dir>/merged"})
 
 
@@ -225,7 +230,8 @@ def save_outputs(trainer, processor, model_args: ModelArguments, args, metrics: 
     record_run(trainer, metrics)
     if model_args.merge and not model_args.full_finetune:
         merged_dir = model_args.merged_output_dir or os.path.join(args.output_dir, "merged")
-        merge_lora(model_args.model_name_or_path, args.output_dir, merged_dir)
+        merge_lora(model_args.model_name_or_path, args.output_dir, merged_dir, merge_into=model_args.merge_into,
+                   base_quantization=model_args.quantization)
         metrics["merged_output_dir"] = merged_dir
 
 
