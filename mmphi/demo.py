@@ -88,7 +88,8 @@ def plan(work: str, data: str) -> list[Stage]:
             python(
                 "stages.projector", "--model_name_or_path", base,
                 "--data_path", os.path.join(synthetic, "captions_train.json"), "--image_folder", images,
-                "--output_dir", stage1, *tiny_flags("projector"),
+                "--output_dir", stage1, "--feature_cache_dir", os.path.join(work, "vision_features"),
+                *tiny_flags("projector"),
             ),
             run_dir=stage1,
         ),

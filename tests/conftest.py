@@ -1,10 +1,13 @@
 """Offline, CPU-only test harness: hub calls fail fast (`mmphi` and the model files come from the editable install)."""
 
 import os
+import tempfile
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+# stage 1's feature cache defaults to ~/.cache/mmphi: tests keep theirs in a temporary folder
+os.environ["MMPHI_CACHE"] = tempfile.mkdtemp(prefix="mmphi-test-cache-")
 
 
 

@@ -391,3 +391,18 @@ def test_vision_feature_cache_round_trip_and_reuse(tiny, synthetic, tmp_path):
     assert index.stat().st_mtime_ns != stamp  # another tower: recomputed
     with pytest.raises(md.BadRecordError, match="no cached vision features"):
         store.get("/elsewhere/x.png")
+
+
+def test_vision_feature_cache_names_unreadable_images_and_leaves_them_out(tiny, synthetic, tmp_path):
+    model, processor = tiny
+    paths = [i.image for i in md.load_coco_records(synthetic["captions_val"], synthetic["images"])][:4]
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(Path(paths[0]).read_bytes()[:100])
+    store = md.cache_vision_features(model, processor, [*paths, str(broken)], str(tmp_path / "cache"), batch_size=2)
+    assert len(store) == len(paths) and str(broken) not in store
+    with pytest.raises(md.BadRecordError, match="cannot read image .*broken.png"):
+        store.get(str(broken))
+    rows = list(md.encode_conversations(
+        [md.Conversation("bad", str(broken), [md.Turn("Q?", "A")], location="f.json: record 7")], processor).dataset)
+    with pytest.raises(md.BadRecordError, match=r"f.json: record 7: cannot read image"):
+        md.MMPhiDataCollator(processor, vision_features=store)(rows)

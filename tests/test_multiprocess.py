@@ -17,6 +17,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from mmphi import TINY_TOKENIZER
@@ -85,14 +86,15 @@ STAGE_MODULES = {"pretrain_phi2.py": "mmphi.stages.pretrain", "train_projector.p
                  "finetune_instruct.py": "mmphi.stages.instruct"}
 
 
-def run_both(tmp_path, script: str, args: list[str], batch_size: int) -> tuple:
+def run_both(tmp_path, script: str, args: list[str], batch_size: int, per_run=lambda run_dir: []) -> tuple:
     """The same global batch two ways: 1 process x (2 * batch_size), run here (the stage's own `main`), and
     2 processes x batch_size through `accelerate launch`."""
     single, multi = tmp_path / "single", tmp_path / "multi"
     stage = importlib.import_module(STAGE_MODULES[script])
     reset_bitsandbytes_overrides()
-    stage.main([*args, "--output_dir", str(single), "--per_device_train_batch_size", str(2 * batch_size)])
-    launch_two_processes(script, [*args, "--output_dir", str(multi), "--per_device_train_batch_size",
+    stage.main([*args, *per_run(single), "--output_dir", str(single), "--per_device_train_batch_size",
+                str(2 * batch_size)])
+    launch_two_processes(script, [*args, *per_run(multi), "--output_dir", str(multi), "--per_device_train_batch_size",
                                   str(batch_size)], tmp_path / "multi.log")
     return single, multi
 
@@ -140,17 +142,28 @@ def multimodal(tmp_path_factory):
 
 
 def test_stage1_two_processes_match_one(tmp_path, multimodal):
-    """The real recipe's shape: frozen tower with its features cached once (rank 0 writes, rank 1 waits and reads),
-    projector trained."""
+    """The real recipe's shape: frozen tower with its features cached (each process computes its share of the shards,
+    the same shards as one process computes), projector trained."""
     data = multimodal["data"]
     args = ["--model_name_or_path", multimodal["model"], "--data_path", str(data / "captions_train.json"),
-            "--image_folder", str(data / "images"), "--cache_vision_features",
-            "--val_fraction", "0.1",  # features cached under each run's output_dir
-            "--learning_rate", "2e-3", "--max_steps", "3", *COMMON_TRAINER_FLAGS]
-    single, multi = run_both(tmp_path, "train_projector.py", args, batch_size=2)
+            "--image_folder", str(data / "images"), "--cache_vision_features", "--feature_cache_batch_size", "4",
+            "--val_fraction", "0.1", "--learning_rate", "2e-3", "--max_steps", "3", *COMMON_TRAINER_FLAGS]
+
+    def cache_args(run_dir):  # a cache per run, in shards of 8 images: two processes share the work
+        return ["--feature_cache_dir", str(run_dir) + "-features", "--feature_cache_shard_size", "8"]
+
+    single, multi = run_both(tmp_path, "train_projector.py", args, batch_size=2, per_run=cache_args)
     assert_same_training(single, multi, weight_prefixes=("model.multi_modal_projector.",), learning_rate=2e-3)
     log = (tmp_path / "multi.log").read_text()
     assert log.count("INFO train_projector: training ") == 1  # INFO from the main process only, not once per rank
+    single_cache, multi_cache = (json.loads((tmp_path / f"{run}-features" / "index.json").read_text())
+                                 for run in ("single", "multi"))
+    assert single_cache["rows"] == multi_cache["rows"] and single_cache["fingerprint"] == multi_cache["fingerprint"]
+    shards = sorted({shard for shard, _ in single_cache["rows"].values()})
+    assert len(shards) > 1  # both processes computed a share
+    for shard in shards:
+        torch.testing.assert_close(load_file(tmp_path / "multi-features" / shard)["features"],
+                                   load_file(tmp_path / "single-features" / shard)["features"])
 
 
 def test_stage2_qlora_two_processes_match_one(tmp_path, multimodal):

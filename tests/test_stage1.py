@@ -109,8 +109,9 @@ def test_validation_is_split_by_image(setup, tmp_path):
               "--eval_image_folder", data["images"])
 
 
-def test_cached_and_uncached_features_give_the_same_losses(setup, tmp_path):
+def test_cached_and_uncached_features_give_the_same_losses(setup, tmp_path, monkeypatch):
     root, data = setup
+    monkeypatch.setenv("MMPHI_CACHE", str(tmp_path / "cache"))
     losses = {}
     small = ("--per_device_train_batch_size", "2", "--max_eval_samples", "4")
     for mode, extra in (("pixels", small), ("cached", (*small, "--cache_vision_features"))):
@@ -120,8 +121,11 @@ def test_cached_and_uncached_features_give_the_same_losses(setup, tmp_path):
         losses[mode] = [eval_loss] + [log["loss"] for log in stage.trainer.state.log_history if "loss" in log]
     assert len(losses["cached"]) == 3
     assert losses["cached"] == pytest.approx(losses["pixels"], rel=1e-4)
-    shards = list((tmp_path / "cached" / "vision_features").glob("*.safetensors"))
-    assert shards and json.loads((tmp_path / "cached" / "vision_features" / "index.json").read_text())["rows"]
+    # the cache lives outside output_dir (checkpoints and pushes never carry it), keyed by tower and image set
+    cache = Path(stage.collator.vision_features.directory)
+    assert cache.parent == tmp_path / "cache" / "vision_features"
+    assert not list((tmp_path / "cached").rglob("*.safetensors"))
+    assert list(cache.glob("*.safetensors")) and json.loads((cache / "index.json").read_text())["rows"]
 
 
 def test_cached_features_with_a_trained_tower_is_an_error(setup, tmp_path):

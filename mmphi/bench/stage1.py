@@ -37,6 +37,7 @@ from mmphi.data import (
 from mmphi.data.synthetic import generate
 from mmphi.stages.projector import freeze_for_stage1
 
+COCO_TRAIN_IMAGES = 118_287
 TOWERS = {"tiny tower (2 layers, 64-d)": None, "TinyCLIP-size tower (12 layers, 640-d)": TINYCLIP_VISION_CONFIG}
 
 
@@ -98,7 +99,8 @@ def bench_tower(name: str, vision_config: dict | None, images, cache_root: str, 
     samples = encode_conversations(caption_conversations(images), processor).dataset
     uncached = StepRunner(model, samples, MMPhiDataCollator(processor), args.batch_size)
     start = time.perf_counter()
-    store = cache_vision_features(model, processor, [i.image for i in images], os.path.join(cache_root, name))
+    store = cache_vision_features(model, processor, [i.image for i in images], os.path.join(cache_root, name),
+                                  batch_size=32, num_workers=args.cache_workers)
     cache_s = time.perf_counter() - start
     cached = StepRunner(model, samples, MMPhiDataCollator(processor, vision_features=store), args.batch_size)
     result = {
@@ -108,6 +110,8 @@ def bench_tower(name: str, vision_config: dict | None, images, cache_root: str, 
         "cached_step": timed(cached.teacher_forced_step, args.repeats),
         "cache_build_s": round(cache_s, 2),
         "cached_images": len(store),
+        "cache_images_per_s": round(len(store) / cache_s, 1),
+        "coco_118k_cache_min": round(COCO_TRAIN_IMAGES / (len(store) / cache_s) / 60, 1),  # extrapolated, same CPU
     }
     result["speedup_wall"] = result["uncached_step"]["wall_s"] / result["cached_step"]["wall_s"]
     result["speedup_cpu"] = result["uncached_step"]["cpu_s"] / result["cached_step"]["cpu_s"]
@@ -130,6 +134,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--num_images", type=int, default=48)
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=6, help="timed steps per measurement (median)")
+    parser.add_argument("--cache_workers", type=int, default=1, help="DataLoader workers decoding images to cache")
     parser.add_argument("--output_file", default="outputs/bench_stage1.json")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads (default: torch's); on a shared machine 1 thread gives steadier numbers")
@@ -163,13 +168,14 @@ def markdown(report: dict) -> str:
     lines = [f"{report['machine']}, {report['torch_threads']} threads, batch {report['batch_size']}, load average "
              f"{report['load_average_before_after'][0]} -> {report['load_average_before_after'][1]}", "",
              "| tower | uncached step s (wall / CPU) | cached step s (wall / CPU) | speed-up (wall / CPU) "
-             "| cache build s |",
-             "|---|---|---|---|---|"]
+             "| cache build s | cache images/s | 118K COCO images, extrapolated |",
+             "|---|---|---|---|---|---|---|"]
     for r in report["results"]:
         u, c = r["uncached_step"], r["cached_step"]
         lines.append(f"| {r['tower']}, {r['tower_parameters_M']}M | {u['wall_s']:.3f} / {u['cpu_s']:.3f} | "
                      f"{c['wall_s']:.3f} / {c['cpu_s']:.3f} | {r['speedup_wall']:.2f}x / {r['speedup_cpu']:.2f}x | "
-                     f"{r['cache_build_s']} ({r['cached_images']} images) |")
+                     f"{r['cache_build_s']} ({r['cached_images']} images) | {r['cache_images_per_s']} | "
+                     f"{r['coco_118k_cache_min']} min |")
     tiny = report["results"][0]
     lines += ["", f"Per caption (tiny default, mean {tiny['mean_caption_tokens_incl_eos']} caption tokens incl. EOS): "
               f"teacher-forced {tiny['teacher_forced_per_caption_s']:.3f} s, per-token loop "

@@ -47,7 +47,8 @@ __all__ = [
     "encode_conversation", "encode_conversations", "encode_messages", "length_grouped_sampler", "padding_fraction",
     "VisionFeatureStore", "cache_vision_features", "FORMATS", "DatasetFormat", "ReadOptions", "caption_conversations",
     "detect_format", "load_coco_records", "load_llava_records", "load_train_eval", "read_conversations",
-    "register_format", "validate_data", "validate_file", "check_image_file", "check_images", "image_problems", "load_image",
+    "register_format", "validate_data", "validate_file", "check_image_file", "check_images", "image_problems",
+    "load_image",
     "CAPTION_PROMPT", "CaptionedImage", "Conversation", "Turn", "captioned_images", "split_by_image", "SCAN_HINT",
     "BadRecordError", "SkipReport", "validation_exit",
 ]

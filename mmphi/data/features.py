@@ -29,6 +29,7 @@ class VisionFeatureStore:
             index = json.load(handle)
         self.fingerprint = index["fingerprint"]
         self.rows = {path: tuple(location) for path, location in index["rows"].items()}
+        self.unreadable = index.get("unreadable", {})
         self._handles: dict = {}
 
     def __contains__(self, path: str) -> bool:
@@ -39,6 +40,8 @@ class VisionFeatureStore:
 
     def get(self, path: str) -> torch.Tensor:
         key = os.path.abspath(path)
+        if key in self.unreadable:
+            raise BadRecordError(self.unreadable[key])
         if key not in self.rows:
             raise BadRecordError(f"no cached vision features for {path} in {self.directory}")
         shard, row = self.rows[key]
@@ -64,39 +67,133 @@ def tower_fingerprint(model, processor) -> str:
     return digest.hexdigest()[:16]
 
 
-@torch.no_grad()
-def cache_vision_features(model, processor, image_paths: Iterable[str], directory: str, batch_size: int = 32,
-                          shard_size: int = 4096) -> VisionFeatureStore:
-    """Run the (frozen) tower once over every image and store `get_vision_features` as safetensors shards under
-    `directory`. An existing cache with the same tower fingerprint that covers all images is reused."""
+class _ImageFiles(torch.utils.data.Dataset):
+    """Pixels of one shard's images, decoded in DataLoader workers; a bad image gives None (named by the caller)."""
+
+    def __init__(self, paths: list[str], image_processor):
+        self.paths, self.image_processor = paths, image_processor
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int):
+        try:
+            image = load_image(self.paths[index])
+        except BadRecordError as error:
+            return index, None, str(error)
+        return index, self.image_processor([image], return_tensors="pt")["pixel_values"][0], None
+
+
+def _keep_batch(items: list) -> list:
+    return items  # images of different sizes are fine: the processor already made them one size
+
+
+def default_cache_dir(fingerprint: str, paths: list[str]) -> str:
+    """Outside any output folder (so checkpoints and pushes never carry it), keyed by the tower and the image set:
+    `$MMPHI_CACHE` (default ~/.cache/mmphi)/vision_features/<tower fingerprint>-<image list digest>."""
+    root = os.environ.get("MMPHI_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "mmphi"))
+    images = hashlib.sha256("\n".join(paths).encode()).hexdigest()[:12]
+    return os.path.join(root, "vision_features", f"{fingerprint}-{images}")
+
+
+def _shard_name(index: int) -> str:
+    return f"vision_features-{index:05d}.safetensors"
+
+
+def _write_shard(tower_model, paths: list[str], directory: str, name: str, image_processor, device, batch_size: int,
+                 num_workers: int, progress) -> dict[str, str]:
+    """Features of `paths` into one safetensors file (rows in `paths` order; a bad image's row stays zero);
+    returns {path: what is wrong} for the images that could not be read."""
     from safetensors.torch import save_file
 
+    loader = torch.utils.data.DataLoader(_ImageFiles(paths, image_processor), batch_size=batch_size,
+                                         num_workers=num_workers, collate_fn=_keep_batch)
+    rows, bad = None, {}
+    for batch in loader:
+        good = [(index, pixels) for index, pixels, _ in batch if pixels is not None]
+        bad.update({paths[index]: problem for index, pixels, problem in batch if pixels is None})
+        if good:
+            pixels = torch.stack([p for _, p in good]).to(device)
+            features = tower_model.get_vision_features(pixels).cpu()
+            if rows is None:
+                rows = torch.zeros((len(paths), *features.shape[1:]), dtype=features.dtype)
+            rows[[index for index, _ in good]] = features
+        progress.update(len(batch))
+    if rows is None:
+        raise BadRecordError(f"no image of {name} could be read: {next(iter(bad.values()))}")
+    save_file({"features": rows.contiguous()}, os.path.join(directory, name))
+    return bad
+
+
+@torch.no_grad()
+def cache_vision_features(model, processor, image_paths: Iterable[str], directory: str | None = None,
+                          batch_size: int = 32, shard_size: int = 1024, device=None, num_workers: int = 0,
+                          state=None) -> VisionFeatureStore:
+    """Run the frozen tower once over every image and store `get_vision_features` as safetensors shards (read back
+    memory-mapped). Batched on `device` (default: where the tower is), images decoded in `num_workers` DataLoader
+    workers, with a progress bar. Under DDP (`state`: accelerate's PartialState) each process computes every
+    `num_processes`-th shard, so the work is shared and nobody waits in a barrier for the whole cache; the shards are
+    the same whatever the process count. An existing cache with the same tower fingerprint that covers the images is
+    reused. Unreadable images are left out of the index (the collator then names or skips their samples)."""
+    from accelerate import PartialState
+    from tqdm.auto import tqdm
+
+    state = state or PartialState()
     paths = sorted({os.path.abspath(p) for p in image_paths})
     fingerprint = tower_fingerprint(model, processor)
+    directory = directory or default_cache_dir(fingerprint, paths)
     index_path = os.path.join(directory, VisionFeatureStore.INDEX)
     if os.path.isfile(index_path):
         store = VisionFeatureStore(directory)
-        if store.fingerprint == fingerprint and all(p in store.rows for p in paths):
+        if store.fingerprint == fingerprint and all(p in store.rows or p in store.unreadable for p in paths):
             logger.info("reusing cached vision features in %s (%d images)", directory, len(store))
             return store
+    state.wait_for_everyone()  # nobody may still be reading an old index in this folder
     os.makedirs(directory, exist_ok=True)
+    backbone = model.model
+    tower_device = next(backbone.vision_tower.parameters()).device
+    device = torch.device(device) if device is not None else tower_device
     was_training = model.training
     model.eval()
-    device = next(model.model.vision_tower.parameters()).device
-    rows: dict[str, tuple[str, int]] = {}
-    for shard_index, shard_start in enumerate(range(0, len(paths), shard_size)):
-        shard_paths = paths[shard_start : shard_start + shard_size]
-        shard_name = f"vision_features-{shard_index:05d}.safetensors"
-        chunks = []
-        for start in range(0, len(shard_paths), batch_size):
-            images = [load_image(p) for p in shard_paths[start : start + batch_size]]
-            pixel_values = processor.image_processor(images, return_tensors="pt")["pixel_values"].to(device)
-            chunks.append(model.model.get_vision_features(pixel_values).cpu())
-        save_file({"features": torch.cat(chunks).contiguous()}, os.path.join(directory, shard_name))
-        rows.update({p: (shard_name, row) for row, p in enumerate(shard_paths)})
-    with open(index_path, "w") as handle:
-        json.dump({"fingerprint": fingerprint, "rows": rows}, handle)
+    backbone.vision_tower.to(device)
+    shards = [paths[start : start + shard_size] for start in range(0, len(paths), shard_size)]
+    mine = range(state.process_index, len(shards), state.num_processes)
+    progress = tqdm(total=sum(len(shards[k]) for k in mine), desc="caching vision features", unit="image",
+                    disable=not state.is_local_main_process)
+    bad: dict[str, str] = {}
+    for k in mine:
+        bad.update(_write_shard(backbone, shards[k], directory, _shard_name(k), processor.image_processor, device,
+                                batch_size, num_workers, progress))
+    progress.close()
+    _write_unreadable(directory, state.process_index, bad)
+    backbone.vision_tower.to(tower_device)
     model.train(was_training)
+    state.wait_for_everyone()  # every shard written: only the slowest process's share is waited for
+    if state.is_main_process:
+        unreadable = _read_unreadable(directory, state.num_processes)
+        rows = {p: (_shard_name(k), row) for k, shard in enumerate(shards) for row, p in enumerate(shard)
+                if p not in unreadable}
+        with open(index_path + ".partial", "w") as handle:
+            json.dump({"fingerprint": fingerprint, "rows": rows, "unreadable": unreadable}, handle)
+        os.replace(index_path + ".partial", index_path)
+        if unreadable:
+            logger.warning("%d image(s) could not be read and have no cached features, e.g. %s",
+                           len(unreadable), next(iter(unreadable.values())))
+    state.wait_for_everyone()
     logger.info("cached vision features of %d images in %s", len(paths), directory)
     return VisionFeatureStore(directory)
 
+
+def _write_unreadable(directory: str, process_index: int, bad: dict[str, str]) -> None:
+    with open(os.path.join(directory, f"unreadable-{process_index:05d}.json"), "w") as handle:
+        json.dump(bad, handle)
+
+
+def _read_unreadable(directory: str, num_processes: int) -> dict[str, str]:
+    unreadable = {}
+    for index in range(num_processes):
+        path = os.path.join(directory, f"unreadable-{index:05d}.json")
+        with open(path) as handle:
+            unreadable.update(json.load(handle))
+        os.remove(path)
+    return unreadable
