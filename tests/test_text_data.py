@@ -285,3 +285,57 @@ def test_prepare_corpus_writes_redpajama_jsonl_from_the_npm_tarballs(tmp_path):
     assert cc[0]["meta"] == {"redpajama_set_name": "RedPajamaCommonCrawl", "source": "sotu",
                              "document": "1790_george_washington_n", "year": 1790, "name": "George Washington"}
     assert [r["text"] for r in c4] == ["Two.", "Ten."]  # chapters in reading order, front matter left out
+
+
+# ------------------------------------------------------------------------------------- evaluation and readers
+
+def test_streamed_mix_reads_each_source_from_its_own_files(tmp_path, tokenizer, monkeypatch):
+    """With --streaming and --source_weights, one reader per source: the first blocks of a source listed late do
+    not wait for a pass over the files of the sources before it."""
+    import mmphi.data.corpus as corpus
+
+    sea, state = ("ship", "sailed", "water", "captain", "crew"), ("congress", "nation", "law", "trade", "people")
+    c4 = write_jsonl(tmp_path / "c4.jsonl", make_docs(3000, "cfour", words_per_doc=30, words=sea), "RedPajamaC4")
+    cc = write_jsonl(tmp_path / "cc.jsonl", make_docs(40, "ccdoc", words_per_doc=30, words=state),
+                     "RedPajamaCommonCrawl")
+    read = Counter()
+    original = corpus.iter_jsonl_records
+
+    def counting(path, *args, **kwargs):
+        for record in original(path, *args, **kwargs):
+            read[os.path.basename(path)] += 1
+            yield record
+
+    monkeypatch.setattr(corpus, "iter_jsonl_records", counting)
+    data = build_lm_datasets([c4, cc], tokenizer, block_size=16, validation_split_percentage=5, streaming=True,
+                             source_weights={"RedPajamaC4": 0.5, "RedPajamaCommonCrawl": 0.5})
+    read.clear()
+    first = [row["input_ids"] for _, row in zip(range(8), data.train, strict=False)]
+    assert set(state) & set(re.findall(r"[a-z]+", tokenizer.decode([t for block in first for t in block])))
+    # datasets reads 1000 rows per batch and the shuffle buffer holds 1000 blocks; before, the CommonCrawl reader
+    # filtered one pass over every file, so its first document came after all 3000 of c4.jsonl
+    assert read["c4.jsonl"] < 3000
+    assert set(data.eval_by_source) == {"RedPajamaC4", "RedPajamaCommonCrawl"}
+
+
+def test_stage0_evaluates_every_source_evenly_and_apart(tmp_path):
+    """The held-out blocks are shared evenly by the sources (not the first blocks in file order, which would all
+    be C4's) and each source's loss is reported (`eval_<source>_loss`)."""
+    from mmphi.stages.pretrain import build_trainer, parse_args
+
+    c4 = write_jsonl(tmp_path / "c4.jsonl", make_docs(200, "cfour", words_per_doc=40), "RedPajamaC4")
+    cc = write_jsonl(tmp_path / "cc.jsonl", make_docs(120, "ccdoc", words_per_doc=60), "RedPajamaCommonCrawl")
+    stage = build_trainer(*parse_args([
+        "--config_name", "tiny", "--config_overrides", "hidden_size=32,intermediate_size=64,num_hidden_layers=1",
+        "--train_files", c4, cc, "--block_size", "32", "--max_eval_blocks", "8", "--output_dir", str(tmp_path / "o"),
+        "--data_cache_dir", str(tmp_path / "cache"), "--per_device_eval_batch_size", "4", "--report_to", "none",
+    ]))
+    by_source = stage.trainer.eval_by_source
+    assert {name: len(blocks) for name, blocks in by_source.items()} == {"RedPajamaC4": 4, "RedPajamaCommonCrawl": 4}
+    all_c4 = build_lm_datasets([c4, cc], AutoTokenizer.from_pretrained(TINY_TOKENIZER), block_size=32,
+                               cache_dir=str(tmp_path / "cache")).eval_by_source["RedPajamaC4"]
+    assert by_source["RedPajamaC4"][-1]["input_ids"] == all_c4[-1]["input_ids"]  # spread out, to the last block
+    metrics = stage.trainer.evaluate()
+    losses = [metrics["eval_RedPajamaC4_loss"], metrics["eval_RedPajamaCommonCrawl_loss"]]
+    assert metrics["eval_loss"] == pytest.approx(sum(losses) / 2)  # 4 blocks each
+    assert "eval_RedPajamaC4_perplexity" in stage.trainer.state.log_history[0]

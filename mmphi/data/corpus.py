@@ -238,6 +238,7 @@ class LMDatasets:
     eval: datasets.Dataset | datasets.IterableDataset | None
     skip_report: SkipReport
     sources: dict[str, int] = field(default_factory=dict)  # documents per training source (map-style only)
+    eval_by_source: dict = field(default_factory=dict)  # source -> its held-out blocks (packed apart)
 
 
 class _CountingFilter:
@@ -309,27 +310,54 @@ def _select_source(docs, name: str):
     return docs.filter(lambda source: source == name, input_columns="source")
 
 
-def mix_sources(docs, weights: dict[str, float], tokenizer, block_size: int, num_proc: int | None, seed: int,
-                stopping_strategy: str, available: list[str] | None):
-    """Pack each source separately, then interleave blocks with the given probabilities.
+def file_sources(files: list[str], mix_by: str) -> dict[str, list[str]]:
+    """source -> its files, for streams: a file's source is its name, or (mix_by="set_name") the set name of its first
+    good record. RedPajama's files hold one set each; a stream is never scanned to find out more."""
+    groups: dict[str, list[str]] = {}
+    for path in files:
+        source = None
+        if mix_by == "set_name":
+            first = next(iter_jsonl_records(path, skip_bad_records=True), None)
+            source = set_name_of(first) if first is not None else None
+        groups.setdefault(source or source_name_of_file(path), []).append(path)
+    return groups
 
-    Map-style corpora must weight every source they hold (0 leaves one out); a stream is not scanned up front, so
-    there the sources without a weight are simply left out.
-    """
-    if available is not None:
-        unknown = sorted(set(weights) - set(available))
-        unweighted = sorted(set(available) - set(weights))
-        if unknown:
-            raise ValueError(f"--source_weights names {unknown}, not in the corpus; its sources are {available}")
-        if unweighted:
-            raise ValueError(f"--source_weights gives no weight to {unweighted} (give 0 to leave a source out)")
+
+def check_weights(weights: dict[str, float], available: list[str]) -> None:
+    """Every source of the corpus needs a weight (0 leaves one out) and every weight a source."""
+    unknown = sorted(set(weights) - set(available))
+    unweighted = sorted(set(available) - set(weights))
+    if unknown:
+        raise ValueError(f"--source_weights names {unknown}, not in the corpus; its sources are {available}")
+    if unweighted:
+        raise ValueError(f"--source_weights gives no weight to {unweighted} (give 0 to leave a source out)")
+
+
+def mix_sources(docs_by_source: dict, weights: dict[str, float], tokenizer, block_size: int, num_proc: int | None,
+                seed: int, stopping_strategy: str):
+    """Pack each source separately, then interleave blocks with the given probabilities."""
+    check_weights(weights, sorted(docs_by_source))
     names = [n for n, w in weights.items() if w > 0]
     total = sum(weights[n] for n in names)
-    packed = [tokenize_and_pack(_select_source(docs, n), tokenizer, block_size, num_proc) for n in names]
+    packed = [tokenize_and_pack(docs_by_source[n], tokenizer, block_size, num_proc) for n in names]
     if len(packed) == 1:
         return packed[0]
     return datasets.interleave_datasets(packed, probabilities=[weights[n] / total for n in names], seed=seed,
                                         stopping_strategy=stopping_strategy)
+
+
+def docs_by_source(files: list[str], docs, skip_bad_records: bool, mix_by: str, streaming: bool,
+                   cache_dir: str | None, report: SkipReport, keep=None) -> dict:
+    """source -> its documents. Map-style: a filter of the loaded corpus. A stream: one reader per source over that
+    source's files (`file_sources`), so no source waits for a pass over the others; `keep(text)` filters its rows
+    (the document split)."""
+    if not streaming:
+        return {name: _select_source(docs, name) for name in sorted(set(docs["source"]))}
+    readers = {}
+    for name, group in file_sources(files, mix_by).items():
+        reader = load_documents(group, skip_bad_records, mix_by, streaming, cache_dir, report)
+        readers[name] = reader.filter(keep, input_columns="text") if keep is not None else reader
+    return readers
 
 
 def build_lm_datasets(train_files: list[str], tokenizer, block_size: int = 2048,
@@ -338,7 +366,7 @@ def build_lm_datasets(train_files: list[str], tokenizer, block_size: int = 2048,
                       mixing_stopping_strategy: str = "all_exhausted", streaming: bool = False,
                       num_proc: int | None = None, skip_bad_records: bool = False, cache_dir: str | None = None,
                       seed: int = 42) -> LMDatasets:
-    """Packed training blocks (mixed by `source_weights` if given) and packed held-out blocks.
+    """Packed training blocks (mixed by `source_weights` if given) and packed held-out blocks, also per source.
 
     Held-out text is `validation_files` when given, else the `validation_split_percentage` percent of documents with
     the lowest text hashes (whole documents, never a block cut out of a training document). A stream cannot rank,
@@ -363,12 +391,35 @@ def build_lm_datasets(train_files: list[str], tokenizer, block_size: int = 2048,
         raise ValueError(f"the validation split is empty ({len(docs)} documents, {validation_split_percentage}%): "
                          "raise --validation_split_percentage or pass --validation_files")
 
+    def held_out(text: str) -> bool:
+        return is_validation_document(text, validation_split_percentage)
+
     if source_weights:
-        train = mix_sources(train_docs, source_weights, tokenizer, block_size, num_proc, seed,
-                            mixing_stopping_strategy, None if streaming else sorted(sources))
+        train_by_source = docs_by_source(train_files, train_docs, skip_bad_records, mix_by, streaming, cache_dir,
+                                         report, keep=(lambda text: not held_out(text)) if split_here else None)
+        train = mix_sources(train_by_source, source_weights, tokenizer, block_size, num_proc, seed,
+                            mixing_stopping_strategy)
     else:
         train = tokenize_and_pack(train_docs, tokenizer, block_size, num_proc)
     if streaming:
         train = train.shuffle(seed=seed, buffer_size=1000)
-    eval_blocks = tokenize_and_pack(eval_docs, tokenizer, block_size, num_proc) if eval_docs is not None else None
-    return LMDatasets(train=train, eval=eval_blocks, skip_report=report, sources=sources)
+    eval_blocks, eval_by_source = None, {}
+    if eval_docs is not None:
+        eval_blocks = tokenize_and_pack(eval_docs, tokenizer, block_size, num_proc)
+        eval_files = validation_files or train_files
+        by_source = docs_by_source(eval_files, eval_docs, skip_bad_records, mix_by, streaming, cache_dir, report,
+                                   keep=held_out if split_here else None)
+        eval_by_source = {name: _pack_if_fits(part, tokenizer, block_size, num_proc)
+                          for name, part in by_source.items()}
+        eval_by_source = {name: part for name, part in eval_by_source.items() if part is not None}
+    return LMDatasets(train=train, eval=eval_blocks, skip_report=report, sources=sources,
+                      eval_by_source=eval_by_source)
+
+
+def _pack_if_fits(docs, tokenizer, block_size: int, num_proc: int | None):
+    """A source's held-out blocks, or None when its held-out text is shorter than one block (it is then only in
+    the overall evaluation)."""
+    try:
+        return tokenize_and_pack(docs, tokenizer, block_size, num_proc)
+    except ValueError:
+        return None

@@ -24,6 +24,7 @@ import math
 import os
 from dataclasses import dataclass, field
 
+import datasets
 import torch
 from transformers import (
     AutoConfig,
@@ -94,7 +95,10 @@ class DataArguments:
         default=False, metadata={"help": "skip malformed records (counted and reported) instead of failing"}
     )
     data_cache_dir: str | None = field(default=None, metadata={"help": "where tokenized datasets are cached"})
-    max_eval_blocks: int | None = field(default=None, metadata={"help": "evaluate on at most this many blocks"})
+    max_eval_blocks: int | None = field(
+        default=512, metadata={"help": "evaluate on at most this many held-out blocks, drawn evenly from every source "
+                                       "(each reported as eval_<source>_loss); a stream needs a cap"},
+    )
 
 
 @dataclass
@@ -164,12 +168,47 @@ def align_config_with_tokenizer(config: PhiConfig, tokenizer, block_size: int) -
 
 
 class PretrainTrainer(Trainer):
-    """Trainer that reports held-out perplexity (exp of the mean held-out loss) next to every eval loss."""
+    """Trainer that evaluates each source's held-out blocks apart (`eval_<source>_loss`; `eval_loss` is their mean
+    over all blocks) and reports held-out perplexity (exp of the mean held-out loss) next to every eval loss."""
+
+    def __init__(self, *args, eval_by_source: dict | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.eval_by_source = eval_by_source or {}
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
+        if eval_dataset is not None or len(self.eval_by_source) < 2:
+            return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+        metrics, blocks, total = {}, 0, 0.0
+        for source, dataset in self.eval_by_source.items():
+            result = super().evaluate(dataset, ignore_keys, f"{metric_key_prefix}_{source}")
+            metrics.update(result)
+            count = len(dataset) if hasattr(dataset, "__len__") else 1  # a stream: its sources count alike
+            blocks, total = blocks + count, total + count * result[f"{metric_key_prefix}_{source}_loss"]
+        overall = {f"{metric_key_prefix}_loss": total / blocks, f"{metric_key_prefix}_blocks": blocks}
+        self.log(overall)
+        return {**metrics, **overall}
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        for key in [k for k in logs if k.endswith("eval_loss")]:
-            logs[key.replace("eval_loss", "eval_perplexity")] = math.exp(logs[key]) if logs[key] < 700 else math.inf
+        for key in [k for k in logs if k.endswith("eval_loss") or k.startswith("eval_") and k.endswith("_loss")]:
+            logs[key.replace("_loss", "_perplexity")] = math.exp(logs[key]) if logs[key] < 700 else math.inf
         super().log(logs, start_time)
+
+
+def sample_eval_blocks(by_source: dict, max_blocks: int | None, streaming: bool) -> dict:
+    """At most `max_blocks` held-out blocks in all, shared evenly by the sources and spread evenly over each source
+    (not its first blocks: a source's first file is not the source)."""
+    if max_blocks is None:
+        if streaming:
+            raise ValueError("--streaming needs --max_eval_blocks (a stream has no end to evaluate up to)")
+        return by_source
+    per_source = max(1, max_blocks // max(1, len(by_source)))
+    if streaming:
+        return {name: blocks.take(per_source) for name, blocks in by_source.items()}
+    sampled = {}
+    for name, blocks in by_source.items():
+        picks = sorted({round(i * (len(blocks) - 1) / max(1, per_source - 1)) for i in range(per_source)})
+        sampled[name] = blocks.select(picks[: len(blocks)])
+    return sampled
 
 
 def resolve_resume(training_args) -> str | bool | None:
@@ -202,10 +241,13 @@ def build_trainer(model_args: ModelArguments, data_args: DataArguments,
         )
     if data.skip_report.total:
         logger.warning(data.skip_report.summary())
-    eval_dataset = data.eval
-    if eval_dataset is not None and data_args.max_eval_blocks is not None:
-        eval_dataset = (eval_dataset.take(data_args.max_eval_blocks) if data_args.streaming
-                        else eval_dataset.select(range(min(data_args.max_eval_blocks, len(eval_dataset)))))
+    eval_by_source = sample_eval_blocks(data.eval_by_source, data_args.max_eval_blocks, data_args.streaming) \
+        if data.eval is not None else {}
+    eval_dataset = None
+    if eval_by_source:  # one source: the plain `eval_loss`; several: also `eval_<source>_loss` each
+        parts = list(eval_by_source.values())
+        eval_dataset = parts[0] if len(parts) == 1 else (
+            datasets.interleave_datasets(parts) if data_args.streaming else datasets.concatenate_datasets(parts))
     if eval_dataset is None:
         training_args.eval_strategy = IntervalStrategy.NO
 
@@ -216,7 +258,7 @@ def build_trainer(model_args: ModelArguments, data_args: DataArguments,
 
     trainer = PretrainTrainer(
         model=model, args=training_args, train_dataset=data.train, eval_dataset=eval_dataset,
-        data_collator=collate_blocks, processing_class=tokenizer,
+        data_collator=collate_blocks, processing_class=tokenizer, eval_by_source=eval_by_source,
     )
     return BuiltStage(trainer, model, tokenizer, collate_blocks, data.train, eval_dataset, data.skip_report,
                       [name for name, _ in model.named_parameters()])
