@@ -15,6 +15,7 @@ from transformers import PhiConfig, PhiForCausalLM
 
 from configuration_mmphi import PHI2_TEXT_CONFIG
 from mmphi.bench.flops import attention_flops_per_token, linear_weights
+from mmphi.bench.measure import sample_lengths
 from mmphi.bench.report import append_to_markdown, estimate, goal_verdicts
 from mmphi.bench.stages import main
 
@@ -46,6 +47,13 @@ def test_linear_weight_count_and_attention_term():
     assert linear_weights(model, trainable=True) == expected - 32 * 100
     phi2 = PhiConfig(**PHI2_TEXT_CONFIG)
     assert attention_flops_per_token(phi2, 2048) == 12 * 32 * 2560 * 2048  # PaLM's 12 L H T
+
+
+def test_tokens_are_counted_in_the_batch_that_runs():
+    padded = {"input_ids": torch.zeros(2, 5, dtype=torch.long),
+              "attention_mask": torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])}
+    assert sample_lengths(padded) == [5, 3]  # padding is not a token the model was asked to learn
+    assert sample_lengths({"input_ids": torch.zeros(3, 4, dtype=torch.long)}) == [4, 4, 4]  # stage 0's full blocks
 
 
 def test_markdown_runs_go_at_the_end_of_the_harness_section(tmp_path):

@@ -9,6 +9,7 @@ import os
 import re
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -21,15 +22,14 @@ GIB = 1024**3
 
 @dataclass
 class Workload:
-    """A stage ready to measure: a Trainer (built lazily: it owns the model setup), rows for its dataset, and the
-    collated batch for the bare loop."""
+    """A stage ready to measure: how to build its Trainer (lazily: the stage's build_trainer owns the model setup)
+    and how many model FLOPs one sample of a given length costs."""
 
     stage: str
-    seq: int
+    seq: int  # the length every sample is cut at
     batch: int
-    tokens_per_sample: int
-    build_trainer: object  # (output_dir, max_steps) -> Trainer
-    flops_per_sample: object  # (model) -> float
+    build_trainer: Callable[[str, int], object]  # (output_dir, max_steps) -> Trainer
+    flops_per_sample: Callable[[nn.Module, int], float]  # (model, the sample's tokens) -> model FLOPs
     notes: str = ""
 
 
@@ -105,7 +105,7 @@ class StageResult:
     device: str
     batch: int
     seq: int
-    tokens_per_sample: int
+    tokens_per_sample: float
     trainable_parameters: int
     total_parameters: int
     model_flops_per_sample: float
@@ -117,7 +117,7 @@ class StageResult:
     notes: str = ""
 
 
-def summarize(phase: PhaseResult, batch: int, tokens_per_sample: int, flops_per_sample: float,
+def summarize(phase: PhaseResult, batch: int, tokens_per_sample: float, flops_per_sample: float,
               peak_flops: float | None) -> dict:
     step = phase.median_step
     samples_per_second = batch / step
@@ -170,14 +170,26 @@ def run_trainer_phase(workload: Workload, device: str, warmup: int, steps: int, 
     return PhaseResult(step_seconds, peak, output.training_loss, timer.device_used), trainer  # mean over the run
 
 
-def bare_loop_phase(trainer, device: str, warmup: int, steps: int) -> PhaseResult:
+def training_batch(trainer) -> dict[str, torch.Tensor]:
+    """One batch as the Trainer builds it (its dataset rows through its collator), on the training device."""
+    rows = [trainer.train_dataset[i] for i in range(trainer.args.per_device_train_batch_size)]
+    return {key: value.to(trainer.args.device) for key, value in trainer.data_collator(rows).items()}
+
+
+def sample_lengths(batch: dict[str, torch.Tensor]) -> list[int]:
+    """Tokens of each sample (image tokens included, padding not): what tokens/s and the FLOPs count."""
+    input_ids = batch["input_ids"]
+    if "attention_mask" not in batch:  # stage 0's packed blocks are all full
+        return [input_ids.shape[1]] * input_ids.shape[0]
+    return batch["attention_mask"].sum(dim=1).tolist()
+
+
+def bare_loop_phase(trainer, batch: dict[str, torch.Tensor], device: str, warmup: int, steps: int) -> PhaseResult:
     """The same model (as the Trainer left it: frozen parts, LoRA, checkpointing, dtypes) and the same collated
     batch, trained by hand with the Trainer's optimizer class and kwargs."""
     from transformers import Trainer
 
     model, args = trainer.model, trainer.args
-    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(args.per_device_train_batch_size)])
-    batch = {key: value.to(args.device) for key, value in batch.items()}
     optimizer_cls, optimizer_kwargs = Trainer.get_optimizer_cls_and_kwargs(args, model)
     trainer.accelerator.free_memory()  # drop the Trainer's optimizer state before ours is allocated
     trainer.optimizer = trainer.lr_scheduler = None
@@ -239,19 +251,22 @@ def measure_stage(workload: Workload, size: str, device: str, warmup: int, steps
     model = trainer.model
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_total = sum(p.numel() for p in model.parameters())
-    flops = workload.flops_per_sample(model)
+    batch = training_batch(trainer)
+    lengths = sample_lengths(batch)  # counted in the batch that runs, not taken from the workload's intent
+    tokens_per_sample = statistics.mean(lengths)
+    flops = statistics.mean(workload.flops_per_sample(model, length) for length in lengths)
     args = trainer.args
     precision = "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"
     logger.info("%s: bare loop phase", workload.stage)
-    bare_phase = bare_loop_phase(trainer, device, warmup, steps)
+    bare_phase = bare_loop_phase(trainer, batch, device, warmup, steps)
     result = StageResult(
-        stage=workload.stage, size=size, device=device, batch=workload.batch, seq=workload.seq,
-        tokens_per_sample=workload.tokens_per_sample, trainable_parameters=n_trainable, total_parameters=n_total,
+        stage=workload.stage, size=size, device=device, batch=len(lengths), seq=batch["input_ids"].shape[1],
+        tokens_per_sample=tokens_per_sample, trainable_parameters=n_trainable, total_parameters=n_total,
         model_flops_per_sample=flops, precision=precision, optimizer=getattr(args.optim, "value", str(args.optim)),
-        trainer=summarize(trainer_phase, workload.batch, workload.tokens_per_sample, flops, peak_flops),
-        bare=summarize(bare_phase, workload.batch, workload.tokens_per_sample, flops, peak_flops),
+        trainer=summarize(trainer_phase, len(lengths), tokens_per_sample, flops, peak_flops),
+        bare=summarize(bare_phase, len(lengths), tokens_per_sample, flops, peak_flops),
         overhead_ratio=trainer_phase.median_step / bare_phase.median_step, notes=workload.notes,
     )
-    del trainer, model
+    del trainer, model, batch
     free_memory(device)
     return result

@@ -17,8 +17,7 @@ import tempfile
 import torch
 
 from mmphi.build import build_tiny, save_mmphi
-from mmphi.data import encode_conversations, read_conversations
-from mmphi.data.encoding import MMPhiDataCollator
+from mmphi.data import MMPhiDataCollator, encode_conversations, read_conversations
 from mmphi.loading import load_causal_lm, load_processor, merge_lora
 from mmphi.stages import instruct
 

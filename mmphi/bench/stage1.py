@@ -6,7 +6,7 @@
    tower every step), for the tiny default and for the tiny language model behind a TinyCLIP-size tower (random
    weights, the real tower's shape: 12 layers, 640-d), where the tower's share of a step is realistic.
    A step = fetch a batch (dataset + collator) + forward + backward + AdamW on the projector.
-2. Time per caption: one teacher-forced forward per batch (train_projector.py) vs the seed's loop, one full forward
+2. Time per caption: one teacher-forced forward per batch (mmphi.stages.projector) vs the seed's loop, one full forward
    of the language model per caption token over the growing prefix (image + prompt + caption so far), the per-token
    losses summed and back-propagated once. Same model, same captions, same batch size.
 Reports wall and process CPU time (the CPU time is steadier on a shared machine) and the load average.
@@ -27,13 +27,7 @@ from transformers import CLIPVisionConfig
 
 from configuration_mmphi import TINYCLIP_VISION_CONFIG
 from mmphi.build import build_tiny
-from mmphi.data import (
-    MMPhiDataCollator,
-    cache_vision_features,
-    caption_conversations,
-    encode_conversations,
-    load_coco_records,
-)
+from mmphi.data import MMPhiDataCollator, cache_vision_features, encode_conversations, read_conversations
 from mmphi.data.synthetic import generate
 from mmphi.stages.projector import freeze_for_stage1
 
@@ -91,15 +85,16 @@ class StepRunner:
         self.optimizer.zero_grad()
 
 
-def bench_tower(name: str, vision_config: dict | None, images, cache_root: str, args) -> dict:
+def bench_tower(name: str, vision_config: dict | None, conversations, cache_root: str, args) -> dict:
     overrides = {"vision_config": CLIPVisionConfig(**vision_config)} if vision_config else {}
     model, processor = build_tiny(seed=0, **overrides)
     freeze_for_stage1(model)
     model.train()
-    samples = encode_conversations(caption_conversations(images), processor).dataset
+    samples = encode_conversations(conversations, processor).dataset  # one sample per caption, as stage 1 trains
     uncached = StepRunner(model, samples, MMPhiDataCollator(processor), args.batch_size)
+    images = sorted({c.image for c in conversations})
     start = time.perf_counter()
-    store = cache_vision_features(model, processor, [i.image for i in images], os.path.join(cache_root, name),
+    store = cache_vision_features(model, processor, images, os.path.join(cache_root, name),
                                   batch_size=32, num_workers=args.cache_workers)
     cache_s = time.perf_counter() - start
     cached = StepRunner(model, samples, MMPhiDataCollator(processor, vision_features=store), args.batch_size)
@@ -145,8 +140,8 @@ def main(argv: list[str] | None = None) -> dict:
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as root:
         data = generate(os.path.join(root, "data"), num_images=args.num_images, val_fraction=0.0, seed=0)
-        images = load_coco_records(data["captions_train"], data["images"])
-        results = [bench_tower(name, config, images, os.path.join(root, "cache"), args)
+        conversations = read_conversations(data["captions_train"], data["images"])
+        results = [bench_tower(name, config, conversations, os.path.join(root, "cache"), args)
                    for name, config in TOWERS.items()]
     report = {
         "machine": f"{os.cpu_count()}-core {platform.machine()} CPU, no GPU" if not torch.cuda.is_available()
@@ -154,7 +149,7 @@ def main(argv: list[str] | None = None) -> dict:
         "torch_threads": torch.get_num_threads(),
         "load_average_before_after": [round(load_before[0], 1), round(os.getloadavg()[0], 1)],
         "batch_size": args.batch_size,
-        "captions": 3 * args.num_images,
+        "captions": len(conversations),
         "results": results,
     }
     os.makedirs(os.path.dirname(os.path.abspath(args.output_file)), exist_ok=True)

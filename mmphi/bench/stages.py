@@ -5,24 +5,21 @@ loop on the same model and the same batch, measured in the same run.
     python benchmarks/benchmark.py --device cuda --size real     # Phi-2 2.7B / TinyCLIP sizes (benchmarks/gpu_check.sh)
     python benchmarks/benchmark.py --estimate                    # the GPU memory ESTIMATE for the goals (no run)
 
-Stages (random weights, synthetic token ids; nothing from the Hub):
-- pretrain: `PhiForCausalLM` from scratch with scripts/pretrain_phi2.py's training arguments (paged 8-bit AdamW,
-  gradient checkpointing, bf16 on GPU) and its block collator; tiny: the `tiny` preset, block 128, batch 8;
-  real: Phi-2, block 2048, micro-batch 4.
-- projector: scripts/train_projector.py's model loading and freezing, from cached tower features (its recipe's
-  `--cache_vision_features`): tiny MM-Phi batch 8 x 80 tokens / TinyCLIP + Phi-2 batch 32 x 128 tokens.
-- instruct: scripts/finetune_instruct.py's 4-bit language model + LoRA (+ projector) through its SFTTrainer
-  subclass, images read from JPEG files by its collator: tiny batch 4 x 128, LoRA r=16 / real batch 4 x 2048, r=64.
+Stages (random weights, data files of random words written to a temporary folder; nothing from the Hub), each built
+by the stage's own `build_trainer` (mmphi/bench/workloads.py):
+- pretrain: `PhiForCausalLM` from scratch with mmphi.stages.pretrain's training arguments (paged 8-bit AdamW,
+  gradient checkpointing, bf16 on GPU) and its packed blocks; tiny: the `tiny` preset / real: Phi-2.
+- projector: mmphi.stages.projector from cached tower features (its recipe's `--cache_vision_features`).
+- instruct: mmphi.stages.instruct's 4-bit language model + LoRA (+ projector) through its SFTTrainer, images read
+  from JPEG files by its collator every step.
+Batch, sequence length and LoRA rank per size: mmphi.recipes.BENCHMARK_SIZES.
 
-For each: samples/s, tokens/s (image tokens included), median step time, peak memory (CUDA max_memory_allocated; on
-CPU the process's peak RSS, reset before each phase through /proc/self/clear_refs), MFU on GPU, and the overhead
-ratio Trainer step / bare step. A Trainer step here is everything between two optimizer steps (data loading and
-collation, forward, backward, clipping, optimizer, scheduler, logging); the bare loop runs forward, backward,
-gradient clipping and the same optimizer class on a batch already on the device.
-
-MFU counts model FLOPs (no recompute): per token 2 per weight for a forward matmul, 4 when the gradient must also
-flow to the input through a frozen weight, 6 for a trained weight, plus the attention scores 12 * layers * hidden *
-seq (PaLM's 6N + 12LHQT for pretraining); the vision tower, run forward only, costs 2 per weight per patch token.
+For each: samples/s, tokens/s (image tokens included, counted in the batch that runs), median step time, peak memory
+(CUDA max_memory_allocated; on CPU the process's peak RSS, reset before each phase through /proc/self/clear_refs),
+MFU on GPU (mmphi/bench/flops.py, from each sample's actual length), and the overhead ratio Trainer step / bare step.
+A Trainer step here is everything between two optimizer steps (data loading and collation, forward, backward,
+clipping, optimizer, scheduler, logging); the bare loop runs forward, backward, gradient clipping and the same
+optimizer class on a batch already on the device (mmphi/bench/measure.py).
 """
 
 from __future__ import annotations

@@ -100,7 +100,8 @@ def write_json(path: str, payload) -> str:
 
 
 def check_full_length(stage, seq: int) -> None:
-    """Every sample must be cut at exactly `seq` tokens, so that tokens/s and FLOPs count what ran."""
+    """Every sample must be cut at exactly `seq` tokens: the sizes (and the goals) are stated at that length, and a
+    shorter text would quietly measure a smaller workload."""
     short = [n for n in stage.train.lengths if n != seq]
     if short:
         raise ValueError(f"{len(short)} benchmark sample(s) shorter than seq={seq} (e.g. {short[0]}): write longer "
@@ -127,10 +128,10 @@ def pretrain_workload(size: str, device: str, generator: torch.Generator, work_d
                                                                                       output_dir)]
         return pretrain.build_trainer(*pretrain.parse_args(flags)).trainer
 
-    def flops_per_sample(model) -> float:
-        return seq * (6.0 * linear_weights(model) + attention_flops_per_token(model.config, seq))
+    def flops_per_sample(model, tokens: int) -> float:
+        return tokens * (6.0 * linear_weights(model) + attention_flops_per_token(model.config, tokens))
 
-    return Workload("pretrain", seq, batch, seq, build_trainer, flops_per_sample)
+    return Workload("pretrain", seq, batch, build_trainer, flops_per_sample)
 
 
 def caption_data(folder: str, images: list[str], seq: int, generator: torch.Generator) -> str:
@@ -168,14 +169,14 @@ def projector_workload(size: str, device: str, generator: torch.Generator, model
                                        "--cache_vision_features", "--feature_cache_dir",
                                        os.path.join(work_dir, "features"))
 
-    def flops_per_sample(model) -> float:
+    def flops_per_sample(model, tokens: int) -> float:
         language = model.model.language_model
         per_token = 4.0 * (linear_weights(language) + linear_weights(model.lm_head)) + attention_flops_per_token(
-            model.config.text_config, seq)
+            model.config.text_config, tokens)
         projector_flops = 6.0 * linear_weights(model.model.multi_modal_projector) * model.config.image_seq_length
-        return seq * per_token + projector_flops
+        return tokens * per_token + projector_flops
 
-    return Workload("projector", seq, batch, seq, build_trainer, flops_per_sample,
+    return Workload("projector", seq, batch, build_trainer, flops_per_sample,
                     notes="cached tower features (the recipe's --cache_vision_features)")
 
 
@@ -198,17 +199,17 @@ def instruct_workload(size: str, device: str, generator: torch.Generator, model_
     build_trainer = multimodal_trainer(instruct, conversation_data, model_folder, work_dir, device, batch, seq,
                                        generator, "--lora_r", str(settings["lora_r"]))
 
-    def flops_per_sample(model) -> float:
+    def flops_per_sample(model, tokens: int) -> float:
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         text, vision = base.config.text_config, base.config.vision_config
         language = base.model.language_model
         frozen = linear_weights(language, trainable=False) + linear_weights(base.lm_head)
         lora = linear_weights(language, trainable=True)
-        per_token = 4.0 * frozen + 6.0 * lora + attention_flops_per_token(text, seq)
+        per_token = 4.0 * frozen + 6.0 * lora + attention_flops_per_token(text, tokens)
         projector_flops = 6.0 * linear_weights(base.model.multi_modal_projector) * base.config.image_seq_length
-        return seq * per_token + projector_flops + vision_forward_flops_per_image(vision, base.model.vision_tower)
+        return tokens * per_token + projector_flops + vision_forward_flops_per_image(vision, base.model.vision_tower)
 
-    return Workload("instruct", seq, batch, seq, build_trainer, flops_per_sample,
+    return Workload("instruct", seq, batch, build_trainer, flops_per_sample,
                     notes=f"4-bit LM + LoRA r={settings['lora_r']}; images decoded from JPEG each step")
 
 
