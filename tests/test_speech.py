@@ -398,7 +398,7 @@ def test_transcriber_survives_deepcopy_and_pickle(transcriber):
 
 @pytest.fixture(scope="module")
 def tiny_model_and_processor():
-    build_model = pytest.importorskip("build_model")
+    build_model = pytest.importorskip("mmphi.build")
     return build_model.build_tiny(seed=0)
 
 
@@ -487,7 +487,7 @@ def test_saved_model_folder_carries_the_speech_module(tiny_model_and_processor, 
     import os
     import sys
 
-    build_model = pytest.importorskip("build_model")
+    build_model = pytest.importorskip("mmphi.build")
     model, processor = tiny_model_and_processor
     processor.transcriber = transcriber  # holds a CTranslate2 model, which cannot be deep-copied
     try:
