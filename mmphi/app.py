@@ -111,12 +111,15 @@ def build_app(model, processor, options: GenerationOptions | None = None, speech
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     inference.add_model_arguments(parser)
+    inference.add_generation_arguments(parser)
     parser.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to serve other machines")
     parser.add_argument("--port", type=int, default=7860)
     parser.add_argument("--share", action="store_true", help="a public gradio.live link (needs internet)")
     args = parser.parse_args(argv)
+    options = inference.generation_options(args)
+    options.generate_kwargs()  # fail on bad flags before loading anything
     model, processor = inference.load_from_arguments(args)
-    app = build_app(model, processor, GenerationOptions(max_new_tokens=args.max_new_tokens), args.speech_model)
+    app = build_app(model, processor, options, args.speech_model)
     app.queue().launch(server_name=args.host, server_port=args.port, share=args.share)
 
 

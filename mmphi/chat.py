@@ -42,9 +42,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--output", help="with --batch: write the answers here (JSONL) instead of stdout")
     parser.add_argument("--batch_size", type=int, default=8)
     inference.add_model_arguments(parser)
-    parser.add_argument("--do_sample", action="store_true", help="sample instead of greedy decoding")
-    parser.add_argument("--temperature", type=float, default=0.7)
-    parser.add_argument("--top_p", type=float, default=0.9)
+    inference.add_generation_arguments(parser)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no_stream", action="store_true", help="print each answer when it is complete")
     args = parser.parse_args(argv)
@@ -53,12 +51,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.output and not args.batch:
         parser.error("--output goes with --batch")
     return args
-
-
-def generation_options(args: argparse.Namespace) -> inference.GenerationOptions:
-    return inference.GenerationOptions(
-        max_new_tokens=args.max_new_tokens, do_sample=args.do_sample, temperature=args.temperature, top_p=args.top_p
-    )
 
 
 def print_transcript(transcript: str | None) -> None:
@@ -148,7 +140,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     set_seed(args.seed)
-    options = generation_options(args)
+    options = inference.generation_options(args)
     options.generate_kwargs()  # fail on bad flags before loading anything
     requests = inference.read_requests(args.batch) if args.batch else None  # bad lines fail before loading
     first_turn = None

@@ -36,7 +36,7 @@ from mmphi import data as mmphi_data
 from mmphi.errors import handle_bad_record
 from mmphi.inference import GenerationOptions
 from mmphi.inference import generate_answers as inference_answers
-from mmphi.loading import load_causal_lm, load_processor
+from mmphi.loading import load_causal_lm, load_mmphi
 from mmphi.metrics import corpus_bleu4, corpus_cider, normalize_vqa_answer, vqa_accuracy, vqa_exact_match
 
 logger = logging.getLogger("evaluate")
@@ -74,8 +74,6 @@ class EvaluationArguments:
     )
     device: str | None = field(default=None, metadata={"help": "default: cuda if available, else cpu"})
 
-
-# ------------------------------------------------------------------------------------------------ model loading
 
 # -------------------------------------------------------------------------------------------------------- VQA
 
@@ -310,12 +308,13 @@ def run_evaluation(args: EvaluationArguments) -> dict:
     if not args.data_path:
         raise ValueError("--data_path is required")
     started = time.perf_counter()
-    model = load_causal_lm(args.model_name_or_path, adapter=args.adapter, device=args.device, dtype=args.dtype)
-    if args.task == "perplexity":
+    if args.task == "perplexity":  # any causal LM (a stage-0 Phi too): no processor needed
+        model = load_causal_lm(args.model_name_or_path, adapter=args.adapter, device=args.device, dtype=args.dtype)
         tokenizer = AutoTokenizer.from_pretrained(args.adapter or args.model_name_or_path)
         scores, predictions = evaluate_perplexity(args, model, tokenizer)
     else:
-        processor = load_processor(args.model_name_or_path, args.adapter)
+        model, processor = load_mmphi(args.model_name_or_path, adapter=args.adapter, device=args.device,
+                                      dtype=args.dtype)
         evaluate_task = evaluate_vqa if args.task == "vqa" else evaluate_caption
         scores, predictions = evaluate_task(args, model, processor)
     result = {"task": args.task, "model": args.model_name_or_path, "adapter": args.adapter,

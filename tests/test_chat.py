@@ -18,6 +18,7 @@ from PIL import Image, ImageDraw
 from mmphi import chat, inference
 from mmphi.build import build_tiny, save_mmphi
 from mmphi.inference import Chat, ChatTurn, GenerationOptions
+from mmphi.loading import load_mmphi
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GREEDY = GenerationOptions(max_new_tokens=6)
@@ -65,7 +66,7 @@ def files(tmp_path_factory):
 @pytest.fixture(scope="module")
 def loaded(files):
     """Loaded through the Auto classes, as chat.py does."""
-    return inference.load_model(files["model"])
+    return load_mmphi(files["model"])
 
 
 def one_by_one(model, processor, turns, options=GREEDY):
@@ -235,7 +236,7 @@ def test_sampling_flags_and_seed_reproduce(files, loaded):
 def test_load_in_4bit_quantizes_the_language_model_only(files):
     import bitsandbytes as bnb
 
-    model, processor = inference.load_model(files["model"], load_in_4bit=True)
+    model, processor = load_mmphi(files["model"], quantization="4bit")
     quantized = {name for name, module in model.named_modules() if isinstance(module, bnb.nn.Linear4bit)}
     assert quantized and all(name.startswith("model.language_model.") for name in quantized)
     answer = inference.answer_turn(model, processor, Chat(), ChatTurn("Hi", image=files["red"]), GREEDY)
