@@ -1,4 +1,4 @@
-"""The layout the project keeps (one room per job): thin scripts over the `mmphi` package, no `sys.path` edits, one
+"""The layout the project keeps (one room per job): thin scripts over the `mmphi` package, no import-path edits, one
 stage contract, and model files that import nothing of ours (they travel with the weights)."""
 
 import ast

@@ -93,16 +93,9 @@ def test_model_card_metadata_components_stages_and_metrics(trained_folder, dry_r
 
 
 FRESH_PROCESS = textwrap.dedent("""
-    import importlib.abc, json, sys
-    BLOCKED = {"configuration_mmphi", "modeling_mmphi", "processing_mmphi", "speech_mmphi"}
+    import importlib.machinery, json, sys
+    REPO_MODULES = ("configuration_mmphi", "modeling_mmphi", "processing_mmphi", "speech_mmphi")
 
-    class BlockRepoModules(importlib.abc.MetaPathFinder):  # the folder's own code must be what runs
-        def find_spec(self, name, path=None, target=None):
-            if name in BLOCKED:
-                raise ImportError(f"{name} must come from the pushed folder")
-            return None
-
-    sys.meta_path.insert(0, BlockRepoModules())
     import torch
     from PIL import Image
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoProcessor
@@ -118,7 +111,11 @@ FRESH_PROCESS = textwrap.dedent("""
     with torch.no_grad():
         ids = model.generate(**inputs, max_new_tokens=5, do_sample=False)[0, inputs["input_ids"].shape[1]:]
     print(json.dumps({"classes": [type(o).__module__ + "." + type(o).__name__ for o in (config, backbone, model,
-                      processor)], "ids": ids.tolist(), "repo_on_path": repo_root in sys.path}))
+                      processor)], "ids": ids.tolist(),
+                      # the repo's own model files must be neither reachable from the search path nor imported: the
+                      # folder's code is what ran
+                      "repo_on_path": importlib.machinery.PathFinder.find_spec("modeling_mmphi") is not None,
+                      "repo_modules_imported": [name for name in REPO_MODULES if name in sys.modules]}))
 """)
 
 
@@ -134,7 +131,7 @@ def test_dry_run_loads_through_auto_classes_in_a_fresh_process(trained_folder, d
     result = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     loaded = json.loads(result.stdout.strip().splitlines()[-1])
-    assert not loaded["repo_on_path"]
+    assert not loaded["repo_on_path"] and loaded["repo_modules_imported"] == []
     assert all(name.startswith("transformers_modules.") for name in loaded["classes"]), loaded["classes"]
     assert [name.rsplit(".", 1)[1] for name in loaded["classes"]] == [
         "MMPhiConfig", "MMPhiModel", "MMPhiForCausalLM", "MMPhiProcessor"
