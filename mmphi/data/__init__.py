@@ -20,6 +20,7 @@ from mmphi.data.encoding import (
     encode_conversation,
     encode_conversations,
     encode_messages,
+    encode_train_eval,
     length_grouped_sampler,
     padding_fraction,
 )
@@ -44,7 +45,8 @@ from mmphi.errors import SCAN_HINT, BadRecordError, SkipReport, validation_exit
 
 __all__ = [
     "IGNORE_INDEX", "EncodedSamples", "MMPhiDataCollator", "MMPhiTrainerMixin", "TruncationReport",
-    "encode_conversation", "encode_conversations", "encode_messages", "length_grouped_sampler", "padding_fraction",
+    "encode_conversation", "encode_conversations", "encode_train_eval", "encode_messages", "length_grouped_sampler",
+    "padding_fraction",
     "VisionFeatureStore", "cache_vision_features", "FORMATS", "DatasetFormat", "ReadOptions", "caption_conversations",
     "detect_format", "load_coco_records", "load_llava_records", "load_train_eval", "read_conversations",
     "register_format", "validate_data", "validate_file", "check_image_file", "check_images", "image_problems",

@@ -163,6 +163,16 @@ def encode_conversations(conversations: Sequence[Conversation], processor, max_l
     return EncodedSamples(encoded, report)
 
 
+def encode_train_eval(train: Sequence[Conversation], evaluation: Sequence[Conversation], processor,
+                      max_length: int | None, num_proc: int | None = None):
+    """(train samples, eval samples or None when there is no held-out data): the split of stages 1 and 2, encoded."""
+    encode = dict(max_length=max_length, num_proc=num_proc)
+    encoded_train = encode_conversations(train, processor, desc="tokenising training samples", **encode)
+    encoded_eval = encode_conversations(evaluation, processor, desc="tokenising eval samples", **encode) \
+        if evaluation else None
+    return encoded_train, encoded_eval
+
+
 # ---------------------------------------------------------------------------------------------------------- batches
 
 
@@ -204,7 +214,7 @@ class MMPhiDataCollator:
             if row.get(key) is not None:
                 feature[key] = row[key]
         image = row.get("image")
-        if image is None or len(feature) > 2:
+        if image is None or "pixel_values" in feature or "vision_features" in feature:  # nothing to load
             return feature
         try:
             if self.vision_features is not None:

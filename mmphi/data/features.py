@@ -84,10 +84,6 @@ class _ImageFiles(torch.utils.data.Dataset):
         return index, self.image_processor([image], return_tensors="pt")["pixel_values"][0], None
 
 
-def _keep_batch(items: list) -> list:
-    return items  # images of different sizes are fine: the processor already made them one size
-
-
 def default_cache_dir(fingerprint: str, paths: list[str]) -> str:
     """Outside any output folder (so checkpoints and pushes never carry it), keyed by the tower and the image set:
     `$MMPHI_CACHE` (default ~/.cache/mmphi)/vision_features/<tower fingerprint>-<image list digest>."""
@@ -107,7 +103,7 @@ def _write_shard(tower_model, paths: list[str], directory: str, name: str, image
     from safetensors.torch import save_file
 
     loader = torch.utils.data.DataLoader(_ImageFiles(paths, image_processor), batch_size=batch_size,
-                                         num_workers=num_workers, collate_fn=_keep_batch)
+                                         num_workers=num_workers, collate_fn=list)
     rows, bad = None, {}
     for batch in loader:
         good = [(index, pixels) for index, pixels, _ in batch if pixels is not None]

@@ -38,7 +38,7 @@ from mmphi.build import save_mmphi
 from mmphi.data import (
     MMPhiDataCollator,
     MMPhiTrainerMixin,
-    encode_conversations,
+    encode_train_eval,
     load_train_eval,
     validate_data,
 )
@@ -189,10 +189,8 @@ def build_trainer(model_args: ModelArguments, data_args: DataArguments, args: In
     set_seed(args.seed)
     processor = MMPhiProcessor.from_pretrained(model_args.model_name_or_path, trust_remote_code=True)
     train_records, eval_records, report = load_train_eval(data_args, args.seed)
-    encode = dict(max_length=args.max_length, num_proc=data_args.preprocessing_num_workers)
-    train = encode_conversations(train_records, processor, desc="tokenising training samples", **encode)
-    evaluation = encode_conversations(eval_records, processor, desc="tokenising eval samples", **encode) \
-        if eval_records else None
+    train, evaluation = encode_train_eval(train_records, eval_records, processor, args.max_length,
+                                          data_args.preprocessing_num_workers)
     logger.info("%d training samples, %d eval samples", len(train), len(evaluation) if evaluation else 0)
     if evaluation is None:
         args.eval_strategy = "no"

@@ -49,7 +49,7 @@ from mmphi.data import (
     MMPhiDataCollator,
     MMPhiTrainerMixin,
     cache_vision_features,
-    encode_conversations,
+    encode_train_eval,
     load_train_eval,
     padding_fraction,
     validate_data,
@@ -190,10 +190,8 @@ def build_datasets(model, processor, data_args: DataArguments, training_args, tr
                                       shard_size=data_args.feature_cache_shard_size, device=training_args.device,
                                       num_workers=training_args.dataloader_num_workers)
         logger.info("vision features ready in %.1f s (%s)", time.perf_counter() - start, store.directory)
-    encode = dict(max_length=data_args.max_length, num_proc=data_args.preprocessing_num_workers)
-    train = encode_conversations(train_records, processor, desc="tokenising training samples", **encode)
-    evaluation = encode_conversations(eval_records, processor, desc="tokenising eval samples", **encode) \
-        if eval_records else None
+    train, evaluation = encode_train_eval(train_records, eval_records, processor, data_args.max_length,
+                                          data_args.preprocessing_num_workers)
     collator = MMPhiDataCollator(processor, vision_features=store, skip_bad_records=data_args.skip_bad_records)
     return train, evaluation, collator
 
