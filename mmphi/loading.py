@@ -101,30 +101,34 @@ def load_mmphi(path: str, adapter: str | None = None, quantization: str | None =
 MERGE_TARGETS = ("dequantized", "original")
 
 
-def nf4_roundtrip_(model, skip_prefixes) -> int:
+def nf4_roundtrip_(model, skip_prefixes, quantized_from: torch.dtype | None = None) -> int:
     """Replace, in place, every weight that stage 2's 4-bit load quantizes (each nn.Linear outside `skip_prefixes`)
     by its NF4 round trip (nf4, double quantization, bitsandbytes' block size): bit for bit the weights the adapter
-    was trained against. Returns how many weights were replaced."""
+    was trained against, when `quantized_from` is the dtype stage 2 loaded the base in (bitsandbytes quantizes those
+    values). Returns how many weights were replaced."""
     import bitsandbytes as bnb
 
     count = 0
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.Linear) and not name.startswith(tuple(skip_prefixes)):
             weight = module.weight.data
-            packed, state = bnb.functional.quantize_4bit(weight, quant_type="nf4", compress_statistics=True)
+            source = weight.to(quantized_from) if quantized_from is not None else weight
+            packed, state = bnb.functional.quantize_4bit(source, quant_type="nf4", compress_statistics=True)
             module.weight.data = bnb.functional.dequantize_4bit(packed, state).to(weight.dtype)
             count += 1
     return count
 
 
 def merge_lora(model_name_or_path: str, adapter: str, output_dir: str | None = None,
-               dtype: torch.dtype = torch.float32, merge_into: str = "dequantized", base_quantization: str = "4bit"):
+               dtype: torch.dtype = torch.float32, merge_into: str = "dequantized", base_quantization: str = "4bit",
+               quantized_from: torch.dtype | None = None):
     """Base + stage-2 adapter as one full-precision MM-Phi (written to `output_dir` when given); returns the merged
     model. LoRA deltas are folded into the weights and the adapter's `modules_to_save` (the projector, ...) replace
     the base's. A QLoRA adapter was trained against the NF4-rounded base: `merge_into="dequantized"` (the default)
     folds it into those dequantized weights, so the merged model computes what was trained (BENCHMARKS.md "Merge
     target": much closer to 4-bit base + adapter than a merge into the original weights); "original" merges into the
-    unquantized base weights. An 8-bit or unquantized base is always merged into its original weights."""
+    unquantized base weights. An 8-bit or unquantized base is always merged into its original weights.
+    `quantized_from`: the dtype stage 2 loaded the base in (bf16 on most GPUs; default `dtype`)."""
     from peft import PeftModel
 
     from modeling_mmphi import QUANTIZATION_SKIP_MODULES, MMPhiForCausalLM
@@ -135,7 +139,7 @@ def merge_lora(model_name_or_path: str, adapter: str, output_dir: str | None = N
         raise FileNotFoundError(f"{adapter}: no adapter_config.json (is it a stage-2 LoRA output?)")
     base = MMPhiForCausalLM.from_pretrained(model_name_or_path, dtype=dtype)
     if merge_into == "dequantized" and base_quantization == "4bit":
-        replaced = nf4_roundtrip_(base, QUANTIZATION_SKIP_MODULES)
+        replaced = nf4_roundtrip_(base, QUANTIZATION_SKIP_MODULES, quantized_from)
         logger.info("merging into the NF4-dequantized weights of %d layers (what the adapter was trained on)",
                     replaced)
     merged = PeftModel.from_pretrained(base, adapter).merge_and_unload()

@@ -32,10 +32,13 @@ def main(argv: list[str] | None = None) -> None:
                         help="dequantized: the NF4 weights the adapter was trained on; original: the unquantized ones")
     parser.add_argument("--base_quantization", default="4bit", choices=QUANTIZATION_CHOICES,
                         help="how stage 2 loaded the base (its --quantization)")
+    parser.add_argument("--quantized_from", default=None, choices=["float32", "bfloat16", "float16"],
+                        help="the dtype stage 2 loaded the base in before quantizing (bf16 on most GPUs; default "
+                             "--dtype): the NF4 round trip then matches training bit for bit")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     merge_lora(args.model_name_or_path, args.adapter, args.output_dir, getattr(torch, args.dtype), args.merge_into,
-               args.base_quantization)
+               args.base_quantization, getattr(torch, args.quantized_from) if args.quantized_from else None)
 
 
 if __name__ == "__main__":

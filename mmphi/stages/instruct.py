@@ -229,7 +229,7 @@ def save_outputs(trainer, processor, model_args: ModelArguments, args, metrics: 
     if model_args.merge and not model_args.full_finetune:
         merged_dir = model_args.merged_output_dir or os.path.join(args.output_dir, "merged")
         merge_lora(model_args.model_name_or_path, args.output_dir, merged_dir, merge_into=model_args.merge_into,
-                   base_quantization=model_args.quantization)
+                   base_quantization=model_args.quantization, quantized_from=training_dtype(args))
         metrics["merged_output_dir"] = merged_dir
 
 
