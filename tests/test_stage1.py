@@ -104,7 +104,7 @@ def test_validation_is_split_by_image(setup, tmp_path):
     train_images = set(stage.train.dataset["image"])
     eval_images = set(stage.evaluation.dataset["image"])
     assert train_images and eval_images and not train_images & eval_images
-    with pytest.raises(ValueError, match="in both the training and the eval file"):
+    with pytest.raises(ValueError, match="in both the training and the eval data"):
         build(root, data, tmp_path / "out2", "--eval_data_path", data["captions_train"],
               "--eval_image_folder", data["images"])
 
@@ -189,10 +189,8 @@ def test_a_new_dataset_format_is_one_registered_reader(setup, tmp_path):
     in mmphi.data.formats; recognised from the data, it trains stage 1 unchanged, and bad records name themselves."""
     import mmphi.data as md
 
-    def is_vqa_pairs(data) -> bool:
-        return isinstance(data, list) and all(isinstance(r, dict) and "question" in r for r in data[:1])
-
-    @md.register_format("vqa_pairs", matches=is_vqa_pairs, description='[{"image", "question", "answer"}]')
+    @md.register_format("vqa_pairs", matches=lambda columns: {"question", "answer"} <= columns,
+                        description='[{"image", "question", "answer"}]')
     def read_vqa_pairs(records, path, options):
         samples = []
         for index, record in enumerate(records):
@@ -231,8 +229,8 @@ def test_unknown_format_is_a_clear_error_naming_what_was_found(setup, tmp_path):
     path.write_text(json.dumps([{"img": "a.png", "text": "x"}]))
     argv = stage1_argv(root, data, tmp_path / "out")
     argv[argv.index("--data_path") + 1] = str(path)
-    with pytest.raises(ValueError, match=r"rows\.json: no known dataset format fits \(a JSON list of 1 item\(s\) "
-                                         r"whose first record has keys \['img', 'text'\]\).*coco_captions.*llava"):
+    with pytest.raises(ValueError, match=r"rows\.json: no known dataset format fits \(columns \['img', 'text'\]\)"
+                                         r".*coco_captions.*llava.*trl_messages"):
         main(argv)
 
 

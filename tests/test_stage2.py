@@ -133,7 +133,8 @@ def test_truncation_and_padding_are_reported(qlora_run, tiny_folder, synthetic):
     _, metrics = qlora_run
     processor = MMPhiProcessor.from_pretrained(tiny_folder, trust_remote_code=True)
     train, _, _ = load_train_eval(
-        DataArguments(synthetic["llava_train"], synthetic["images"], val_fraction=0.2, max_eval_samples=2), seed=42
+        DataArguments(data_path=synthetic["llava_train"], image_folder=synthetic["images"], val_fraction=0.2,
+                      max_eval_samples=2), seed=42
     )
     lengths = encode_conversations(train, processor).lengths
     too_long = sum(n > MAX_LENGTH for n in lengths)

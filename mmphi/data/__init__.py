@@ -27,19 +27,24 @@ from mmphi.data.encoding import (
 from mmphi.data.features import VisionFeatureStore, cache_vision_features
 from mmphi.data.formats import (
     FORMATS,
+    DataSource,
     DatasetFormat,
     ReadOptions,
     caption_conversations,
     detect_format,
     load_coco_records,
     load_llava_records,
+    load_rows,
     load_train_eval,
     read_conversations,
+    read_source,
     register_format,
+    training_sources,
     validate_data,
     validate_file,
+    validate_source,
 )
-from mmphi.data.images import check_image_file, check_images, image_problems, load_image
+from mmphi.data.images import check_image_file, check_images, embedded_image_keys, image_problems, load_image
 from mmphi.data.records import CAPTION_PROMPT, CaptionedImage, Conversation, Turn, captioned_images, split_by_image
 from mmphi.errors import SCAN_HINT, BadRecordError, SkipReport, validation_exit
 
@@ -47,10 +52,10 @@ __all__ = [
     "IGNORE_INDEX", "EncodedSamples", "MMPhiDataCollator", "MMPhiTrainerMixin", "TruncationReport",
     "encode_conversation", "encode_conversations", "encode_train_eval", "encode_messages", "length_grouped_sampler",
     "padding_fraction",
-    "VisionFeatureStore", "cache_vision_features", "FORMATS", "DatasetFormat", "ReadOptions", "caption_conversations",
+    "VisionFeatureStore", "cache_vision_features", "FORMATS", "DataSource", "DatasetFormat", "ReadOptions", "caption_conversations",
     "detect_format", "load_coco_records", "load_llava_records", "load_train_eval", "read_conversations",
     "register_format", "validate_data", "validate_file", "check_image_file", "check_images", "image_problems",
-    "load_image",
+    "load_image", "embedded_image_keys", "load_rows", "read_source", "training_sources", "validate_source",
     "CAPTION_PROMPT", "CaptionedImage", "Conversation", "Turn", "captioned_images", "split_by_image", "SCAN_HINT",
     "BadRecordError", "SkipReport", "validation_exit",
 ]

@@ -1,32 +1,46 @@
 """Dataset formats, one registry: each format is one reader registered here, and every multimodal stage (and the
-evaluation) reads its files through `read_conversations`, which recognises the format from the data.
+evaluation) reads its data through `read_conversations`, which loads it with `datasets.load_dataset` and recognises
+the format from the columns.
+
+Sources (`DataSource`): a local file (`--data_path`: .json, .jsonl, .parquet, also compressed: .gz, .bz2, .xz, .zst)
+or anything `load_dataset` reads (`--dataset_name`: a hub id or a local dataset folder, with `--dataset_config_name`
+and a split).
 
 Formats (the public datasets'; scripts/make_synthetic_data.py writes the first two):
 - `coco_captions`: `{"images": [{"id", "file_name", ...}], "annotations": [{"image_id", "caption", ...}]}` (COCO
   2017 captions); one sample per caption: the fixed captioning prompt with the image, the caption as the answer.
-- `llava`: `[{"id", "image"?, "conversations": [{"from": "human"|"gpt", "value"}, ...]}]` (LLaVA-Instruct-150K, and
-  LLaVA-Pretrain-558K's one-turn captions); `<image>` in the first human turn (added there when missing); records
+- `llava`: rows `{"id", "image"?, "conversations": [{"from": "human"|"gpt", "value"}, ...]}` (LLaVA-Instruct-150K,
+  and LLaVA-Pretrain-558K's one-turn captions); `<image>` in the first human turn (added there when missing); rows
   without "image" are text-only. An optional `question_type` on a human turn is kept (per-type accuracy).
+- `trl_messages`: TRL's vision format, rows `{"messages": [{"role", "content": [{"type": "image"} |
+  {"type": "text", "text"}]}], "images": [image]}`; the images are embedded (parquet, as hub datasets store them) or
+  paths under the image folder.
 
-A new format: write `read(data, path, options) -> list[Conversation]` (raise `BadRecordError` for a bad record
-through `options.bad(location, error)`, which raises or counts), and register it with
-`@register_format(name, matches=..., description=...)`.
+A new format: write `read(rows, label, options) -> list[Conversation]` (rows: a sequence of dicts, `label` names
+the source in errors; raise `BadRecordError` for a bad record through `options.bad(location, error)`, which raises
+or counts), and register it with `@register_format(name, matches=lambda columns: ..., description=...)`.
 
 Errors: `BadRecordError("<file>: record <n> (id=<id>): <what is wrong>")`; with `skip_bad_records` the record is
 skipped and counted in a `SkipReport`.
 """
 
+
 from __future__ import annotations
 
+import bz2
+import gzip
 import json
 import logging
+import lzma
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
-from mmphi.data.images import check_images
+import datasets
+
+from mmphi.data.images import check_images, embedded_image_keys
 from mmphi.data.records import CAPTION_PROMPT, CaptionedImage, Conversation, Turn, first_images, split_by_image
-from mmphi.errors import BadRecordError, SkipReport, handle_bad_record
+from mmphi.errors import BadRecordError, SkipReport, handle_bad_record, parse_json_object
 from processing_mmphi import IMAGE_TOKEN
 
 logger = logging.getLogger(__name__)
@@ -34,15 +48,125 @@ logger = logging.getLogger(__name__)
 HUMAN_ROLES, GPT_ROLES = ("human", "user"), ("gpt", "assistant")
 
 
+# ---------------------------------------------------------------------------------------------------------- sources
+
+
+@dataclass(frozen=True)
+class DataSource:
+    """Where records come from: a local file (`path`), or whatever `datasets.load_dataset` reads (`name`: a hub id
+    or a local dataset folder; `config`, `split`)."""
+
+    path: str | None = None
+    name: str | None = None
+    config: str | None = None
+    split: str = "train"
+
+    def __post_init__(self):
+        if (self.path is None) == (self.name is None):
+            raise ValueError("give exactly one of a data file (--data_path) or a dataset (--dataset_name)")
+
+    @property
+    def label(self) -> str:
+        """How errors name the source: the file, or `name[/config]:split`."""
+        if self.path is not None:
+            return self.path
+        return f"{self.name}{'/' + self.config if self.config else ''}:{self.split}"
+
+    @property
+    def default_image_folder(self) -> str | None:
+        """Relative image paths resolve against the file's folder, or a local dataset folder."""
+        if self.path is not None:
+            return os.path.dirname(os.path.abspath(self.path))
+        return self.name if os.path.isdir(self.name) else None
+
+
+COMPRESSIONS = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open, ".zst": None, ".zstd": None}
+BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+
+
+def _file_kind(path: str) -> tuple[str, str | None]:
+    """(builder, compression suffix) of a data file from its name, or a clear error."""
+    stem, suffix = os.path.splitext(path.lower())
+    compression = suffix if suffix in COMPRESSIONS else None
+    if compression:
+        stem, suffix = os.path.splitext(stem)
+    if suffix not in BUILDERS or (compression and BUILDERS[suffix] == "parquet"):
+        raise ValueError(f"{path}: unsupported data file type; use .json, .jsonl or .parquet (json may be compressed: "
+                         f"{', '.join(COMPRESSIONS)})")
+    return BUILDERS[suffix], compression
+
+
+def load_rows(source: DataSource) -> Sequence[dict]:
+    """The source's records through `datasets.load_dataset` (memory-mapped, cached). A JSON file that arrow cannot
+    read (a malformed line, a record that is not an object) is parsed again in Python to name what is wrong."""
+    if source.name is not None:
+        try:
+            return datasets.load_dataset(source.name, source.config, split=source.split)
+        except (FileNotFoundError, ValueError) as error:
+            raise ValueError(f"{source.label}: cannot load the dataset: {error}") from None
+    if not os.path.isfile(source.path):
+        raise FileNotFoundError(f"{source.path}: no such file")
+    builder, _ = _file_kind(source.path)
+    try:
+        return datasets.load_dataset(builder, data_files=source.path, split="train")
+    except (datasets.exceptions.DatasetGenerationError, ValueError) as error:  # ValueError: no rows at all
+        if builder != "json":
+            raise BadRecordError(f"{source.path}: cannot be read as {builder}: {error.__cause__}") from None
+        return _read_json_records(source.path)
+
+
+def _read_json_records(path: str) -> list:
+    """A JSON document (one list of records, or one object such as a COCO file) or JSON lines, parsed in Python so
+    that an error names the line or record."""
+    raw = _read_bytes(path)
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise BadRecordError(f"{path}: not valid UTF-8 (byte offset {error.start})") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as error:
+        if error.msg != "Extra data":  # one document, malformed
+            raise BadRecordError(f"{path}: malformed JSON ({error.msg} at line {error.lineno}, column "
+                                 f"{error.colno})") from None
+        return [_json_line(path, number, line) for number, line in enumerate(text.splitlines(), 1) if line.strip()]
+    return data if isinstance(data, list) else [data]
+
+
+def _json_line(path: str, number: int, line: str) -> dict:
+    try:
+        return parse_json_object(line)
+    except BadRecordError as error:
+        raise BadRecordError(f"{path}: line {number}: {error}") from None
+
+
+def _read_bytes(path: str) -> bytes:
+    _, compression = _file_kind(path)
+    if compression in (".zst", ".zstd"):
+        import zstandard
+
+        with open(path, "rb") as handle:
+            return zstandard.ZstdDecompressor().stream_reader(handle).read()
+    opener = COMPRESSIONS[compression] if compression else open
+    with opener(path, "rb") as handle:
+        return handle.read()
+
+
+def columns_of(rows: Sequence[dict]) -> frozenset[str]:
+    if isinstance(rows, datasets.Dataset):
+        return frozenset(rows.column_names)
+    return frozenset(rows[0]) if rows and isinstance(rows[0], dict) else frozenset()
+
+
 # ---------------------------------------------------------------------------------------------------------- registry
 
 
 @dataclass
 class ReadOptions:
-    """How a reader treats a file: where its images are, whether bad records are skipped (counted in `report`),
+    """How a reader treats a source: where its images are, whether bad records are skipped (counted in `report`),
     whether image files must exist, and the user turn of caption samples."""
 
-    image_folder: str
+    image_folder: str | None
     skip_bad_records: bool = False
     report: SkipReport = field(default_factory=SkipReport)
     check_images: bool = True
@@ -55,93 +179,104 @@ class ReadOptions:
 @dataclass(frozen=True)
 class DatasetFormat:
     name: str
-    matches: Callable[[object], bool]  # on the parsed file
-    read: Callable[[object, str, ReadOptions], list[Conversation]]
+    matches: Callable[[frozenset[str]], bool]  # on the column names
+    read: Callable[[Sequence[dict], str, ReadOptions], list[Conversation]]
     description: str
 
 
 FORMATS: dict[str, DatasetFormat] = {}
 
 
-def register_format(name: str, matches: Callable[[object], bool], description: str):
-    """Decorator: register `read(data, path, options) -> list[Conversation]` as the reader of format `name`."""
+def register_format(name: str, matches: Callable[[frozenset[str]], bool], description: str):
+    """Decorator: register `read(rows, label, options) -> list[Conversation]` as the reader of format `name`, which
+    `matches(column names)` recognises."""
     def register(read):
         FORMATS[name] = DatasetFormat(name, matches, read, description)
         return read
     return register
 
 
-def detect_format(data, path: str, data_format: str | None = None) -> DatasetFormat:
-    """The registered format named `data_format`, or the first whose `matches(data)` holds; else a clear error
-    saying what was found and which formats are known."""
+def detect_format(rows: Sequence[dict], label: str, data_format: str | None = None) -> DatasetFormat:
+    """The registered format named `data_format`, or the first that matches the columns; else a clear error saying
+    what was found and which formats are known."""
     if data_format is not None:
         if data_format not in FORMATS:
             raise ValueError(f"unknown data format {data_format!r}; known: {', '.join(FORMATS)}")
         return FORMATS[data_format]
+    columns = columns_of(rows)
     for candidate in FORMATS.values():
-        if candidate.matches(data):
+        if candidate.matches(columns):
             return candidate
     known = "; ".join(f"{f.name}: {f.description}" for f in FORMATS.values())
-    raise BadRecordError(f"{path}: no known dataset format fits ({_describe(data)}). Known formats: {known}")
+    found = f"columns {sorted(columns)[:8]}" if columns else f"{len(rows)} record(s) that are not JSON objects"
+    raise BadRecordError(f"{label}: no known dataset format fits ({found}). Known formats: {known}")
 
 
-def _describe(data) -> str:
-    if isinstance(data, dict):
-        return f"a JSON object with keys {sorted(data)[:8]}"
-    if isinstance(data, list):
-        first = data[0] if data else None
-        keys = f" whose first record has keys {sorted(first)[:8]}" if isinstance(first, dict) else ""
-        return f"a JSON list of {len(data)} item(s){keys}"
-    return f"a JSON {type(data).__name__}"
+def read_source(source: DataSource, image_folder: str | None = None, skip_bad_records: bool = False,
+                report: SkipReport | None = None, check_images: bool = True, data_format: str | None = None,
+                caption_prompt: str = CAPTION_PROMPT) -> list[Conversation]:
+    """Any registered format from any source -> training samples. `image_folder` defaults to the source's folder;
+    `check_images` checks that each image file exists (cheap; decoding every image is `validate_source`'s job)."""
+    options = ReadOptions(
+        image_folder=image_folder if image_folder is not None else source.default_image_folder,
+        skip_bad_records=skip_bad_records, report=report if report is not None else SkipReport(),
+        check_images=check_images, caption_prompt=caption_prompt,
+    )
+    rows = load_rows(source)
+    conversations = detect_format(rows, source.label, data_format).read(rows, source.label, options)
+    if options.report.total:
+        logger.warning("%s: %s", source.label, options.report.summary())
+    return conversations
 
 
 def read_conversations(path: str, image_folder: str | None = None, skip_bad_records: bool = False,
                        report: SkipReport | None = None, check_images: bool = True, data_format: str | None = None,
                        caption_prompt: str = CAPTION_PROMPT) -> list[Conversation]:
-    """Any registered format -> training samples. `image_folder` defaults to the file's folder; `check_images`
-    checks that each image file exists (cheap; decoding every image is `validate_file`'s job)."""
-    options = ReadOptions(
-        image_folder=image_folder if image_folder is not None else os.path.dirname(os.path.abspath(path)),
-        skip_bad_records=skip_bad_records, report=report if report is not None else SkipReport(),
-        check_images=check_images, caption_prompt=caption_prompt,
-    )
-    data = _read_json(path)
-    conversations = detect_format(data, path, data_format).read(data, path, options)
-    if options.report.total:
-        logger.warning("%s: %s", path, options.report.summary())
-    return conversations
+    """`read_source` of a local file."""
+    return read_source(DataSource(path=path), image_folder, skip_bad_records, report, check_images, data_format,
+                       caption_prompt)
+
+
+def validate_source(source: DataSource, image_folder: str | None = None, data_format: str | None = None,
+                    decode_images: bool = True, num_threads: int = 8) -> tuple[int, SkipReport]:
+    """The `--validate_data` scan of one source, any format: every record's structure and (by default) every image
+    decoded. Returns (number of good samples, report of the bad ones)."""
+    report = SkipReport(max_examples=20)
+    conversations = read_source(source, image_folder, skip_bad_records=True, report=report, data_format=data_format)
+    failed = check_images(conversations, report, num_threads) if decode_images else 0
+    return len(conversations) - failed, report
 
 
 def validate_file(path: str, image_folder: str | None = None, data_format: str | None = None,
                   decode_images: bool = True, num_threads: int = 8) -> tuple[int, SkipReport]:
-    """The `--validate_data` scan of one file, any format: every record's structure and (by default) every image
-    decoded. Returns (number of good samples, report of the bad ones)."""
-    report = SkipReport(max_examples=20)
-    conversations = read_conversations(path, image_folder, skip_bad_records=True, report=report,
-                                       data_format=data_format)
-    failed = check_images(conversations, report, num_threads) if decode_images else 0
-    return len(conversations) - failed, report
+    return validate_source(DataSource(path=path), image_folder, data_format, decode_images, num_threads)
+
+
+def _location(label: str, index: int, record) -> str:
+    location = f"{label}: record {index}"
+    if isinstance(record, dict) and record.get("id") is not None:
+        location += f" (id={record['id']})"
+    return location
 
 
 # ---------------------------------------------------------------------------------------------------------- COCO
 
 
-def _is_coco_captions(data) -> bool:
-    return isinstance(data, dict) and isinstance(data.get("images"), list) \
-        and isinstance(data.get("annotations"), list)
-
-
-@register_format("coco_captions", matches=_is_coco_captions,
+@register_format("coco_captions", matches=lambda columns: {"images", "annotations"} <= columns,
                  description='COCO captions, {"images": [...], "annotations": [{"image_id", "caption"}]}')
-def read_coco_captions(data, path: str, options: ReadOptions) -> list[Conversation]:
-    return caption_conversations(coco_images(data, path, options), options.caption_prompt)
+def read_coco_captions(rows, label: str, options: ReadOptions) -> list[Conversation]:
+    return caption_conversations(coco_images(rows, label, options), options.caption_prompt)
 
 
-def coco_images(data, path: str, options: ReadOptions) -> list[CaptionedImage]:
-    """One `CaptionedImage` per image that has captions (images without any are dropped)."""
+def coco_images(rows, label: str, options: ReadOptions) -> list[CaptionedImage]:
+    """One `CaptionedImage` per image that has captions (images without any are dropped). `rows` holds one COCO
+    document (a JSON object read as one row)."""
+    if len(rows) != 1:
+        raise BadRecordError(f"{label}: expected one COCO captions document, found {len(rows)} rows")
+    data = rows[0]
     images: dict = {}
-    for index, entry in enumerate(data["images"]):
-        location = f"{path}: images[{index}]" + (f" (id={entry.get('id')})" if isinstance(entry, dict) else "")
+    for index, entry in enumerate(data["images"] or []):
+        location = f"{label}: images[{index}]" + (f" (id={entry.get('id')})" if isinstance(entry, dict) else "")
         try:
             image = _parse_coco_image(entry, options.image_folder, options.check_images)
             if image.image_id in images:
@@ -151,9 +286,9 @@ def coco_images(data, path: str, options: ReadOptions) -> list[CaptionedImage]:
             continue
         image.location = location
         images[image.image_id] = image
-    for index, annotation in enumerate(data["annotations"]):
-        location = f"{path}: annotations[{index}]"
-        if isinstance(annotation, dict) and "id" in annotation:
+    for index, annotation in enumerate(data["annotations"] or []):
+        location = f"{label}: annotations[{index}]"
+        if isinstance(annotation, dict) and annotation.get("id") is not None:
             location += f" (id={annotation['id']})"
         try:
             image_id, caption = _parse_coco_annotation(annotation, images)
@@ -163,7 +298,7 @@ def coco_images(data, path: str, options: ReadOptions) -> list[CaptionedImage]:
         images[image_id].captions.append(caption)
     captioned = [image for image in images.values() if image.captions]
     if len(captioned) < len(images):
-        logger.info("%s: %d image(s) without captions are not used", path, len(images) - len(captioned))
+        logger.info("%s: %d image(s) without captions are not used", label, len(images) - len(captioned))
     return captioned
 
 
@@ -171,13 +306,14 @@ def load_coco_records(path: str, image_folder: str | None = None, skip_bad_recor
                       report: SkipReport | None = None, check_images: bool = True) -> list[CaptionedImage]:
     """A COCO captions file -> one `CaptionedImage` per image, with all its captions (the CLIP stage and the
     caption evaluation want images, not caption samples)."""
-    data = _read_json(path)
-    if not _is_coco_captions(data):
+    source = DataSource(path=path)
+    rows = load_rows(source)
+    if not FORMATS["coco_captions"].matches(columns_of(rows)):
         raise BadRecordError(f'{path}: not a COCO captions file (expected an object with "images" and "annotations" '
                              "lists)")
-    options = ReadOptions(image_folder if image_folder is not None else os.path.dirname(os.path.abspath(path)),
+    options = ReadOptions(image_folder if image_folder is not None else source.default_image_folder,
                           skip_bad_records, report if report is not None else SkipReport(), check_images)
-    images = coco_images(data, path, options)
+    images = coco_images(rows, path, options)
     if options.report.total:
         logger.warning("%s: %s", path, options.report.summary())
     return images
@@ -186,18 +322,12 @@ def load_coco_records(path: str, image_folder: str | None = None, skip_bad_recor
 # ---------------------------------------------------------------------------------------------------------- LLaVA
 
 
-def _is_llava(data) -> bool:
-    return isinstance(data, list) and all(isinstance(r, dict) and "conversations" in r for r in data[:1])
-
-
-@register_format("llava", matches=_is_llava,
-                 description='LLaVA, [{"id", "image", "conversations": [{"from": "human"|"gpt", "value"}]}]')
-def read_llava(data, path: str, options: ReadOptions) -> list[Conversation]:
+@register_format("llava", matches=lambda columns: "conversations" in columns,
+                 description='LLaVA, rows {"id", "image", "conversations": [{"from": "human"|"gpt", "value"}]}')
+def read_llava(rows, label: str, options: ReadOptions) -> list[Conversation]:
     conversations = []
-    for index, record in enumerate(data):
-        location = f"{path}: record {index}"
-        if isinstance(record, dict) and "id" in record:
-            location += f" (id={record['id']})"
+    for index, record in enumerate(rows):
+        location = _location(label, index, record)
         try:
             conversation = parse_llava_record(record, options.image_folder, options.check_images)
         except BadRecordError as error:
@@ -210,11 +340,115 @@ def read_llava(data, path: str, options: ReadOptions) -> list[Conversation]:
 
 def load_llava_records(path: str, image_folder: str | None = None, skip_bad_records: bool = False,
                        report: SkipReport | None = None, check_images: bool = True) -> list[Conversation]:
-    """A LLaVA JSON file (a list of records) -> `Conversation`s; any other content is an error."""
-    data = _read_json(path)
-    if not isinstance(data, list):
-        raise BadRecordError(f"{path}: expected a JSON list of records, got a {type(data).__name__}")
+    """A LLaVA file -> `Conversation`s; any other content is an error."""
+    if not FORMATS["llava"].matches(columns_of(rows := load_rows(DataSource(path=path)))):
+        raise BadRecordError(f'{path}: expected LLaVA records (a list of objects with "conversations"), found '
+                             f"{sorted(columns_of(rows))[:8] or 'no JSON objects'}")
     return read_conversations(path, image_folder, skip_bad_records, report, check_images, data_format="llava")
+
+
+# ---------------------------------------------------------------------------------------------------------- TRL
+
+
+@register_format("trl_messages", matches=lambda columns: "messages" in columns,
+                 description='TRL vision, rows {"messages": [{"role", "content": [{"type": "image"|"text"}]}], '
+                             '"images": [...]}')
+def read_trl_messages(rows, label: str, options: ReadOptions) -> list[Conversation]:
+    """TRL's conversational vision format. Embedded images stay in the dataset's arrow file (addressed by a key the
+    collator and the feature cache decode); image paths resolve under the image folder."""
+    images = _trl_images(rows, label, options)
+    conversations = []
+    for index, record in enumerate(rows.select_columns(["messages"]) if isinstance(rows, datasets.Dataset)
+                                   else rows):
+        location = _location(label, index, record)
+        try:
+            turns, n_images = _trl_turns(record.get("messages") if isinstance(record, dict) else record)
+            image = images(index, n_images)
+        except BadRecordError as error:
+            options.bad(location, error)
+            continue
+        conversations.append(Conversation(str(record.get("id", index)), image, turns, location))
+    return conversations
+
+
+def _trl_images(rows, label: str, options: ReadOptions) -> Callable[[int, int], str | None]:
+    """`image(row, number of image entries in the messages)` -> the row's image key, or a BadRecordError."""
+    if isinstance(rows, datasets.Dataset) and "images" in rows.column_names:
+        column = rows.data.column("images")
+        if not hasattr(column.type, "value_type"):
+            raise BadRecordError(f'{label}: "images" must be a list column, found {column.type}')
+        counts = column.combine_chunks().value_lengths().to_pylist()
+        embedded = not str(column.type.value_type).startswith(("string", "large_string"))
+        keys = embedded_image_keys(rows, "images") if embedded else None
+        paths = None if embedded else column.to_pylist()
+    else:  # a Python list (JSON the arrow reader could not read)
+        lists = [r.get("images") or [] if isinstance(r, dict) else [] for r in rows]
+        counts, embedded, keys, paths = [len(x) for x in lists], False, None, lists
+
+    def image(index: int, n_placeholders: int) -> str | None:
+        n = counts[index] or 0
+        if n != n_placeholders:
+            raise BadRecordError(f'{n} image(s) in "images" but {n_placeholders} {{"type": "image"}} in the messages')
+        if n > 1:
+            raise BadRecordError(f"{n} images; MM-Phi trains on one image per record")
+        if n == 0:
+            return None
+        if embedded:
+            return keys(index)
+        path = _image_path(options.image_folder, paths[index][0])
+        if options.check_images:
+            _require_image_file(path)
+        return path
+
+    return image
+
+
+def _trl_turns(messages) -> tuple[list[Turn], int]:
+    """TRL messages -> (turns, number of image entries); the image entry must be in the first user message."""
+    if not isinstance(messages, list) or not messages:
+        raise BadRecordError('"messages" must be a non-empty list')
+    texts, n_images = [], 0
+    for position, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise BadRecordError(f"message {position} is not an object")
+        expected = "user" if position % 2 == 0 else "assistant"
+        if message.get("role") != expected:
+            raise BadRecordError(f"message {position} has role {message.get('role')!r}, expected {expected!r} "
+                                 "(user/assistant alternate, starting with user; no system message)")
+        text, images = _trl_content(message.get("content"), position)
+        if images and position:
+            raise BadRecordError(f"an image in message {position}: only the first user message may hold the image")
+        n_images += images
+        texts.append(text)
+    if len(texts) % 2:
+        raise BadRecordError(f"the last message ({len(texts) - 1}) is a question without an assistant answer")
+    turns = []
+    for position in range(0, len(texts), 2):
+        if not texts[position + 1]:
+            raise BadRecordError(f"empty answer in message {position + 1}")
+        if not texts[position] and not (position == 0 and n_images):
+            raise BadRecordError(f"empty question in message {position}")
+        turns.append(Turn(texts[position], texts[position + 1]))
+    return turns, n_images
+
+
+def _trl_content(content, position: int) -> tuple[str, int]:
+    """(text, number of image entries) of one message's content (a string or a list of typed parts)."""
+    if isinstance(content, str):
+        return content.replace(IMAGE_TOKEN, "").strip(), content.count(IMAGE_TOKEN)
+    if not isinstance(content, list):
+        raise BadRecordError(f"message {position}: content must be a string or a list of parts")
+    texts, images = [], 0
+    for part in content:
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "image":
+            images += 1
+        elif kind == "text" and isinstance(part.get("text"), str):
+            texts.append(part["text"].strip())
+        else:
+            raise BadRecordError(f"message {position}: a content part must be {{\"type\": \"image\"}} or "
+                                 f"{{\"type\": \"text\", \"text\": ...}}, got {part!r}"[:300])
+    return "\n".join(t for t in texts if t), images
 
 
 # ---------------------------------------------------------------------------------------------------------- splits
@@ -224,13 +458,22 @@ def load_llava_records(path: str, image_folder: str | None = None, skip_bad_reco
 class MultimodalDataArguments:
     """The data flags of stages 1 and 2 (each stage subclasses it for its own extras and defaults)."""
 
-    data_path: str = field(metadata={"help": "training data, any registered format (COCO captions, LLaVA)"})
-    image_folder: str | None = field(default=None, metadata={"help": "folder of the images (default: the file's)"})
+    data_path: str | None = field(default=None, metadata={
+        "help": "training data file (.json, .jsonl, .parquet; compressed json too), any registered format (COCO "
+                "captions, LLaVA, TRL messages)"})
+    image_folder: str | None = field(default=None, metadata={
+        "help": "folder of the images (default: the file's or dataset folder's; not needed for embedded images)"})
+    dataset_name: str | None = field(default=None, metadata={
+        "help": "instead of --data_path: a hub dataset id or a local dataset folder, read with datasets.load_dataset"})
+    dataset_config_name: str | None = field(default=None, metadata={"help": "the dataset's configuration"})
+    train_split: str = field(default="train", metadata={"help": "the --dataset_name split to train on"})
+    validation_split: str | None = field(default=None, metadata={
+        "help": "the --dataset_name split to evaluate on (default: --val_fraction of the training images)"})
     data_format: str | None = field(
-        default=None, metadata={"help": "the format's registered name (default: recognised from the data)"}
+        default=None, metadata={"help": "the format's registered name (default: recognised from the columns)"}
     )
     eval_data_path: str | None = field(
-        default=None, metadata={"help": "held-out data; without it --val_fraction of the images"}
+        default=None, metadata={"help": "held-out data file; without it --val_fraction of the images"}
     )
     eval_image_folder: str | None = field(default=None, metadata={"help": "images of --eval_data_path"})
     val_fraction: float = field(default=0.02, metadata={"help": "fraction of images held out (split by image)"})
@@ -242,23 +485,45 @@ class MultimodalDataArguments:
     )
     validate_data: bool = field(default=False, metadata={"help": "scan the data (records + images) and exit"})
 
+    def __post_init__(self):
+        if (self.data_path is None) == (self.dataset_name is None):
+            raise ValueError("give exactly one of --data_path (a file) or --dataset_name (a hub id or dataset folder)")
+        if self.validation_split is not None and self.dataset_name is None:
+            raise ValueError("--validation_split goes with --dataset_name; a file's held-out data is --eval_data_path")
+
+
+def training_sources(data_args) -> list[tuple[DataSource, str | None]]:
+    """[(training source, its image folder), (held-out source, its image folder)?] from the data flags."""
+    if data_args.dataset_name is not None:
+        dataset = dict(name=data_args.dataset_name, config=data_args.dataset_config_name)
+        sources = [(DataSource(split=data_args.train_split, **dataset), data_args.image_folder)]
+        if data_args.validation_split is not None:
+            sources.append((DataSource(split=data_args.validation_split, **dataset), data_args.image_folder))
+    else:
+        sources = [(DataSource(path=data_args.data_path), data_args.image_folder)]
+    if data_args.eval_data_path:
+        sources.append((DataSource(path=data_args.eval_data_path), data_args.eval_image_folder))
+    return sources
+
 
 def load_train_eval(data_args, seed: int) -> tuple[list[Conversation], list[Conversation], SkipReport]:
-    """(train, eval, skip report) from the stage's `MultimodalDataArguments`: `data_path` in any registered format,
-    held out by image (`--val_fraction`, or a separate `--eval_data_path` sharing no image with it)."""
+    """(train, eval, skip report) from the stage's `MultimodalDataArguments`: a file or a dataset in any registered
+    format, held out by image (`--val_fraction`, or a separate eval file / split sharing no image with it)."""
     report = SkipReport()
 
-    def read(path: str, folder: str | None) -> list[Conversation]:
-        return read_conversations(path, folder, data_args.skip_bad_records, report, data_format=data_args.data_format,
-                                  caption_prompt=getattr(data_args, "caption_prompt", CAPTION_PROMPT))
+    def read(source: DataSource, folder: str | None) -> list[Conversation]:
+        return read_source(source, folder, data_args.skip_bad_records, report, data_format=data_args.data_format,
+                           caption_prompt=getattr(data_args, "caption_prompt", CAPTION_PROMPT))
 
-    records = read(data_args.data_path, data_args.image_folder)
-    if data_args.eval_data_path:
-        train, evaluation = records, read(data_args.eval_data_path, data_args.eval_image_folder)
+    (train_source, train_folder), *held_out = training_sources(data_args)
+    records = read(train_source, train_folder)
+    if held_out:
+        eval_source, eval_folder = held_out[0]
+        train, evaluation = records, read(eval_source, eval_folder)
         overlap = {c.image for c in train if c.image} & {c.image for c in evaluation if c.image}
         if overlap:
-            raise ValueError(f"{len(overlap)} image(s) are in both the training and the eval file, e.g. "
-                             f"{sorted(overlap)[0]}: validation must be held out by image")
+            raise ValueError(f"{len(overlap)} image(s) are in both the training and the eval data ({train_source.label}, "
+                             f"{eval_source.label}), e.g. {sorted(overlap)[0]}: validation must be held out by image")
     else:
         train, evaluation = split_by_image(records, data_args.val_fraction, seed)
     if getattr(data_args, "max_train_images", None) is not None:
@@ -271,42 +536,28 @@ def load_train_eval(data_args, seed: int) -> tuple[list[Conversation], list[Conv
 
 
 def validate_data(data_args) -> int:
-    """`--validate_data`: scan the training and eval files; exit status 0 when both are clean."""
+    """`--validate_data`: scan the training and held-out data; exit status 0 when all are clean."""
     from mmphi.errors import validation_exit
 
     status = 0
-    for path, folder in ((data_args.data_path, data_args.image_folder),
-                         (data_args.eval_data_path, data_args.eval_image_folder)):
-        if path:
-            status |= validation_exit(path, *validate_file(path, folder, data_args.data_format))
+    for source, folder in training_sources(data_args):
+        status |= validation_exit(source.label, *validate_source(source, folder, data_args.data_format))
     return status
 
 
 # ---------------------------------------------------------------------------------------------------------- parsing
 
 
-def _read_json(path: str):
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no such file")
-    try:
-        with open(path, "rb") as handle:
-            return json.loads(handle.read().decode("utf-8"))
-    except UnicodeDecodeError as error:
-        raise BadRecordError(f"{path}: not valid UTF-8 (byte offset {error.start})") from None
-    except json.JSONDecodeError as error:
-        raise BadRecordError(f"{path}: malformed JSON ({error.msg} at line {error.lineno}, column {error.colno})") \
-            from None
-
-
 def _image_path(image_folder: str, name) -> str:
     if not isinstance(name, str) or not name.strip():
         raise BadRecordError(f"image file name must be a non-empty string, got {name!r}")
-    return os.path.join(image_folder, name)
+    return os.path.join(image_folder, name) if image_folder else name
 
 
 def _require_image_file(path: str) -> None:
     if not os.path.isfile(path):
-        raise BadRecordError(f"image file not found: {path}")
+        hint = "" if os.path.isabs(path) else " (relative to the working directory: pass --image_folder)"
+        raise BadRecordError(f"image file not found: {path}{hint}")
 
 
 def _parse_coco_image(entry, image_folder: str, check_images: bool) -> CaptionedImage:

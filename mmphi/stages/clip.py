@@ -31,12 +31,13 @@ from configuration_mmphi import TINY_VISION_CONFIG
 from mmphi.build import tiny_image_processor, tiny_tokenizer
 from mmphi.data import (
     CaptionedImage,
+    DataSource,
     SkipReport,
     captioned_images,
     load_image,
-    read_conversations,
+    read_source,
     split_by_image,
-    validate_file,
+    validate_source,
     validation_exit,
 )
 from mmphi.errors import BadRecordError, handle_bad_record, warn_skipped
@@ -59,13 +60,24 @@ class ModelArguments:
 
 @dataclass
 class DataArguments:
-    data_path: str = field(metadata={"help": "captions: COCO captions JSON, or LLaVA-Pretrain-style one-turn records"})
-    image_folder: str | None = field(default=None, metadata={"help": "folder of the images (default: the JSON's)"})
+    data_path: str | None = field(default=None, metadata={
+        "help": "captions file: COCO captions, or LLaVA-Pretrain-style one-turn records (any registered format)"})
+    dataset_name: str | None = field(default=None, metadata={
+        "help": "instead of --data_path: a hub dataset id or a local dataset folder (datasets.load_dataset)"})
+    dataset_config_name: str | None = field(default=None, metadata={"help": "the dataset's configuration"})
+    train_split: str = field(default="train", metadata={"help": "the --dataset_name split to train on"})
+    image_folder: str | None = field(default=None, metadata={"help": "folder of the images (default: the data's)"})
     val_fraction: float = field(default=0.02, metadata={"help": "fraction of images held out (split by image)"})
     skip_bad_records: bool = field(
         default=False, metadata={"help": "skip bad records/images (counted and reported) instead of failing"}
     )
     validate_data: bool = field(default=False, metadata={"help": "scan the data (records + images) and exit"})
+
+    @property
+    def source(self) -> DataSource:
+        if self.dataset_name is not None and self.data_path is None:
+            return DataSource(name=self.dataset_name, config=self.dataset_config_name, split=self.train_split)
+        return DataSource(path=self.data_path, name=self.dataset_name)  # exactly one, or a clear error
 
 
 @dataclass
@@ -163,10 +175,11 @@ def build_trainer(model_args: ModelArguments, data_args: DataArguments, training
     set_seed(training_args.seed)
     model, tokenizer, image_processor = load_clip(model_args, training_args.seed)
     report = SkipReport()
-    captions = read_conversations(data_args.data_path, data_args.image_folder, data_args.skip_bad_records, report)
+    source = data_args.source
+    captions = read_source(source, data_args.image_folder, data_args.skip_bad_records, report)
     train_images, eval_images = split_by_image(captioned_images(captions), data_args.val_fraction, training_args.seed)
     if len(train_images) < 2:
-        raise ValueError(f"{data_args.data_path}: {len(train_images)} training image(s); the contrastive loss needs "
+        raise ValueError(f"{source.label}: {len(train_images)} training image(s); the contrastive loss needs "
                          "at least 2 per batch")
     train = ImageCaptionDataset(train_images, image_processor, data_args.skip_bad_records)
     evaluation = ImageCaptionDataset(eval_images, image_processor, data_args.skip_bad_records) if eval_images else None
@@ -199,7 +212,7 @@ def run(model_args: ModelArguments, data_args: DataArguments, training_args) -> 
 
 
 def validate(data_args: DataArguments) -> int:
-    return validation_exit(data_args.data_path, *validate_file(data_args.data_path, data_args.image_folder))
+    return validation_exit(data_args.source.label, *validate_source(data_args.source, data_args.image_folder))
 
 
 def main(argv: list[str] | None = None) -> dict | None:
