@@ -7,6 +7,7 @@ import json
 import math
 import os
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -177,6 +178,54 @@ def test_streaming_run(workdir):
     metrics = main(run_args(workdir["corpus"], workdir["root"] / "stream", workdir["cache"], "--streaming",
                             "--max_steps", "2", "--eval_steps", "2", "--max_eval_blocks", "4"))
     assert math.isfinite(metrics["eval_loss"]) and metrics["train_loss"] > 0
+
+
+# ------------------------------------------------------------------------------------------- --dataset_name
+
+def dataset_args(name, output_dir, cache_dir, *extra):
+    args = run_args("unused", output_dir, cache_dir, *extra)
+    at = args.index("--train_files")
+    return args[:at] + ["--dataset_name", str(name)] + args[at + 2:]
+
+
+def test_a_dataset_folder_trains_exactly_like_the_same_files(workdir):
+    """run_clm.py's --dataset_name: a local dataset folder (what a hub download looks like) read by load_dataset
+    gives the same documents, split, blocks and so the same losses as --train_files."""
+    folder = workdir["root"] / "redpajama"
+    folder.mkdir()
+    (folder / "train.jsonl").write_bytes(Path(workdir["corpus"]).read_bytes())
+    files = main(run_args(workdir["corpus"], workdir["root"] / "files", workdir["cache"], "--max_steps", "3"))
+    dataset = main(dataset_args(folder, workdir["root"] / "dataset", workdir["cache"], "--max_steps", "3"))
+    assert train_losses(workdir["root"] / "dataset") == train_losses(workdir["root"] / "files")
+    assert dataset["eval_loss"] == pytest.approx(files["eval_loss"])
+
+
+def test_dataset_splits_text_column_streaming_and_bad_rows(workdir):
+    """A parquet dataset with its own validation split and another text column; an empty text is named, or skipped
+    and counted; streaming reads the same folder."""
+    import datasets
+
+    folder = workdir["root"] / "parquet"
+    (folder / "data").mkdir(parents=True)
+    rows = [json.loads(line) for line in Path(workdir["corpus"]).read_text().splitlines()]
+    for split, part in (("train", rows[:70]), ("validation", rows[70:])):
+        records = [{"content": r["text"], "meta": json.dumps(r["meta"])} for r in part]
+        if split == "train":
+            records.insert(3, {"content": "  ", "meta": "{}"})
+        datasets.Dataset.from_list(records).to_parquet(str(folder / "data" / f"{split}-00000-of-00001.parquet"))
+    args = dataset_args(folder, workdir["root"] / "pq", workdir["cache"], "--max_steps", "2", "--validation_split",
+                        "validation", "--text_column_name", "content")
+    with pytest.raises(BadRecordError, match=r"parquet:train: record 3: 'content' is empty"):
+        main(args)
+    metrics = main([*args, "--skip_bad_records"])
+    assert metrics["skipped_bad_records"] == 1 and math.isfinite(metrics["eval_loss"])
+    with pytest.raises(ValueError, match=r"no 'text' column \(columns: \['content', 'meta'\]\)"):
+        main(dataset_args(folder, workdir["root"] / "pq2", workdir["cache"], "--max_steps", "1"))
+    streamed = main([*args, "--skip_bad_records", "--streaming", "--max_eval_blocks", "4", "--output_dir",
+                     str(workdir["root"] / "pq-stream")])
+    assert math.isfinite(streamed["eval_loss"]) and streamed["train_loss"] > 0
+    with pytest.raises(ValueError, match="exactly one of --train_files"):
+        main(run_args(workdir["corpus"], workdir["root"] / "both", workdir["cache"], "--dataset_name", str(folder)))
 
 
 # ------------------------------------------------------------------------------------------------------- plots

@@ -262,7 +262,7 @@ def load_documents(files: list[str], skip_bad_records: bool, mix_by: str, stream
                   "signature": files_signature(files)}
     if streaming:
         rows = datasets.IterableDataset.from_generator(document_rows, gen_kwargs=gen_kwargs)
-        return rows.filter(_CountingFilter(report)).remove_columns("error")
+        return _drop_bad_rows(rows, report)
     try:
         rows = datasets.Dataset.from_generator(document_rows, gen_kwargs=gen_kwargs, cache_dir=cache_dir)
     except datasets.exceptions.DatasetGenerationError as e:
@@ -270,11 +270,65 @@ def load_documents(files: list[str], skip_bad_records: bool, mix_by: str, stream
         if isinstance(cause, (BadRecordError, FileNotFoundError, ImportError)):
             raise cause from None  # the file:line message, not the datasets wrapper
         raise
+    return _drop_bad_rows(rows, report)
+
+
+def _drop_bad_rows(rows, report: SkipReport):
+    """Rows text/source/error -> text/source: the bad ones counted in `report` (as a stream passes, or at once)."""
+    if isinstance(rows, datasets.IterableDataset):
+        return rows.filter(_CountingFilter(report)).remove_columns("error")
     bad = rows.filter(lambda error: error != "", input_columns="error")
     for error in bad["error"]:
         location, _, reason = error.partition(": ")
         report.add(location, reason)
     return rows.filter(lambda error: error == "", input_columns="error").remove_columns("error")
+
+
+@dataclass(frozen=True)
+class CorpusDataset:
+    """A text corpus that `datasets.load_dataset` reads (a hub id or a local dataset folder), as in run_clm.py."""
+
+    name: str
+    config: str | None = None
+    train_split: str = "train"
+    validation_split: str | None = None
+    text_column: str = "text"
+
+    def label(self, split: str) -> str:
+        return f"{self.name}{'/' + self.config if self.config else ''}:{split}"
+
+
+def dataset_documents(corpus: CorpusDataset, split: str, streaming: bool, skip_bad_records: bool,
+                      report: SkipReport, num_proc: int | None = None):
+    """A split of `corpus` as documents (columns text/source). The source is `meta.redpajama_set_name` when the rows
+    carry RedPajama's meta, else the dataset's name; an empty or non-string text is an error naming the row, or with
+    `skip_bad_records` a counted skip."""
+    label = corpus.label(split)
+    try:
+        rows = datasets.load_dataset(corpus.name, corpus.config, split=split, streaming=streaming)
+    except (FileNotFoundError, ValueError) as error:
+        raise ValueError(f"{label}: cannot load the dataset: {error}") from None
+    columns = rows.column_names or list(next(iter(rows)).keys())
+    if corpus.text_column not in columns:
+        raise ValueError(f"{label}: no {corpus.text_column!r} column (columns: {columns}); pass --text_column_name")
+    default_source = os.path.basename(os.path.normpath(corpus.name))
+
+    def to_documents(batch: dict, indices: list[int]) -> dict:
+        out = {"text": [], "source": [], "error": []}
+        metas = batch.get("meta") or [None] * len(indices)
+        for index, text, meta in zip(indices, batch[corpus.text_column], metas, strict=True):
+            problem = "" if isinstance(text, str) and text.strip() else \
+                f"{label}: record {index}: {corpus.text_column!r} is empty or not a string ({str(text)[:40]!r})"
+            if problem and not skip_bad_records:
+                raise BadRecordError(problem + SKIP_HINT)
+            out["text"].append(text if not problem else "")
+            out["source"].append(set_name_of({"meta": meta}) or default_source)
+            out["error"].append(problem)
+        return out
+
+    kwargs = {} if streaming else {"num_proc": num_proc, "desc": f"reading {label}"}
+    rows = rows.map(to_documents, batched=True, with_indices=True, remove_columns=columns, **kwargs)
+    return _drop_bad_rows(rows, report)
 
 
 def _fingerprint(*parts) -> str:
@@ -365,20 +419,33 @@ def build_lm_datasets(train_files: list[str], tokenizer, block_size: int = 2048,
                       source_weights: dict[str, float] | None = None, mix_by: str = "set_name",
                       mixing_stopping_strategy: str = "all_exhausted", streaming: bool = False,
                       num_proc: int | None = None, skip_bad_records: bool = False, cache_dir: str | None = None,
-                      seed: int = 42) -> LMDatasets:
+                      seed: int = 42, dataset: CorpusDataset | None = None) -> LMDatasets:
     """Packed training blocks (mixed by `source_weights` if given) and packed held-out blocks, also per source.
 
     Held-out text is `validation_files` when given, else the `validation_split_percentage` percent of documents with
     the lowest text hashes (whole documents, never a block cut out of a training document). A stream cannot rank,
     so there the percentage applies to the hash range (about that share of documents).
+
+    `dataset` reads the corpus with `datasets.load_dataset` instead of `train_files` (its validation split, if
+    named, is the held-out text).
     """
-    if not train_files:
-        raise ValueError("no training files given (--train_files)")
+    if not train_files and dataset is None:
+        raise ValueError("no training data given (--train_files or --dataset_name)")
+    if dataset is not None and streaming and source_weights:
+        raise ValueError("--source_weights with a streamed --dataset_name is not supported: drop --streaming (the "
+                         "mix is then built from the loaded dataset) or pass the source files with --train_files")
     report = SkipReport()
-    docs = load_documents(train_files, skip_bad_records, mix_by, streaming, cache_dir, report)
-    split_here = not validation_files and validation_split_percentage > 0
+    if dataset is not None:
+        docs = dataset_documents(dataset, dataset.train_split, streaming, skip_bad_records, report, num_proc)
+    else:
+        docs = load_documents(train_files, skip_bad_records, mix_by, streaming, cache_dir, report)
+    held_out_given = validation_files or (dataset is not None and dataset.validation_split)
+    split_here = not held_out_given and validation_split_percentage > 0
     if split_here:
         train_docs, eval_docs = split_documents(docs, validation_split_percentage)
+    elif dataset is not None and dataset.validation_split:
+        train_docs = docs
+        eval_docs = dataset_documents(dataset, dataset.validation_split, streaming, skip_bad_records, report, num_proc)
     else:
         train_docs = docs
         eval_docs = (load_documents(validation_files, skip_bad_records, mix_by, streaming, cache_dir, report)
@@ -386,7 +453,7 @@ def build_lm_datasets(train_files: list[str], tokenizer, block_size: int = 2048,
 
     sources = {} if streaming else dict(Counter(train_docs["source"]))
     if not streaming and len(train_docs) == 0:
-        raise ValueError(f"no training documents left in {train_files} after the validation split")
+        raise ValueError(f"no training documents left in {train_files or dataset.name} after the validation split")
     if eval_docs is not None and not streaming and len(eval_docs) == 0:
         raise ValueError(f"the validation split is empty ({len(docs)} documents, {validation_split_percentage}%): "
                          "raise --validation_split_percentage or pass --validation_files")
@@ -406,9 +473,11 @@ def build_lm_datasets(train_files: list[str], tokenizer, block_size: int = 2048,
     eval_blocks, eval_by_source = None, {}
     if eval_docs is not None:
         eval_blocks = tokenize_and_pack(eval_docs, tokenizer, block_size, num_proc)
-        eval_files = validation_files or train_files
-        by_source = docs_by_source(eval_files, eval_docs, skip_bad_records, mix_by, streaming, cache_dir, report,
-                                   keep=held_out if split_here else None)
+        if dataset is not None and streaming:  # one stream, one source (a stream is never scanned for more)
+            by_source = {os.path.basename(os.path.normpath(dataset.name)): eval_docs}
+        else:
+            by_source = docs_by_source(validation_files or train_files, eval_docs, skip_bad_records, mix_by,
+                                       streaming, cache_dir, report, keep=held_out if split_here else None)
         eval_by_source = {name: _pack_if_fits(part, tokenizer, block_size, num_proc)
                           for name, part in by_source.items()}
         eval_by_source = {name: part for name, part in eval_by_source.items() if part is not None}

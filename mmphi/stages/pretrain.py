@@ -38,7 +38,7 @@ from transformers.trainer_utils import IntervalStrategy, get_last_checkpoint
 
 from configuration_mmphi import PHI2_TEXT_CONFIG, TINY_TEXT_CONFIG
 from mmphi import TINY_TOKENIZER
-from mmphi.data.corpus import build_lm_datasets, collate_blocks, parse_source_weights
+from mmphi.data.corpus import CorpusDataset, build_lm_datasets, collate_blocks, parse_source_weights
 from mmphi.errors import warn_skipped
 from mmphi.training import BuiltStage, StageTrainingArguments, configure_logging, parse_stage_args, record_run
 
@@ -70,6 +70,14 @@ class DataArguments:
         default_factory=list, metadata={"help": "RedPajama JSONL files (.jsonl, .jsonl.gz, .jsonl.zst, .zip)"}
     )
     validation_files: list[str] | None = field(default=None, metadata={"help": "held-out files (else a split)"})
+    dataset_name: str | None = field(default=None, metadata={
+        "help": "instead of --train_files: a hub dataset id or a local dataset folder (datasets.load_dataset), e.g. "
+                "togethercomputer/RedPajama-Data-1T-Sample"})
+    dataset_config_name: str | None = field(default=None, metadata={"help": "the dataset's configuration"})
+    train_split: str = field(default="train", metadata={"help": "the --dataset_name split to train on"})
+    validation_split: str | None = field(default=None, metadata={
+        "help": "the --dataset_name split held out (default: --validation_split_percentage of the documents)"})
+    text_column_name: str = field(default="text", metadata={"help": "the --dataset_name column holding the text"})
     validation_split_percentage: float = field(
         default=5.0, metadata={"help": "percent of training documents held out (by document, never by block)"}
     )
@@ -99,6 +107,18 @@ class DataArguments:
         default=512, metadata={"help": "evaluate on at most this many held-out blocks, drawn evenly from every source "
                                        "(each reported as eval_<source>_loss); a stream needs a cap"},
     )
+
+    def __post_init__(self):
+        if bool(self.train_files) == (self.dataset_name is not None):
+            raise ValueError("give exactly one of --train_files (JSONL files) or --dataset_name (a hub id or a "
+                             "dataset folder)")
+
+    @property
+    def corpus_dataset(self) -> CorpusDataset | None:
+        if self.dataset_name is None:
+            return None
+        return CorpusDataset(self.dataset_name, self.dataset_config_name, self.train_split, self.validation_split,
+                             self.text_column_name)
 
 
 @dataclass
@@ -237,7 +257,7 @@ def build_trainer(model_args: ModelArguments, data_args: DataArguments,
             data_args.train_files, tokenizer, data_args.block_size, data_args.validation_files,
             data_args.validation_split_percentage, parse_source_weights(data_args.source_weights), data_args.mix_by,
             data_args.mixing_stopping_strategy, data_args.streaming, data_args.preprocessing_num_workers,
-            data_args.skip_bad_records, data_args.data_cache_dir, training_args.seed,
+            data_args.skip_bad_records, data_args.data_cache_dir, training_args.seed, data_args.corpus_dataset,
         )
     if data.skip_report.total:
         logger.warning(data.skip_report.summary())
