@@ -5,7 +5,8 @@ EXTRAS ?= train,audio,demo,dev
 # The verified stack everywhere; CPU-only machines (like CI) also pin the CPU torch wheel, while machines with a GPU
 # take torch from wherever they get it.
 CONSTRAINTS := -c constraints.txt $(if $(shell command -v nvidia-smi 2>/dev/null),,-c constraints-cpu.txt)
-SYSTEM_PACKAGES := ffmpeg flite espeak-ng sox chromium npm
+# command[:Debian package]
+SYSTEM_PACKAGES := ffmpeg flite espeak-ng sox chromium npm java:default-jre-headless
 PYTEST_ARGS ?=
 
 .PHONY: install system-packages test test-fast demo lint bench clean
@@ -20,9 +21,9 @@ $(VENV)/.installed: setup.cfg constraints.txt constraints-cpu.txt Makefile
 	touch $@
 
 # Audio decoding (ffmpeg), speech synthesis for tests (flite, espeak-ng, sox), the browser for the app test
-# (chromium) and npm (the demo corpus). Installed only when missing, and only where we may (root).
+# (chromium), npm (the demo corpus) and Java (pycocoevalcap's PTB tokenizer for caption metrics). Installed only when missing, and only where we may (root).
 system-packages:
-	@missing=""; for p in $(SYSTEM_PACKAGES); do command -v $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	@missing=""; for p in $(SYSTEM_PACKAGES); do command -v $${p%%:*} >/dev/null 2>&1 || missing="$$missing $${p#*:}"; done; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
 	  else echo "Please install:$$missing (e.g. sudo apt-get install$$missing)"; fi; \

@@ -4,6 +4,8 @@
         --data_path data/synthetic/llava_heldout.json --image_folder data/synthetic/images --output_file vqa.json
     python scripts/evaluate_mmphi.py --task caption --model_name_or_path outputs/stage1 \
         --data_path data/synthetic/captions_val.json --image_folder data/synthetic/images --output_file cap.json
+    python scripts/evaluate_mmphi.py --task pope --model_name_or_path outputs/stage2/merged \
+        --data_path pope/coco_pope_adversarial.json --image_folder coco/val2014 --output_file pope.json
     python scripts/evaluate_mmphi.py --task perplexity --model_name_or_path outputs/stage0 \
         --data_path data/corpus/c4.jsonl
 
@@ -11,8 +13,11 @@
   same conversation (with their reference answers) are the context, the image comes with the first turn. Greedy,
   batched, left-padded generation; normalized exact match as the VQA evaluation normalizes answers (lowercase,
   punctuation, articles, number words); overall and per question type (the record's type field, else inferred).
-- caption: a COCO captions file; one caption per image with the stage-1 captioning prompt; BLEU-4 (sacrebleu) and
-  CIDEr-D (mmphi/metrics.py) against all references of each image.
+- caption: a COCO captions file; one caption per image with the stage-1 captioning prompt; BLEU-4 and CIDEr-D with
+  pycocoevalcap's scorers against all references of each image (PTB tokenizer through Java, else its Python rules;
+  the scores name the tokenizer).
+- pope: a POPE question file (JSON lines `{"question_id", "image", "text", "label": "yes"|"no"}`); accuracy,
+  precision, recall, F1 and yes-ratio, answers parsed as POPE's script does.
 - perplexity: JSONL (`{"text": ...}`, also .gz/.zst/.zip) or plain-text files; token-weighted, sliding windows.
 """
 
@@ -37,16 +42,24 @@ from mmphi.errors import handle_bad_record
 from mmphi.inference import GenerationOptions
 from mmphi.inference import generate_answers as inference_answers
 from mmphi.loading import load_causal_lm, load_mmphi
-from mmphi.metrics import corpus_bleu4, corpus_cider, normalize_vqa_answer, vqa_accuracy, vqa_exact_match
+from mmphi.metrics import (
+    coco_caption_scores,
+    normalize_vqa_answer,
+    pope_answer,
+    pope_scores,
+    vqa_accuracy,
+    vqa_exact_match,
+)
 
 logger = logging.getLogger("evaluate")
 
-DEFAULT_MAX_NEW_TOKENS = {"vqa": 16, "caption": 40}
+DEFAULT_MAX_NEW_TOKENS = {"vqa": 16, "caption": 40, "pope": 16}
+TASKS = ["vqa", "caption", "pope", "perplexity"]
 
 
 @dataclass
 class EvaluationArguments:
-    task: str = field(metadata={"help": "what to evaluate", "choices": ["vqa", "caption", "perplexity"]})
+    task: str = field(metadata={"help": "what to evaluate", "choices": TASKS})
     model_name_or_path: str = field(metadata={"help": "an MM-Phi folder (or, for perplexity, any causal LM folder)"})
     data_path: list[str] = field(
         default_factory=list,
@@ -60,6 +73,8 @@ class EvaluationArguments:
     max_new_tokens: int | None = field(default=None, metadata={"help": "default: 16 for vqa, 40 for caption"})
     max_samples: int | None = field(default=None, metadata={"help": "evaluate at most this many questions/images"})
     caption_prompt: str | None = field(default=None, metadata={"help": "default: stage 1's captioning prompt"})
+    caption_tokenizer: str = field(default="auto", metadata={
+        "help": "caption: tokenizer before BLEU/CIDEr-D", "choices": ["auto", "ptb-java", "ptb-python"]})
     max_length: int | None = field(
         default=None, metadata={"help": "perplexity window in tokens (default: the model's context, at most 2048)"}
     )
@@ -208,10 +223,58 @@ def evaluate_caption(args: EvaluationArguments, model, processor) -> tuple[dict,
     generate_answers(model, processor, items, args.batch_size,
                      args.max_new_tokens or DEFAULT_MAX_NEW_TOKENS["caption"])
     captions, references = [i.prediction for i in items], [i.references for i in items]
-    scores = {**corpus_bleu4(captions, references), "cider": corpus_cider(captions, references),
-              "images": len(items), "skipped_bad_records": report.total}
+    caption_scores = coco_caption_scores(captions, references, args.caption_tokenizer)
+    del caption_scores["cider_per_item"]
+    scores = {**caption_scores, "images": len(items), "skipped_bad_records": report.total}
     predictions = [{"image_id": i.record_id, "image": i.image, "prediction": i.prediction,
                     "references": i.references} for i in items]
+    return scores, predictions
+
+
+def pope_items(path: str, image_folder: str | None, skip_bad_records: bool, report) -> list[EvalItem]:
+    """POPE questions: one yes/no question about one image per line; a bad line is named, or skipped and counted."""
+    source = mmphi_data.DataSource(path=path)
+    folder = image_folder if image_folder is not None else source.default_image_folder
+    items = []
+    for index, row in enumerate(tqdm(mmphi_data.load_rows(source), desc="reading questions", unit="question")):
+        location = f"{path}: record {index}" + (f" (question_id={row.get('question_id')})"
+                                                 if isinstance(row, dict) else "")
+        try:
+            item = _pope_item(row, folder)
+        except mmphi_data.BadRecordError as error:
+            handle_bad_record(location, error, skip_bad_records, report)
+            continue
+        item.location = location
+        items.append(item)
+    return items
+
+
+def _pope_item(row, image_folder: str | None) -> EvalItem:
+    if not isinstance(row, dict):
+        raise mmphi_data.BadRecordError("record is not a JSON object")
+    for key in ("image", "text", "label"):
+        if not isinstance(row.get(key), str) or not row[key].strip():
+            raise mmphi_data.BadRecordError(f'"{key}" must be a non-empty string')
+    if row["label"] not in ("yes", "no"):
+        raise mmphi_data.BadRecordError(f'"label" must be "yes" or "no", got {row["label"]!r}')
+    image = os.path.join(image_folder, row["image"]) if image_folder else row["image"]
+    conversation = mmphi_data.Conversation(str(row.get("question_id", "")), image,
+                                           [mmphi_data.Turn(row["text"].strip(), "")])
+    return EvalItem(record_id=str(row.get("question_id", "")), messages=conversation.messages()[:1], image=image,
+                    question=row["text"], references=[row["label"]], question_type="yes/no")
+
+
+def evaluate_pope(args: EvaluationArguments, model, processor) -> tuple[dict, list[dict]]:
+    report = mmphi_data.SkipReport()
+    items = pope_items(one_data_path(args), args.image_folder, args.skip_bad_records, report)[: args.max_samples]
+    items = drop_unreadable_images(items, args.skip_bad_records, report)
+    if not items:
+        raise ValueError(f"{one_data_path(args)}: no POPE questions to evaluate")
+    generate_answers(model, processor, items, args.batch_size, args.max_new_tokens or DEFAULT_MAX_NEW_TOKENS["pope"])
+    scores = {**pope_scores([i.prediction for i in items], [i.references[0] for i in items]),
+              "skipped_bad_records": report.total}
+    predictions = [{"question_id": i.record_id, "image": i.image, "question": i.question, "label": i.references[0],
+                    "prediction": i.prediction, "parsed": pope_answer(i.prediction)} for i in items]
     return scores, predictions
 
 
@@ -315,7 +378,7 @@ def run_evaluation(args: EvaluationArguments) -> dict:
     else:
         model, processor = load_mmphi(args.model_name_or_path, adapter=args.adapter, device=args.device,
                                       dtype=args.dtype)
-        evaluate_task = evaluate_vqa if args.task == "vqa" else evaluate_caption
+        evaluate_task = {"vqa": evaluate_vqa, "caption": evaluate_caption, "pope": evaluate_pope}[args.task]
         scores, predictions = evaluate_task(args, model, processor)
     result = {"task": args.task, "model": args.model_name_or_path, "adapter": args.adapter,
               "data": args.data_path, **scores, "seconds": round(time.perf_counter() - started, 2)}

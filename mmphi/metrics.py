@@ -1,16 +1,17 @@
-"""Offline evaluation metrics: VQA answer normalization and exact match, corpus BLEU-4 (sacrebleu) and CIDEr-D.
+"""Evaluation metrics that give the numbers papers report: VQA accuracy with the official normalisation (a port of
+vqaEval.py) and soft accuracy, BLEU-4 and CIDEr-D from pycocoevalcap's own scorers (the COCO caption evaluation),
+and POPE (yes/no object probing, its official answer parsing). `metrics/` in the repo wraps each as an `evaluate`
+module (`evaluate.load("metrics/vqa_accuracy")`, offline).
 
-No hub access: `evaluate.load("bleu")` needs the hub, so BLEU comes from sacrebleu directly and CIDEr-D is written
-out here, following the coco-caption / pycocoevalcap scorer (n-grams 1..4, tf-idf with document frequencies over the
-references of the evaluated set, clipped cosine similarity, Gaussian length penalty with sigma 6, x10).
+Captions are tokenised as the COCO evaluation does, with the Stanford PTB tokenizer pycocoevalcap runs through Java.
+Without Java a Python tokenizer following the same rules is used, and the scores say which one ran ("tokenizer").
 Scales follow the COCO caption evaluation: BLEU-4 in [0, 1], CIDEr-D as pycocoevalcap reports it (0..10).
 """
 
 from __future__ import annotations
 
-import math
 import re
-from collections import Counter, defaultdict
+import shutil
 from collections.abc import Sequence
 
 # --------------------------------------------------------------------------------------------- VQA normalization
@@ -85,83 +86,59 @@ def vqa_accuracy(prediction: str, references: Sequence[str]) -> float:
 
 # ----------------------------------------------------------------------------------------------- caption metrics
 
-_CAPTION_PUNCTUATION = re.compile(r"[^\w\s']|_")
+# pycocoevalcap's PTBTokenizer drops these tokens after tokenising.
+PTB_PUNCTUATION = {"''", "'", "``", "`", "-LRB-", "-RRB-", "-LCB-", "-RCB-", ".", "?", "!", ",", ":", "-", "--",
+                   "...", ";"}
+PTB_JAVA, PTB_PYTHON = "ptb-java", "ptb-python"
+_CONTRACTION = re.compile(r"(?<=\w)(n't|'s|'re|'ve|'ll|'d|'m)\b")
+_PTB_TOKEN = re.compile(r"n't|'(?:s|re|ve|ll|d|m)\b|\w+(?:\.\w+)+\.|\w+(?:[-./&']\w+)*|\.\.\.|--|\S")
+# brackets become PTB's escapes (lowercased with the rest, so the filter keeps them, as pycocoevalcap does)
+_PTB_BRACKETS = {"(": "-lrb-", ")": "-rrb-", "{": "-lcb-", "}": "-rcb-", "[": "-lsb-", "]": "-rsb-"}
+_PTB_QUOTES = {'"', "``", "''"}
 
 
-def caption_tokens(text: str) -> list[str]:
-    """Lowercase, punctuation removed, whitespace split (a stand-in for coco-caption's PTB tokenizer + filter)."""
-    return _CAPTION_PUNCTUATION.sub(" ", text.lower()).split()
+def ptb_python_tokens(text: str) -> list[str]:
+    """The PTB tokenizer's rules in Python (lowercase; "n't" and "'s"-style clitics split off; hyphenated words,
+    numbers and abbreviations kept whole; punctuation split off), then pycocoevalcap's punctuation filter."""
+    text = _CONTRACTION.sub(r" \1", text.lower().replace("\n", " "))
+    tokens = [_PTB_BRACKETS.get(token, token) for token in _PTB_TOKEN.findall(text)]
+    return [token for token in tokens if token not in PTB_PUNCTUATION and token not in _PTB_QUOTES]
 
 
-def corpus_bleu4(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> dict:
-    """Corpus BLEU-4 with sacrebleu against all references of each item (any number per item), in [0, 1]."""
-    import sacrebleu
+def tokenize_captions(captions: dict, tokenizer: str = "auto") -> tuple[dict, str]:
+    """{key: [caption, ...]} -> ({key: [tokenised caption, ...]}, tokenizer used): pycocoevalcap's PTBTokenizer (Java)
+    when `tokenizer` is "ptb-java", or "auto" and Java is installed; else the Python rules."""
+    if tokenizer not in ("auto", PTB_JAVA, PTB_PYTHON):
+        raise ValueError(f"tokenizer must be auto, {PTB_JAVA} or {PTB_PYTHON}, got {tokenizer!r}")
+    use_java = tokenizer == PTB_JAVA or (tokenizer == "auto" and shutil.which("java") is not None)
+    if use_java:
+        if shutil.which("java") is None:
+            raise RuntimeError("the PTB tokenizer needs Java (apt-get install default-jre-headless); or pass "
+                               f"tokenizer={PTB_PYTHON!r}")
+        from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+        keyed = {key: [{"caption": caption} for caption in values] for key, values in captions.items()}
+        return PTBTokenizer().tokenize(keyed), PTB_JAVA
+    return {key: [" ".join(ptb_python_tokens(c)) for c in values] for key, values in captions.items()}, PTB_PYTHON
+
+
+def coco_caption_scores(predictions: Sequence[str], references: Sequence[Sequence[str]],
+                        tokenizer: str = "auto") -> dict:
+    """BLEU-1..4 and CIDEr-D over the corpus, with pycocoevalcap's Bleu(4) and Cider scorers against all references
+    of each item, as the COCO caption evaluation computes them."""
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
 
     _check_caption_inputs(predictions, references)
-    most = max(len(refs) for refs in references)
-    # sacrebleu wants one stream per reference slot; None marks a slot an item does not fill.
-    streams = [[refs[i] if i < len(refs) else None for refs in references] for i in range(most)]
-    bleu = sacrebleu.metrics.BLEU(lowercase=True)
-    result = bleu.corpus_score(list(predictions), streams)
-    return {"bleu4": result.score / 100.0, "bleu_precisions": [p / 100.0 for p in result.precisions],
-            "bleu_brevity_penalty": result.bp, "bleu_signature": str(bleu.get_signature())}
-
-
-def _ngram_counts(tokens: list[str], max_n: int = 4) -> Counter:
-    return Counter(tuple(tokens[i: i + n]) for n in range(1, max_n + 1) for i in range(len(tokens) - n + 1))
-
-
-class CiderD:
-    """CIDEr-D as scored by coco-caption/pycocoevalcap: document frequencies come from the references of the evaluated
-    set, so a corpus of one image scores 0 (every n-gram has idf log(1/1) = 0)."""
-
-    def __init__(self, max_n: int = 4, sigma: float = 6.0):
-        self.max_n, self.sigma = max_n, sigma
-
-    def _vector(self, counts: Counter, document_frequency: Counter, log_num_docs: float):
-        vector = [defaultdict(float) for _ in range(self.max_n)]
-        norm = [0.0] * self.max_n
-        length = 0
-        for ngram, term_frequency in counts.items():
-            n = len(ngram) - 1
-            weight = float(term_frequency) * (log_num_docs - math.log(max(1.0, document_frequency[ngram])))
-            vector[n][ngram] = weight
-            norm[n] += weight ** 2
-            if n == 1:  # pycocoevalcap counts the length in bigrams; kept for identical scores
-                length += term_frequency
-        return vector, [math.sqrt(x) for x in norm], length
-
-    def _similarity(self, hyp, ref) -> list[float]:
-        (vec_hyp, norm_hyp, len_hyp), (vec_ref, norm_ref, len_ref) = hyp, ref
-        penalty = math.exp(-((len_hyp - len_ref) ** 2) / (2 * self.sigma ** 2))
-        values = []
-        for n in range(self.max_n):
-            # clipped: an n-gram repeated in the hypothesis earns no more than the reference holds
-            value = sum(min(weight, vec_ref[n][ngram]) * vec_ref[n][ngram] for ngram, weight in vec_hyp[n].items())
-            if norm_hyp[n] != 0 and norm_ref[n] != 0:
-                value /= norm_hyp[n] * norm_ref[n]
-            values.append(value * penalty)
-        return values
-
-    def compute(self, predictions: Sequence[str], references: Sequence[Sequence[str]]) -> tuple[float, list[float]]:
-        """(corpus score, per-item scores). Each item's references are all the captions of its image."""
-        _check_caption_inputs(predictions, references)
-        ref_counts = [[_ngram_counts(caption_tokens(r), self.max_n) for r in refs] for refs in references]
-        document_frequency = Counter(ngram for refs in ref_counts for ngram in set().union(*refs))
-        log_num_docs = math.log(float(len(references)))
-        scores = []
-        for prediction, refs in zip(predictions, ref_counts, strict=True):
-            hyp = self._vector(_ngram_counts(caption_tokens(prediction), self.max_n), document_frequency, log_num_docs)
-            total = [0.0] * self.max_n
-            for ref in refs:
-                similarity = self._similarity(hyp, self._vector(ref, document_frequency, log_num_docs))
-                total = [t + s for t, s in zip(total, similarity, strict=True)]
-            scores.append(sum(total) / self.max_n / len(refs) * 10.0)
-        return sum(scores) / len(scores), scores
-
-
-def corpus_cider(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> float:
-    return CiderD().compute(predictions, references)[0]
+    # one tokenizer run for both sides (the Java one starts a JVM per call)
+    both = {f"p{i}": [p] for i, p in enumerate(predictions)} | {f"r{i}": list(r) for i, r in enumerate(references)}
+    tokenized, used = tokenize_captions(both, tokenizer)
+    hypotheses = {i: tokenized[f"p{i}"] for i in range(len(predictions))}
+    gold = {i: tokenized[f"r{i}"] for i in range(len(references))}
+    bleu, _ = Bleu(4).compute_score(gold, hypotheses, verbose=0)
+    cider, per_item = Cider().compute_score(gold, hypotheses)
+    return {"bleu4": float(bleu[3]), "bleu": [float(b) for b in bleu], "cider": float(cider),
+            "cider_per_item": [float(c) for c in per_item], "tokenizer": used}
 
 
 def _check_caption_inputs(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> None:
@@ -172,3 +149,36 @@ def _check_caption_inputs(predictions: Sequence[str], references: Sequence[Seque
     for i, refs in enumerate(references):
         if isinstance(refs, str) or not refs:
             raise ValueError(f"item {i}: references must be a non-empty list of captions, got {refs!r}")
+
+
+# ------------------------------------------------------------------------------------------------------- POPE
+
+
+def pope_answer(text: str) -> str:
+    """POPE's official parsing of a free-form answer: the first sentence, commas removed; "no" when it holds the
+    word "No", "no" or "not", else "yes"."""
+    first = text.split(".")[0] if "." in text else text
+    words = first.replace(",", "").split(" ")
+    return "no" if {"No", "no", "not"} & set(words) else "yes"
+
+
+def pope_scores(predictions: Sequence[str], labels: Sequence[str]) -> dict:
+    """POPE's metrics ("yes" is the positive class): accuracy, precision, recall, F1 and the ratio of yes answers."""
+    if len(predictions) != len(labels):
+        raise ValueError(f"{len(predictions)} predictions but {len(labels)} labels")
+    if not predictions:
+        raise ValueError("no answers to score")
+    bad = [label for label in labels if label not in ("yes", "no")]
+    if bad:
+        raise ValueError(f"POPE labels are 'yes' or 'no', got {bad[0]!r}")
+    answers = [pope_answer(p) for p in predictions]
+    pairs = list(zip(answers, labels, strict=True))
+    tp = pairs.count(("yes", "yes"))
+    tn = pairs.count(("no", "no"))
+    fp = pairs.count(("yes", "no"))
+    fn = pairs.count(("no", "yes"))
+    precision = tp / (tp + fp) if tp + fp else 0.0
+    recall = tp / (tp + fn) if tp + fn else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return {"accuracy": (tp + tn) / len(pairs), "precision": precision, "recall": recall, "f1": f1,
+            "yes_ratio": answers.count("yes") / len(answers), "questions": len(pairs)}

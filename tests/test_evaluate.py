@@ -2,6 +2,7 @@
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -12,10 +13,11 @@ from mmphi.data import BadRecordError
 from mmphi.data.synthetic import generate
 from mmphi.evaluation import infer_question_type, main, perplexity_windows
 from mmphi.metrics import (
-    CiderD,
-    corpus_bleu4,
-    corpus_cider,
+    coco_caption_scores,
     normalize_vqa_answer,
+    pope_answer,
+    pope_scores,
+    tokenize_captions,
     vqa_accuracy,
     vqa_exact_match,
     vqa_soft_accuracy,
@@ -72,57 +74,107 @@ def test_question_type_inference():
     assert infer_question_type("What is this?", "a dog") == "other"
 
 
-# --- BLEU-4 and CIDEr-D ------------------------------------------------------------------------------------------
+# --- BLEU-4 and CIDEr-D (pycocoevalcap's scorers) -----------------------------------------------------------------
+
+TOKENIZERS = ["ptb-python", pytest.param("ptb-java", marks=pytest.mark.skipif(
+    shutil.which("java") is None, reason="no Java: `make install` installs default-jre-headless"))]
 
 
-def test_bleu4_by_hand():
+@pytest.mark.parametrize("tokenizer", TOKENIZERS)
+def test_bleu4_by_hand(tokenizer):
     # hyp "the cat sat on the mat" vs ref "the cat sat on a mat": matches 5/6 unigrams, 3/5 bigrams, 2/4 trigrams,
     # 1/3 four-grams; same length, so no brevity penalty: BLEU = (5/6 * 3/5 * 2/4 * 1/3) ** (1/4)
-    result = corpus_bleu4(["the cat sat on the mat"], [["the cat sat on a mat"]])
+    result = coco_caption_scores(["The cat sat on the mat."], [["the cat sat on a mat"]], tokenizer)
     assert result["bleu4"] == pytest.approx((5 / 6 * 3 / 5 * 2 / 4 * 1 / 3) ** 0.25, abs=1e-6)
-    assert result["bleu_precisions"] == pytest.approx([5 / 6, 3 / 5, 2 / 4, 1 / 3])
-    assert corpus_bleu4(["A red square."], [["a red square ."]])["bleu4"] == pytest.approx(1.0)
+    assert result["bleu"][:3] == pytest.approx([5 / 6, (5 / 6 * 3 / 5) ** 0.5, (5 / 6 * 3 / 5 * 2 / 4) ** (1 / 3)])
+    assert result["tokenizer"] == tokenizer
+    two_refs = coco_caption_scores(["the cat sat on the mat"],
+                                   [["the cat sat on a mat", "on the mat the cat sat"]], tokenizer)["bleu4"]
+    assert two_refs > result["bleu4"]  # "on the mat" is only in the second reference
 
 
-def test_bleu4_uses_all_references_and_any_number_of_them():
-    one_ref = corpus_bleu4(["the cat sat on the mat"], [["the cat sat on a mat"]])["bleu4"]
-    two_refs = corpus_bleu4(["the cat sat on the mat"], [["the cat sat on a mat", "on the mat the cat sat"]])["bleu4"]
-    assert two_refs > one_ref  # "on the mat" is only in the second reference
-    mixed = corpus_bleu4(["a dog", "the cat sat on the mat"], [["a dog"], ["the cat sat on a mat", "x y z"]])
-    assert 0 < mixed["bleu4"] <= 1
-
-
-def test_cider_by_hand():
+@pytest.mark.parametrize("tokenizer", TOKENIZERS)
+def test_cider_d_by_hand(tokenizer):
     # Two images, one reference each. ref_len = log 2 = L; "a" is in both references (idf 0), every other n-gram in
     # one (idf L). Image B's hypothesis equals its reference: cosine 1 for n = 1..3, 0 for n = 4 (no 4-gram), so
     # 10 * 3/4 = 7.5. Image A "a red circle" vs "a red square": n=1 {red: L, circle: L} . {red: L, square: L}
     # / (sqrt 2 L)^2 = 1/2; n=2 likewise 1/2; n=3 and 4: 0 -> 10 * 1/4 = 2.5. Corpus: the mean, 5.0.
-    score, per_image = CiderD().compute(["a red circle", "a blue circle"], [["a red square"], ["a blue circle"]])
-    assert per_image == pytest.approx([2.5, 7.5])
-    assert score == pytest.approx(5.0)
+    result = coco_caption_scores(["a red circle", "A blue circle!"], [["a red square"], ["a blue circle"]], tokenizer)
+    assert result["cider_per_item"] == pytest.approx([2.5, 7.5])
+    assert result["cider"] == pytest.approx(5.0)
+    # length penalty: "red square" vs "a red square": n=1 cosine 1 ("a" has idf 0); n=2 {red square: L} . {a red: L,
+    # red square: L} = 1/sqrt 2; n=3, 4: 0. Lengths (in bigrams) 1 vs 2: penalty exp(-1 / (2 * 6^2)).
+    result = coco_caption_scores(["red square", "a blue circle"], [["a red square"], ["a blue circle"]], tokenizer)
+    assert result["cider_per_item"][0] == pytest.approx(10 * (1 + 2 ** -0.5) / 4 * math.exp(-1 / 72))
+    # clipping: repeating a matching word earns nothing more
+    repeated = coco_caption_scores(["red red red red", "a blue circle"], [["a red square"], ["a blue circle"]],
+                                   tokenizer)["cider_per_item"][0]
+    single = coco_caption_scores(["red", "a blue circle"], [["a red square"], ["a blue circle"]],
+                                 tokenizer)["cider_per_item"][0]
+    assert repeated < single + 1e-9
 
 
-def test_cider_length_penalty_by_hand():
-    # "red square" vs "a red square": n=1 cosine 1 ("a" has idf 0); n=2 {red square: L} . {a red: L, red square: L}
-    # = L^2 / (L * sqrt 2 L) = 1/sqrt 2; n=3, 4: 0. Lengths (in bigrams) 1 vs 2: penalty exp(-1 / (2 * 6^2)).
-    _, per_image = CiderD().compute(["red square", "a blue circle"], [["a red square"], ["a blue circle"]])
-    assert per_image[0] == pytest.approx(10 * (1 + 2 ** -0.5) / 4 * math.exp(-1 / 72))
+CAPTIONS = [
+    "A man's dog doesn't like the cat.", "Two red squares, one blue circle; and a triangle!", "A T-shirt (red).",
+    "The 3.5-inch disk isn't here...", "It's a dog-eat-dog world -- really?", "He said: \"hello\" & left.",
+    "a red square at the top-left of the image", "Three shapes: a small green circle, a large blue square.",
+    "Pizza's on the table, isn't it?", "A cat on a mat.\nAnother line", "U.S. flags at 5 p.m. on the I-95",
+]
 
 
-def test_cider_clips_repeated_ngrams_and_ignores_case_and_punctuation():
-    refs = [["a red square"], ["a blue circle"]]
-    assert corpus_cider(["A red square.", "a BLUE circle!"], refs) == pytest.approx(7.5)
-    _, repeated = CiderD().compute(["red red red red", "a blue circle"], refs)
-    _, single = CiderD().compute(["red", "a blue circle"], refs)
-    assert repeated[0] < single[0] + 1e-9  # repeating a matching word earns nothing more
-    assert corpus_cider(["a red square"], [["a red square"]]) == 0.0  # one image: every idf is log(1/1) = 0
+@pytest.mark.skipif(shutil.which("java") is None, reason="no Java: `make install` installs default-jre-headless")
+def test_the_python_tokenizer_follows_the_java_ptb_tokenizer():
+    """The fallback used without Java tokenises like pycocoevalcap's PTBTokenizer on these captions (contractions,
+    possessives, hyphens, decimals, punctuation, quotes, abbreviations)."""
+    java, _ = tokenize_captions({i: [c] for i, c in enumerate(CAPTIONS)}, "ptb-java")
+    python, _ = tokenize_captions({i: [c] for i, c in enumerate(CAPTIONS)}, "ptb-python")
+    assert python == java
 
 
 def test_caption_metrics_reject_mismatched_inputs():
     with pytest.raises(ValueError, match="2 predictions but 1"):
-        corpus_cider(["a", "b"], [["a"]])
+        coco_caption_scores(["a", "b"], [["a"]])
     with pytest.raises(ValueError, match="non-empty list"):
-        corpus_bleu4(["a"], [[]])
+        coco_caption_scores(["a"], [[]])
+
+
+# --- POPE --------------------------------------------------------------------------------------------------------
+
+
+def test_pope_parses_answers_as_the_official_script():
+    assert pope_answer("Yes, there is a dog in the image.") == "yes"
+    assert pope_answer("No, there is no dog.") == "no"
+    assert pope_answer("There is not a dog") == "no"
+    assert pope_answer("Yes. No other objects.") == "yes"  # only the first sentence counts
+    assert pope_answer("Nope") == "yes"  # the official rule looks for the words No / no / not only
+
+
+def test_pope_scores_by_hand():
+    # labels yes yes yes no no; answers yes no yes yes no -> TP 2, FN 1, FP 1, TN 1
+    scores = pope_scores(["Yes", "No.", "yes, it is", "Yes", "no"], ["yes", "yes", "yes", "no", "no"])
+    assert scores["accuracy"] == pytest.approx(3 / 5)
+    assert scores["precision"] == pytest.approx(2 / 3) and scores["recall"] == pytest.approx(2 / 3)
+    assert scores["f1"] == pytest.approx(2 / 3) and scores["yes_ratio"] == pytest.approx(3 / 5)
+    with pytest.raises(ValueError, match="'yes' or 'no', got 'maybe'"):
+        pope_scores(["yes"], ["maybe"])
+
+
+# --- the evaluate modules ----------------------------------------------------------------------------------------
+
+
+def test_metrics_load_offline_as_evaluate_modules():
+    import evaluate
+
+    root = Path(__file__).resolve().parent.parent / "metrics"
+    vqa = evaluate.load(str(root / "vqa_accuracy"))
+    result = vqa.compute(predictions=["Two.", "red"], references=[["2"], ["blue"] * 9 + ["red"]])
+    assert result["accuracy"] == pytest.approx((1.0 + 0.3) / 2)
+    captions = evaluate.load(str(root / "coco_caption"))
+    result = captions.compute(predictions=["a red circle", "a blue circle"],
+                              references=[["a red square"], ["a blue circle"]], tokenizer="ptb-python")
+    assert result["cider"] == pytest.approx(5.0) and result["tokenizer"] == "ptb-python"
+    pope = evaluate.load(str(root / "pope"))
+    assert pope.compute(predictions=["Yes", "No"], references=["yes", "yes"])["recall"] == pytest.approx(0.5)
 
 
 # --- perplexity windows ------------------------------------------------------------------------------------------
@@ -184,6 +236,28 @@ def test_caption_end_to_end(tiny_folder, synthetic, tmp_path):
     assert result["images"] == n_images
     assert 0 <= result["bleu4"] <= 1 and 0 <= result["cider"] <= 10
     assert json.loads((tmp_path / "caption.json").read_text())["cider"] == result["cider"]
+
+
+def test_pope_end_to_end(tiny_folder, synthetic, tmp_path):
+    """A POPE question file (JSON lines) -> yes/no answers scored as POPE does; the scores follow the predictions."""
+    coco = json.loads(Path(synthetic["captions_val"]).read_text())
+    lines = [{"question_id": n, "image": image["file_name"], "text": f"Is there a {shape} in the image?",
+              "label": label}
+             for n, (image, (shape, label)) in enumerate(
+                 (image, pair) for image in coco["images"] for pair in (("circle", "yes"), ("dog", "no")))]
+    path = tmp_path / "pope_random.json"
+    path.write_text("\n".join(json.dumps(line) for line in lines + [{"question_id": 99, "image": "x.png",
+                                                                      "text": "Is it?", "label": "maybe"}]))
+    argv = ["--task", "pope", "--model_name_or_path", str(tiny_folder), "--data_path", str(path), "--image_folder",
+            synthetic["images"], "--max_new_tokens", "3", "--predictions_file", str(tmp_path / "p.jsonl")]
+    with pytest.raises(BadRecordError, match=r"pope_random.json: record 6 \(question_id=99\): \"label\" must be"):
+        main(argv)
+    result = main([*argv, "--skip_bad_records"])
+    assert result["questions"] == len(lines) and result["skipped_bad_records"] == 1
+    predictions = [json.loads(line) for line in (tmp_path / "p.jsonl").read_text().splitlines()]
+    correct = sum(p["parsed"] == p["label"] for p in predictions)
+    assert result["accuracy"] == pytest.approx(correct / len(lines))
+    assert result["yes_ratio"] == pytest.approx(sum(p["parsed"] == "yes" for p in predictions) / len(lines))
 
 
 def test_perplexity_matches_the_models_own_loss(tiny_folder, tmp_path):
