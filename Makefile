@@ -9,7 +9,7 @@ CONSTRAINTS := -c constraints.txt $(if $(shell command -v nvidia-smi 2>/dev/null
 SYSTEM_PACKAGES := ffmpeg flite espeak-ng sox chromium npm java:default-jre-headless
 PYTEST_ARGS ?=
 
-.PHONY: install system-packages test test-fast demo lint bench clean
+.PHONY: install system-packages lmms-eval test test-fast demo lint bench clean
 
 install: $(VENV)/.installed
 
@@ -18,7 +18,15 @@ $(VENV)/.installed: setup.cfg constraints.txt constraints-cpu.txt Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(CONSTRAINTS) -e ".[$(EXTRAS)]"
+	$(MAKE) lmms-eval
 	touch $@
+
+# lmms-eval for the adapter (mmphi/lmms_eval_model.py) and its test. Its declared dependencies pull torchvision, opencv,
+# wandb, sentence-transformers and more that neither the adapter nor the evaluator needs; its evaluator and CLI run
+# with these four. (A user can `pip install lmms-eval` as usual.)
+lmms-eval:
+	$(PY) -m pip install --quiet $(CONSTRAINTS) --no-deps lmms-eval
+	$(PY) -m pip install --quiet $(CONSTRAINTS) loguru tenacity pytablewriter filelock
 
 # Audio decoding (ffmpeg), speech synthesis for tests (flite, espeak-ng, sox), the browser for the app test
 # (chromium), npm (the demo corpus) and Java (pycocoevalcap's PTB tokenizer for caption metrics). Installed only when missing, and only where we may (root).
