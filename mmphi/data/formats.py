@@ -37,6 +37,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import datasets
+from tqdm.auto import tqdm
 
 from mmphi.data.images import check_images, embedded_image_keys
 from mmphi.data.records import CAPTION_PROMPT, CaptionedImage, Conversation, Turn, first_images, split_by_image
@@ -174,6 +175,11 @@ class ReadOptions:
 
     def bad(self, location: str, error: BadRecordError) -> None:
         handle_bad_record(location, error, self.skip_bad_records, self.report)
+
+    @staticmethod
+    def progress(rows, label: str):
+        """`rows` with a progress bar when there are many (LLaVA-Instruct-150K takes a while to parse)."""
+        return tqdm(rows, desc=f"reading {os.path.basename(label)}", unit="record", disable=len(rows) < 10_000)
 
 
 @dataclass(frozen=True)
@@ -326,7 +332,7 @@ def load_coco_records(path: str, image_folder: str | None = None, skip_bad_recor
                  description='LLaVA, rows {"id", "image", "conversations": [{"from": "human"|"gpt", "value"}]}')
 def read_llava(rows, label: str, options: ReadOptions) -> list[Conversation]:
     conversations = []
-    for index, record in enumerate(rows):
+    for index, record in enumerate(options.progress(rows, label)):
         location = _location(label, index, record)
         try:
             conversation = parse_llava_record(record, options.image_folder, options.check_images)
@@ -358,8 +364,8 @@ def read_trl_messages(rows, label: str, options: ReadOptions) -> list[Conversati
     collator and the feature cache decode); image paths resolve under the image folder."""
     images = _trl_images(rows, label, options)
     conversations = []
-    for index, record in enumerate(rows.select_columns(["messages"]) if isinstance(rows, datasets.Dataset)
-                                   else rows):
+    messages = rows.select_columns(["messages"]) if isinstance(rows, datasets.Dataset) else rows
+    for index, record in enumerate(options.progress(messages, label)):
         location = _location(label, index, record)
         try:
             turns, n_images = _trl_turns(record.get("messages") if isinstance(record, dict) else record)

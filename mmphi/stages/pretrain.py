@@ -72,7 +72,7 @@ class DataArguments:
     validation_files: list[str] | None = field(default=None, metadata={"help": "held-out files (else a split)"})
     dataset_name: str | None = field(default=None, metadata={
         "help": "instead of --train_files: a hub dataset id or a local dataset folder (datasets.load_dataset), e.g. "
-                "togethercomputer/RedPajama-Data-1T-Sample"})
+                "cerebras/SlimPajama-627B"})
     dataset_config_name: str | None = field(default=None, metadata={"help": "the dataset's configuration"})
     train_split: str = field(default="train", metadata={"help": "the --dataset_name split to train on"})
     validation_split: str | None = field(default=None, metadata={
