@@ -23,10 +23,10 @@ $(VENV)/.installed: setup.cfg constraints.txt constraints-cpu.txt Makefile
 
 # lmms-eval for the adapter (mmphi/lmms_eval_model.py) and its test. Its declared dependencies pull torchvision, opencv,
 # wandb, sentence-transformers and more that neither the adapter nor the evaluator needs; its evaluator and CLI run
-# with these four. (A user can `pip install lmms-eval` as usual.)
+# with these five. (A user can `pip install lmms-eval` as usual.)
 lmms-eval:
 	$(PY) -m pip install --quiet $(CONSTRAINTS) --no-deps lmms-eval
-	$(PY) -m pip install --quiet $(CONSTRAINTS) loguru tenacity pytablewriter filelock
+	$(PY) -m pip install --quiet $(CONSTRAINTS) loguru tenacity pytablewriter sacrebleu filelock
 
 # Audio decoding (ffmpeg), speech synthesis for tests (flite, espeak-ng, sox), the browser for the app test
 # (chromium), npm (the demo corpus) and Java (pycocoevalcap's PTB tokenizer for caption metrics). Installed only when missing, and only where we may (root).

@@ -15,13 +15,25 @@ from torch import nn
 from transformers import CLIPModel, CLIPVisionModel, GenerationMixin, PhiForCausalLM, PhiModel, PreTrainedModel
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache
-from transformers.modeling_outputs import BaseModelOutputWithPast, ModelOutput
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.utils.generic import can_return_tuple
 
 try:
     from .configuration_mmphi import MMPhiConfig
 except ImportError:  # imported as a top-level module (repo checkout, tests, scripts)
     from configuration_mmphi import MMPhiConfig
+
+# transformers 5.24 renamed the KV cache `past_key_values` -> `cache` (arguments and output fields); this file runs
+# under whichever transformers the user has installed (it travels with the weights), so it uses the installed name.
+CACHE_NAME = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+
+def _cache_argument(past_key_values, kwargs: dict):
+    """The KV cache, whichever name the caller used (generate passes `cache` from transformers 5.24 on)."""
+    cache = kwargs.pop("cache", None)
+    return cache if cache is not None else past_key_values
+
 
 AUTO_MAP = {
     "AutoConfig": "configuration_mmphi.MMPhiConfig",
@@ -40,12 +52,9 @@ class MMPhiModelOutputWithPast(BaseModelOutputWithPast):
 
 
 @dataclass
-class MMPhiCausalLMOutputWithPast(ModelOutput):
-    loss: torch.FloatTensor | None = None
-    logits: torch.FloatTensor | None = None
-    past_key_values: Cache | None = None
-    hidden_states: tuple[torch.FloatTensor, ...] | None = None
-    attentions: tuple[torch.FloatTensor, ...] | None = None
+class MMPhiCausalLMOutputWithPast(CausalLMOutputWithPast):
+    """`CausalLMOutputWithPast` plus the projected image features."""
+
     image_hidden_states: torch.FloatTensor | None = None
 
 
@@ -77,7 +86,7 @@ class MMPhiPreTrainedModel(PreTrainedModel):
     input_modalities = ("image", "text")
     supports_gradient_checkpointing = True
     _no_split_modules = ["PhiDecoderLayer", "CLIPEncoderLayer"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = [CACHE_NAME]
     _supports_flash_attn = True
     _supports_sdpa = True
     _supports_flex_attn = True
@@ -200,8 +209,9 @@ class MMPhiModel(MMPhiPreTrainedModel):
     ) -> MMPhiModelOutputWithPast:
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        cache = _cache_argument(past_key_values, kwargs)
         has_images = pixel_values is not None or vision_features is not None
-        if not has_images and input_ids is not None and past_key_values is None \
+        if not has_images and input_ids is not None and cache is None \
                 and (input_ids == self.config.image_token_index).any():
             raise ValueError("The text contains image tokens but no pixel_values (or vision_features) were given.")
         inputs_embeds, image_features = self.embed_inputs(input_ids, pixel_values, vision_features, inputs_embeds)
@@ -209,14 +219,14 @@ class MMPhiModel(MMPhiPreTrainedModel):
         outputs = self.language_model(
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
+            **{CACHE_NAME: cache},
             **kwargs,
         )
         return MMPhiModelOutputWithPast(
             last_hidden_state=outputs.last_hidden_state,
-            past_key_values=outputs.past_key_values,
+            **{CACHE_NAME: getattr(outputs, CACHE_NAME)},
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             image_hidden_states=image_features,
@@ -270,7 +280,7 @@ class MMPhiForCausalLM(MMPhiPreTrainedModel, GenerationMixin):
             pixel_values=pixel_values,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            past_key_values=_cache_argument(past_key_values, kwargs),
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             vision_features=vision_features,
@@ -288,7 +298,7 @@ class MMPhiForCausalLM(MMPhiPreTrainedModel, GenerationMixin):
         return MMPhiCausalLMOutputWithPast(
             loss=loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
+            **{CACHE_NAME: getattr(outputs, CACHE_NAME)},
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             image_hidden_states=outputs.image_hidden_states,
