@@ -4,12 +4,19 @@
     python scripts/chat.py --model outputs/mmphi --image shapes.png --audio question.wav
     python scripts/chat.py --model outputs/mmphi --image shapes.png --interactive
     python scripts/chat.py --model outputs/mmphi --batch requests.jsonl --output answers.jsonl
+    python scripts/chat.py --model you/mmphi --image https://example.com/a.jpg --image b.png "Which is bigger?"
+    python scripts/chat.py --model outputs/stage1 --adapter outputs/stage2 --question_file questions.jsonl \
+        --image_folder coco/val2014 --answers_file answers.jsonl
 
 The answer streams as it is generated. With audio, the spoken question is transcribed (Whisper; `--speech_model`) and
 the transcript is printed first. Without a prompt, audio or --batch, the chat is interactive; type /help there.
 `--batch`: one JSON object per line, {"image": PATH, "audio": PATH, "prompt": TEXT, "id": ANY} (all optional, but a
 prompt or audio is needed); answers are written as JSONL (each request's fields plus "transcript" and "answer") to
 --output or stdout, generated --batch_size at a time with left-padded batched generation.
+`--question_file`: LLaVA's question format (`{"question_id", "image", "text"}` per line, images under
+--image_folder), answered into --answers_file as LLaVA's `model_vqa` writes it (`{"question_id", "prompt", "text",
+"answer_id", "model_id", "metadata"}`). `--model` is a folder or a hub id; `--adapter` runs a stage-2 LoRA adapter on
+top of it unmerged; images are paths or URLs, several per question in order (one `<image>` each).
 """
 
 from __future__ import annotations
@@ -19,13 +26,14 @@ import json
 import logging
 import os
 import sys
+import uuid
 
 from transformers import set_seed
 
 from mmphi import inference
 
 HELP = """Commands:
-  /image PATH   attach an image to your next message
+  /image PATH   attach an image (a path or URL) to your next message; repeat for several
   /audio PATH   ask your next question by voice (a WAV/MP3/... file); type an extra prompt or just press Enter
   /reset        start a new conversation
   /help         this text
@@ -35,11 +43,15 @@ HELP = """Commands:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("prompt", nargs="?", default="", help="the question (omit for the interactive chat)")
-    parser.add_argument("--image", help="image for the (first) question")
+    parser.add_argument("--image", action="append", default=[],
+                        help="image (path or URL) for the (first) question; repeat for several, in order")
     parser.add_argument("--audio", help="spoken question for the (first) turn; the transcript is printed")
     parser.add_argument("--interactive", action="store_true", help="keep chatting after the first answer")
     parser.add_argument("--batch", help="JSONL file of requests: {image, audio, prompt, id} per line")
     parser.add_argument("--output", help="with --batch: write the answers here (JSONL) instead of stdout")
+    parser.add_argument("--question_file", help="LLaVA question file (JSONL: question_id, image, text)")
+    parser.add_argument("--image_folder", help="with --question_file: where its images are (default: its folder)")
+    parser.add_argument("--answers_file", help="with --question_file: the answers, as LLaVA's model_vqa writes them")
     parser.add_argument("--batch_size", type=int, default=8)
     inference.add_model_arguments(parser)
     inference.add_generation_arguments(parser)
@@ -50,6 +62,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--batch takes its requests from the file: no prompt, --image, --audio or --interactive")
     if args.output and not args.batch:
         parser.error("--output goes with --batch")
+    if bool(args.question_file) != bool(args.answers_file):
+        parser.error("--question_file and --answers_file go together")
+    if args.question_file and (args.batch or args.prompt or args.image or args.audio or args.interactive):
+        parser.error("--question_file takes its questions from the file: no prompt, --image, --audio, --batch or "
+                     "--interactive")
+    if args.image_folder and not args.question_file:
+        parser.error("--image_folder goes with --question_file")
     return args
 
 
@@ -85,17 +104,31 @@ def run_batch(args, requests, model, processor, options, transcriber) -> None:
     print(f"wrote {len(answers)} answers to {args.output}", file=sys.stderr)
 
 
+def run_questions(args, questions, model, processor, options) -> None:
+    """LLaVA's model_vqa: one answer line per question, in the question file's order."""
+    answers = inference.answer_batch(model, processor, [q.turn for q in questions], options,
+                                     batch_size=args.batch_size)
+    model_id = os.path.basename(os.path.normpath(args.adapter or args.model))
+    os.makedirs(os.path.dirname(os.path.abspath(args.answers_file)), exist_ok=True)
+    with open(args.answers_file, "w", encoding="utf-8") as out:
+        for question, answer in zip(questions, answers, strict=True):
+            out.write(json.dumps({"question_id": question.record["question_id"], "prompt": question.record["text"],
+                                  "text": answer.text, "answer_id": uuid.uuid4().hex, "model_id": model_id,
+                                  "metadata": {}}, ensure_ascii=False) + "\n")
+    print(f"wrote {len(answers)} answers to {args.answers_file}", file=sys.stderr)
+
+
 def interactive(args, model, processor, options, transcriber, first_turn: inference.ChatTurn | None) -> None:
     """A multi-turn chat on stdin/stdout. History goes through the chat template; each /image attaches to the next
     message (earlier images stay in the context)."""
     conversation = inference.Chat()
-    image, audio = args.image, args.audio
+    images, audio = list(args.image), args.audio
     print(f"MM-Phi chat ({args.model}). /help for commands.", file=sys.stderr)
     if first_turn is not None:
         print(f"User: {first_turn.prompt}")
         stream = not args.no_stream
         answer_and_print(model, processor, conversation, first_turn, options, transcriber, stream, "Assistant: ")
-        image = audio = None
+        images, audio = [], None
     while True:
         try:
             line = input("User: ").strip()
@@ -110,16 +143,16 @@ def interactive(args, model, processor, options, transcriber, first_turn: infere
             continue
         if command == "/reset":
             conversation.reset()
-            image = audio = None
+            images, audio = [], None
             print("(new conversation)")
             continue
         if command in ("/image", "/audio"):
             path = argument.strip()
-            if not os.path.isfile(path):
+            if not os.path.isfile(path) and not (command == "/image" and path.startswith(inference.URL_PREFIXES)):
                 print(f"No such file: {path!r}")
                 continue
             if command == "/image":
-                image = path
+                images.append(path)
             else:
                 audio = path
             print(f"({command[1:]} attached to your next message: {path})")
@@ -127,13 +160,13 @@ def interactive(args, model, processor, options, transcriber, first_turn: infere
         if not line and audio is None:
             continue
         try:
-            turn = inference.ChatTurn(line, image=image, audio=audio)
+            turn = inference.ChatTurn(line, image=images, audio=audio)
             stream = not args.no_stream
             answer_and_print(model, processor, conversation, turn, options, transcriber, stream, "Assistant: ")
         except ValueError as error:  # bad image/audio, context full: report and keep the session
             print(f"\nError: {error}")
             continue
-        image = audio = None
+        images, audio = [], None
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -143,6 +176,7 @@ def main(argv: list[str] | None = None) -> None:
     options = inference.generation_options(args)
     options.generate_kwargs()  # fail on bad flags before loading anything
     requests = inference.read_requests(args.batch) if args.batch else None  # bad lines fail before loading
+    questions = inference.read_questions(args.question_file, args.image_folder) if args.question_file else None
     first_turn = None
     if args.prompt or args.audio:
         first_turn = inference.ChatTurn(args.prompt, image=args.image, audio=args.audio)
@@ -152,6 +186,8 @@ def main(argv: list[str] | None = None) -> None:
 
     if args.batch:
         run_batch(args, requests, model, processor, options, transcriber)
+    elif questions:
+        run_questions(args, questions, model, processor, options)
     elif first_turn is not None and not args.interactive:
         answer_and_print(model, processor, inference.Chat(), first_turn, options, transcriber,
                          not args.no_stream)

@@ -25,9 +25,11 @@ from mmphi.data.images import load_image as decode_image
 from mmphi.errors import BadRecordError, parse_json_object
 from mmphi.loading import load_mmphi
 from processing_mmphi import IMAGE_TOKEN as IMAGE_PLACEHOLDER
+from processing_mmphi import to_rgb
 
 AUDIO_PLACEHOLDER = "<audio>"
 REQUEST_KEYS = {"image", "audio", "prompt", "id"}
+URL_PREFIXES = ("http://", "https://")
 
 
 # --- loading -----------------------------------------------------------------------------------------------------
@@ -42,7 +44,10 @@ def quantization_from_flags(load_in_4bit: bool = False, load_in_8bit: bool = Fal
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """The loading flags chat.py and app.py share."""
-    parser.add_argument("--model", required=True, help="an MM-Phi folder (or anything AutoModelForCausalLM loads)")
+    parser.add_argument("--model", required=True,
+                        help="an MM-Phi folder or hub id (whatever from_pretrained resolves, its cache included)")
+    parser.add_argument("--adapter", help="a stage-2 LoRA adapter folder run on top of --model, unmerged (LLaVA's "
+                        "--model-base)")
     quantization = parser.add_mutually_exclusive_group()
     quantization.add_argument("--load_in_4bit", action="store_true", help="nf4 language model (bitsandbytes)")
     quantization.add_argument("--load_in_8bit", action="store_true", help="int8 language model (bitsandbytes)")
@@ -64,7 +69,8 @@ def load_from_arguments(args: argparse.Namespace):
     """(model, processor) as `add_model_arguments`' flags ask, through `mmphi.loading.load_mmphi` (the Auto classes,
     as a user of the published folder loads them; 4/8-bit quantizes the language model only)."""
     quantization = quantization_from_flags(args.load_in_4bit, args.load_in_8bit)
-    return load_mmphi(args.model, quantization=quantization, device=args.device, dtype=args.dtype)
+    return load_mmphi(args.model, adapter=args.adapter, quantization=quantization, device=args.device,
+                      dtype=args.dtype)
 
 
 def generation_options(args: argparse.Namespace) -> GenerationOptions:
@@ -102,20 +108,34 @@ class LazyTranscriber:
 
 
 def load_image(image):
-    """A path (or an already opened PIL image, or None) -> PIL image, with an error that names the file."""
+    """A path, an http(s) URL (or an already opened PIL image, or None) -> RGB PIL image, with an error that names
+    the file or URL."""
     if image is None or isinstance(image, Image.Image):
         return image
+    if isinstance(image, str) and image.startswith(URL_PREFIXES):
+        return download_image(image)
     return decode_image(image)
+
+
+def download_image(url: str, timeout: float = 30.0) -> Image.Image:
+    """An image from a URL, through transformers' own loader."""
+    from transformers.image_utils import load_image as load_url
+
+    try:
+        return to_rgb(load_url(url, timeout=timeout))
+    except Exception as error:  # network, HTTP status, not an image: all named with the URL
+        raise BadRecordError(f"cannot load image {url}: {type(error).__name__}: {error}") from None
 
 
 @dataclass
 class ChatTurn:
-    """One user turn: `prompt` (typed), `image` (path or PIL image), `audio` (path, bytes, array... a spoken
-    question; anything `speech_mmphi.load_audio` reads)."""
+    """One user turn: `prompt` (typed), `image` (one image or a list of them, in order: paths, URLs or PIL images),
+    `audio` (path, bytes, array... a spoken question; anything `speech_mmphi.load_audio` reads)."""
 
     prompt: str = ""
     image: object = None
     audio: object = None
+    images: list = field(init=False, default_factory=list)
 
     def __post_init__(self):
         self.prompt = (self.prompt or "").strip()
@@ -124,7 +144,9 @@ class ChatTurn:
                 raise ValueError(f"The prompt may not contain {placeholder}: attach images and audio instead.")
         if not self.prompt and self.audio is None:
             raise ValueError("Empty question: give a prompt, audio, or both.")
-        self.image = load_image(self.image)
+        given = self.image if isinstance(self.image, (list, tuple)) else [self.image]
+        self.images = [load_image(image) for image in given if image is not None]
+        self.image = self.images[0] if self.images else None
 
     def question(self, transcript: str | None = None) -> str:
         """The question text: the spoken part (placeholder, or its transcript once known), then the typed prompt."""
@@ -132,7 +154,7 @@ class ChatTurn:
         return "\n".join(part for part in (spoken, self.prompt) if part)
 
     def user_message(self, transcript: str | None = None) -> dict:
-        content = [{"type": "image"}] if self.image is not None else []
+        content = [{"type": "image"} for _ in self.images]  # one placeholder per image, in order
         content.append({"type": "text", "text": self.question(transcript)})
         return {"role": "user", "content": content}
 
@@ -143,23 +165,34 @@ class Chat:
 
     messages: list = field(default_factory=list)
     images: list = field(default_factory=list)
+    images_per_turn: list = field(default_factory=list)
 
     def prompt_messages(self, turn: ChatTurn) -> list[dict]:
         return self.messages + [turn.user_message()]
 
     def turn_images(self, turn: ChatTurn) -> list:
-        return self.images + ([turn.image] if turn.image is not None else [])
+        return self.images + turn.images
 
     def commit(self, turn: ChatTurn, transcript: str | None, answer: str) -> None:
         """Record an answered turn; the transcript replaces the audio placeholder for good."""
         self.messages.append(turn.user_message(transcript))
         self.messages.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
-        if turn.image is not None:
-            self.images.append(turn.image)
+        self.images.extend(turn.images)
+        self.images_per_turn.append(len(turn.images))
+
+    def undo(self) -> None:
+        """Forget the last answered turn (its question, answer and images)."""
+        if not self.messages:
+            raise ValueError("nothing to undo")
+        del self.messages[-2:]
+        n_images = self.images_per_turn.pop()
+        if n_images:
+            del self.images[-n_images:]
 
     def reset(self) -> None:
         self.messages.clear()
         self.images.clear()
+        self.images_per_turn.clear()
 
     def __len__(self) -> int:
         return len(self.messages) // 2
@@ -317,36 +350,72 @@ class Request:
 
 def read_requests(path: str) -> list[Request]:
     """Read a JSONL requests file: one `{"image": ..., "audio": ..., "prompt": ..., "id": ...}` object per line
-    (every key optional, but a prompt or audio is needed). Every line is checked before any model runs; a bad line
-    is an error naming the file, the line and the problem."""
+    (every key optional, but a prompt or audio is needed; "image" may be a list, and a URL). Every line is checked
+    before any model runs; a bad line is an error naming the file, the line and the problem."""
     base_dir = os.path.dirname(os.path.abspath(path))
     requests = []
-    with open(path, encoding="utf-8") as handle:
-        for number, raw in enumerate(handle, start=1):
-            if not raw.strip():
-                continue
-            where = f"{path}, line {number}"
-            try:
-                record = parse_json_object(raw)
-            except BadRecordError as error:
-                raise BadRecordError(f"{where}: {error}") from None
-            unknown = set(record) - REQUEST_KEYS
-            if unknown:
-                raise ValueError(f"{where}: unknown key(s) {sorted(unknown)}; expected {sorted(REQUEST_KEYS)}")
-            for key in ("image", "audio", "prompt"):
-                if record.get(key) is not None and not isinstance(record[key], str):
-                    raise ValueError(f"{where}: {key!r} must be a string, got {type(record[key]).__name__}")
-            paths = {}
-            for key in ("image", "audio"):
-                if record.get(key):
-                    paths[key] = _resolve(record[key], base_dir)
-                    if not os.path.isfile(paths[key]):
-                        raise ValueError(f"{where}: {key} file not found: {record[key]}")
-            try:
-                turn = ChatTurn(record.get("prompt") or "", image=paths.get("image"), audio=paths.get("audio"))
-            except ValueError as error:
-                raise ValueError(f"{where}: {error}") from error
-            requests.append(Request(number, record, turn))
+    for number, record in _json_lines(path):
+        where = f"{path}, line {number}"
+        unknown = set(record) - REQUEST_KEYS
+        if unknown:
+            raise ValueError(f"{where}: unknown key(s) {sorted(unknown)}; expected {sorted(REQUEST_KEYS)}")
+        for key in ("audio", "prompt"):
+            if record.get(key) is not None and not isinstance(record[key], str):
+                raise ValueError(f"{where}: {key!r} must be a string, got {type(record[key]).__name__}")
+        try:
+            images = _image_sources(record.get("image"), base_dir)
+            audio = _local_file(record["audio"], base_dir, "audio") if record.get("audio") else None
+            turn = ChatTurn(record.get("prompt") or "", image=images, audio=audio)
+        except ValueError as error:
+            raise ValueError(f"{where}: {error}") from None
+        requests.append(Request(number, record, turn))
     if not requests:
         raise ValueError(f"{path}: no requests (the file is empty)")
     return requests
+
+
+def read_questions(path: str, image_folder: str | None = None) -> list[Request]:
+    """A LLaVA question file (`model_vqa`'s input): one `{"question_id", "image", "text", ...}` object per line; the
+    image is relative to `image_folder` (default: the file's folder) or a URL. Checked before any model runs."""
+    folder = image_folder if image_folder is not None else os.path.dirname(os.path.abspath(path))
+    questions = []
+    for number, record in _json_lines(path):
+        where = f"{path}, line {number}"
+        if not isinstance(record.get("text"), str) or not record["text"].strip():
+            raise ValueError(f'{where}: "text" (the question) must be a non-empty string')
+        if "question_id" not in record:
+            raise ValueError(f'{where}: no "question_id"')
+        try:
+            turn = ChatTurn(record["text"].replace(IMAGE_PLACEHOLDER, "").strip(),
+                            image=_image_sources(record.get("image"), folder))
+        except ValueError as error:
+            raise ValueError(f"{where}: {error}") from None
+        questions.append(Request(number, record, turn))
+    if not questions:
+        raise ValueError(f"{path}: no questions (the file is empty)")
+    return questions
+
+
+def _json_lines(path: str) -> Iterator[tuple[int, dict]]:
+    with open(path, encoding="utf-8") as handle:
+        for number, raw in enumerate(handle, start=1):
+            if raw.strip():
+                try:
+                    yield number, parse_json_object(raw)
+                except BadRecordError as error:
+                    raise BadRecordError(f"{path}, line {number}: {error}") from None
+
+
+def _image_sources(value, base_dir: str) -> list[str]:
+    """A request's "image": one path or URL, or a list of them -> the sources, local files checked."""
+    values = value if isinstance(value, list) else [value] if value is not None else []
+    if not all(isinstance(v, str) and v for v in values):
+        raise ValueError(f'"image" must be a path or URL, or a list of them; got {value!r}')
+    return [v if v.startswith(URL_PREFIXES) else _local_file(v, base_dir, "image") for v in values]
+
+
+def _local_file(path: str, base_dir: str, kind: str) -> str:
+    resolved = _resolve(path, base_dir)
+    if not os.path.isfile(resolved):
+        raise ValueError(f"{kind} file not found: {path}")
+    return resolved

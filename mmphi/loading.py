@@ -52,12 +52,16 @@ def bnb_config(quantization: str | None, compute_dtype: torch.dtype):
     raise ValueError(f"unknown quantization {quantization!r} (use one of {', '.join(QUANTIZATION_CHOICES)})")
 
 
-def processor_folder(*paths: str | None) -> str:
-    """The first of `paths` that holds a processor (stage 2 saves one with the adapter; the base has one too)."""
-    for path in paths:
-        if path and os.path.exists(os.path.join(path, PROCESSOR_FILE)):
-            return path
-    raise FileNotFoundError(f"no {PROCESSOR_FILE} in {' or '.join(p for p in paths if p)} (not an MM-Phi folder?)")
+def processor_folder(adapter: str | None, path: str) -> str:
+    """Where the processor comes from: the adapter folder when stage 2 saved one there, else the model: a local
+    folder (which must hold one) or a hub id, which `from_pretrained` resolves (its local cache included, offline
+    too)."""
+    if adapter and os.path.isfile(os.path.join(adapter, PROCESSOR_FILE)):
+        return adapter
+    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, PROCESSOR_FILE)):
+        where = f"{adapter} or {path}" if adapter else path
+        raise FileNotFoundError(f"no {PROCESSOR_FILE} in {where} (not an MM-Phi folder?)")
+    return path
 
 
 def load_processor(path: str, adapter: str | None = None):

@@ -1,0 +1,152 @@
+"""Using MM-Phi as a user of a hub model does: a hub id resolved from the local cache (offline), a stage-2 adapter run
+unmerged, images by URL and several per question, and LLaVA question files answered like `model_vqa`."""
+
+import functools
+import http.server
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+from mmphi import chat, inference
+from mmphi.build import build_tiny, save_mmphi
+from mmphi.data.synthetic import generate
+from mmphi.inference import Chat, ChatTurn, GenerationOptions
+from mmphi.loading import load_mmphi
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GREEDY = GenerationOptions(max_new_tokens=6)
+
+
+def draw(path, colour, shape="ellipse"):
+    image = Image.new("RGB", (224, 224), "white")
+    getattr(ImageDraw.Draw(image), shape)((50, 50, 170, 170), fill=colour)
+    image.save(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hub_use")
+    save_mmphi(*build_tiny(seed=0), str(root / "model"))
+    return {"root": root, "model": str(root / "model"), "red": draw(root / "red.png", "red"),
+            "blue": draw(root / "blue.png", "blue", "rectangle")}
+
+
+@pytest.fixture(scope="module")
+def loaded(files):
+    return load_mmphi(files["model"])
+
+
+def answer(model, processor, turn):
+    return inference.answer_turn(model, processor, Chat(), turn, GREEDY).text
+
+
+def test_a_hub_id_loads_from_a_cache_laid_out_like_a_download_offline(files, loaded, tmp_path):
+    """`--model user/name` with the files only in the hub cache (models--user--name/snapshots/<commit>, refs/main),
+    HF_HUB_OFFLINE=1: chat.py answers as it does from the folder."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--you--mmphi-tiny"
+    shutil.copytree(files["model"], repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(tmp_path / "hub"),
+               HF_MODULES_CACHE=str(tmp_path / "modules"))
+    question = "What colour is the circle?"
+    done = subprocess.run([sys.executable, os.path.join(REPO_ROOT, "scripts", "chat.py"), "--model", "you/mmphi-tiny",
+                           "--image", files["red"], "--max_new_tokens", "6", "--no_stream", question],
+                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip() == answer(*loaded, ChatTurn(question, image=files["red"]))
+
+
+def test_an_adapter_runs_unmerged_with_the_merged_models_answers(files, tmp_path):
+    """LLaVA's --model-base: base + stage-2 LoRA adapter, unmerged, answers exactly as the merged folder (no
+    quantization, so the merge is exact)."""
+    from mmphi.stages import instruct
+
+    data = generate(str(tmp_path / "data"), num_images=8, val_fraction=0.0, seed=2)
+    out = tmp_path / "stage2"
+    instruct.main(["--model_name_or_path", files["model"], "--data_path", data["llava_train"], "--image_folder",
+                   data["images"], "--output_dir", str(out), "--quantization", "none", "--lora_r", "4",
+                   "--max_steps", "3", "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "1",
+                   "--optim", "adamw_torch", "--learning_rate", "5e-2", "--warmup_steps", "0", "--val_fraction", "0",
+                   "--save_strategy", "no", "--merge", "--merge_into", "original"])
+    turns = [ChatTurn("What colour is the circle?", image=files["red"]), ChatTurn("What shape?", image=files["blue"])]
+    merged = [answer(*load_mmphi(str(out / "merged")), turn) for turn in turns]
+    unmerged_model, processor = load_mmphi(files["model"], adapter=str(out))
+    assert type(unmerged_model).__name__.startswith("PeftModel")
+    assert [answer(unmerged_model, processor, turn) for turn in turns] == merged
+    # and the adapter is really applied: its logits differ from the base model's
+    inputs, _ = inference.prepare_inputs(processor, [Chat()], turns[:1])
+    base_model, _ = load_mmphi(files["model"])
+    with torch.no_grad():
+        assert not torch.allclose(unmerged_model(**inputs).logits, base_model(**inputs).logits)
+
+
+@pytest.fixture(scope="module")
+def http_server(files):
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(files["root"]))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def test_an_image_url_is_downloaded_and_answered_like_the_file(files, loaded, http_server):
+    url = f"{http_server}/red.png"
+    turn = ChatTurn("What colour is the circle?", image=url)
+    assert list(turn.image.getdata()) == list(Image.open(files["red"]).convert("RGB").getdata())
+    assert answer(*loaded, turn) == answer(*loaded, ChatTurn("What colour is the circle?", image=files["red"]))
+    with pytest.raises(ValueError, match=rf"cannot load image {http_server}/missing.png"):
+        ChatTurn("x", image=f"{http_server}/missing.png")
+
+
+def test_several_images_in_one_question_each_get_a_placeholder_in_order(files, loaded):
+    model, processor = loaded
+    turn = ChatTurn("Which one is red?", image=[files["red"], files["blue"]])
+    conversation = Chat()
+    inputs, _ = inference.prepare_inputs(processor, [conversation], [turn])
+    assert inputs["pixel_values"].shape[0] == 2
+    image_tokens = int((inputs["input_ids"] == processor.image_token_id).sum())
+    assert image_tokens == 2 * processor.image_seq_length
+    expected_pixels = processor.image_processor([Image.open(files["red"]).convert("RGB"),
+                                                 Image.open(files["blue"]).convert("RGB")],
+                                                return_tensors="pt")["pixel_values"]
+    torch.testing.assert_close(inputs["pixel_values"], expected_pixels)
+    swapped = ChatTurn("Which one is red?", image=[files["blue"], files["red"]])
+    swapped_inputs, _ = inference.prepare_inputs(processor, [Chat()], [swapped])
+    torch.testing.assert_close(swapped_inputs["pixel_values"], expected_pixels.flip(0))
+    text = inference.answer_turn(model, processor, conversation, turn, GREEDY).text
+    assert text and conversation.images_per_turn == [2]
+    conversation.undo()
+    assert conversation.messages == [] and conversation.images == []
+
+
+def test_llava_question_file_is_answered_like_model_vqa(files, loaded, http_server, tmp_path, capsys):
+    questions = [{"question_id": 7, "image": "red.png", "text": "What colour is the circle?", "category": "conv"},
+                 {"question_id": "b", "image": "blue.png", "text": "<image>\nWhat shape is it?"},
+                 {"question_id": 9, "image": f"{http_server}/red.png", "text": "Is it round?"}]
+    path = tmp_path / "questions.jsonl"
+    path.write_text("".join(json.dumps(q) + "\n" for q in questions))
+    answers_file = tmp_path / "answers" / "answers.jsonl"
+    chat.main(["--model", files["model"], "--question_file", str(path), "--image_folder", str(files["root"]),
+               "--answers_file", str(answers_file), "--max_new_tokens", "6", "--batch_size", "2"])
+    lines = [json.loads(line) for line in answers_file.read_text().splitlines()]
+    assert [line["question_id"] for line in lines] == [7, "b", 9]
+    assert [line["prompt"] for line in lines] == [q["text"] for q in questions]
+    assert set(lines[0]) == {"question_id", "prompt", "text", "answer_id", "model_id", "metadata"}
+    assert lines[0]["model_id"] == "model" and len({line["answer_id"] for line in lines}) == 3
+    expected = [answer(*loaded, ChatTurn(q["text"].replace("<image>", "").strip(),
+                                         image=str(files["root"] / "red.png") if i != 1 else files["blue"]))
+                for i, q in enumerate(questions)]
+    assert [line["text"] for line in lines] == expected
+    path.write_text(json.dumps({"question_id": 1, "image": "nowhere.png", "text": "x"}) + "\n")
+    with pytest.raises(ValueError, match="questions.jsonl, line 1: image file not found: nowhere.png"):
+        inference.read_questions(str(path), str(files["root"]))
