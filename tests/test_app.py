@@ -1,5 +1,6 @@
 """The Gradio app end to end in headless Chromium: upload an image and a spoken question (a WAV synthesized by flite),
-send, and see the transcript and the streamed answer on the page; then a typed follow-up answered with the history.
+send, and see the transcript and the streamed answer on the page; then a typed follow-up answered with the history;
+Undo, Regenerate and an example.
 The expected texts come from the inference module on the same tiny model. Screenshots are saved to test-artifacts/.
 
 Chromium is Debian's `chromium` (Playwright's own browser download is not reachable here), driven by Playwright
@@ -112,6 +113,24 @@ def test_app_in_headless_chromium(served):
             page.locator("#prompt textarea").press("Enter")
             expect(chat).to_contain_text(typed.text, timeout=TIMEOUT_MS)
             page.screenshot(path=os.path.join(ARTIFACTS, "app-follow-up.png"), full_page=True)
+
+            # Undo takes the follow-up back; Regenerate answers the spoken question again (greedy: the same text)
+            page.locator("#undo").click()
+            expect(chat).not_to_contain_text("And the shape?", timeout=TIMEOUT_MS)
+            expect(chat).to_contain_text(spoken.text)
+            page.locator("#regenerate").click()
+            expect(page.locator("#transcript textarea")).to_have_value("(transcribing…)", timeout=TIMEOUT_MS)
+            expect(page.locator("#transcript textarea")).to_have_value(spoken.transcript, timeout=TIMEOUT_MS)
+            expect(chat).to_contain_text(spoken.text, timeout=TIMEOUT_MS)
+            assert chat.inner_text().count("(spoken)") == 1
+            page.locator("#undo").click()
+            expect(chat).not_to_contain_text("(spoken)", timeout=TIMEOUT_MS)
+
+            # an example fills in the image and the question
+            page.locator("#examples").get_by_text("What shape is it?").click()
+            expect(page.locator("#prompt textarea")).to_have_value("What shape is it?", timeout=TIMEOUT_MS)
+            expect(page.locator("#image img")).to_be_visible(timeout=TIMEOUT_MS)
+            page.screenshot(path=os.path.join(ARTIFACTS, "app-example.png"), full_page=True)
         finally:
             browser.close()
     assert os.path.getsize(os.path.join(ARTIFACTS, "app-follow-up.png")) > 10_000
