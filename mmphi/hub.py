@@ -28,22 +28,33 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import sys
 import tempfile
 
-from huggingface_hub import HfApi, ModelCard, ModelCardData
+from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
 
 logger = logging.getLogger("push_to_hub")
 UPLOAD_SUFFIXES = (".json", ".safetensors", ".py", ".jinja", ".txt", ".model", ".png", ".md")
 NEVER_UPLOAD = ("*.bin", "*.pt", "*.pth", "*.pkl", "*.ckpt", "*.msgpack", "*.h5", "README.md")
 CODE_FILES = ("configuration_mmphi.py", "modeling_mmphi.py", "processing_mmphi.py", "speech_mmphi.py")
-EVALUATE_TASKS = ("vqa", "caption", "perplexity")
+EVALUATE_TASKS = ("vqa", "caption", "pope", "perplexity")
 TRAINING_SUMMARY = "training_summary.json"
+RUN_INFO = "run_info.json"  # written by every stage (mmphi.training.describe_run)
+ADAPTER_CONFIG = "adapter_config.json"
+# The remote code (modeling_mmphi.py etc.) runs on these transformers versions (setup.cfg's bound).
+REQUIRED_TRANSFORMERS = ">=5.23,<6"
+# model-index: (task type, the scores' metric keys) per evaluation task
+MODEL_INDEX_TASKS = {"vqa": ("visual-question-answering", ("accuracy",)),
+                     "caption": ("image-to-text", ("bleu4", "cider")),
+                     "pope": ("visual-question-answering", ("accuracy", "f1")),
+                     "perplexity": ("text-generation", ("perplexity",))}
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 CARD_TAGS = ["mmphi", "multimodal", "vision-language", "llava", "phi-2", "tinyclip", "speech", "custom_code"]
 
-# The recipe each stage follows at real scale (README "pipeline at real scale"); the card states it as the design,
-# and the per-run numbers come from training_summary.json when present.
+# The recipe each stage follows at real scale (README "pipeline at real scale"): the card shows it as what the
+# scripts do, never as a claim about the weights; what this folder's run did comes from run_info.json.
 STAGES = [
     ("0", "Pretrain Phi-2 from scratch (optional: the released microsoft/phi-2 can be used instead)",
      "RedPajama (cc + c4 samples, `{\"text\": ...}` JSONL), packed blocks", "all of the language model"),
@@ -57,18 +68,27 @@ STAGES = [
 # --- what to upload ----------------------------------------------------------------------------------------------
 
 
+def is_adapter_folder(model_dir: str) -> bool:
+    return not os.path.isfile(os.path.join(model_dir, "config.json")) and \
+        os.path.isfile(os.path.join(model_dir, ADAPTER_CONFIG))
+
+
 def check_model_folder(model_dir: str) -> dict:
-    """The folder's config, after checking it is a complete model (not an adapter, not pickled weights only)."""
+    """The folder's config after checking it: a complete model, or a stage-2 LoRA adapter with its processor (then
+    the adapter config); never pickled weights only."""
     config_path = os.path.join(model_dir, "config.json")
     if not os.path.isdir(model_dir):
         raise FileNotFoundError(f"{model_dir}: no such folder")
     names = os.listdir(model_dir)
+    if is_adapter_folder(model_dir):
+        if "adapter_model.safetensors" not in names:
+            raise ValueError(f"{model_dir}: an adapter without adapter_model.safetensors; only safetensors are "
+                             "uploaded")
+        if "processor_config.json" not in names:
+            raise ValueError(f"{model_dir}: an adapter without its processor (stage 2 saves one next to it); push "
+                             "the merged folder, or save the processor here")
+        return load_json(os.path.join(model_dir, ADAPTER_CONFIG))
     if not os.path.isfile(config_path):
-        if "adapter_config.json" in names:
-            raise ValueError(
-                f"{model_dir} holds a LoRA adapter, not a full model: merge it first "
-                "(scripts/merge_lora.py --model_name_or_path BASE --adapter ADAPTER --output_dir D) and push D."
-            )
         raise ValueError(f"{model_dir}: no config.json (not a model folder)")
     if not any(name.endswith(".safetensors") for name in names):
         pickled = [n for n in names if fnmatch.fnmatch(n, "*.bin") or fnmatch.fnmatch(n, "*.pt")]
@@ -96,7 +116,10 @@ def select_files(model_dir: str) -> tuple[list[str], list[str]]:
 
 
 def missing_code_files(config: dict, present: list[str]) -> list[str]:
-    """Remote-code modules the auto_map names (plus the speech module the processor imports) that the folder lacks."""
+    """Remote-code modules the auto_map names (plus the speech module the processor imports) that the folder lacks;
+    an adapter's processor needs the processor's."""
+    if ADAPTER_CONFIG in present and "config.json" not in present:
+        config = {"auto_map": {"AutoProcessor": "processing_mmphi.MMPhiProcessor"}}
     needed = {ref.split(".")[0] + ".py" for ref in (config.get("auto_map") or {}).values() if isinstance(ref, str)}
     if "processing_mmphi.py" in needed or "processing_mmphi.py" in present:
         needed.add("speech_mmphi.py")  # imported lazily, so save_pretrained does not copy it
@@ -159,6 +182,19 @@ def find_evaluations(model_dir: str, extra_files: list[str]) -> list[tuple[str, 
     return found
 
 
+def model_index(evaluations: list[tuple[str, dict]]) -> list[EvalResult]:
+    """The evaluation JSONs as model-index entries (what the Hub shows as the model's results)."""
+    results = []
+    for _, data in evaluations:
+        task_type, metrics = MODEL_INDEX_TASKS[data["task"]]
+        data_files = data.get("data") or ["unspecified"]
+        dataset = os.path.basename(str(data_files[0] if isinstance(data_files, list) else data_files))
+        results += [EvalResult(task_type=task_type, dataset_type=dataset, dataset_name=dataset, metric_type=metric,
+                               metric_value=data[metric]) for metric in metrics
+                    if isinstance(data.get(metric), (int, float)) and math.isfinite(data[metric])]
+    return results
+
+
 def format_number(value) -> str:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return str(value)
@@ -204,6 +240,57 @@ def training_summary_section(summary) -> str:
     lines = ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
     lines += ["| " + " | ".join(format_number(row.get(c, "")) for c in columns) + " |" for row in rows]
     return "This run:\n\n" + "\n".join(lines) + "\n"
+
+
+def read_run(model_dir: str) -> tuple[dict | None, dict | None]:
+    """(run_info.json, trainer_state.json) of the folder, each None when absent."""
+    found = []
+    for name in (RUN_INFO, "trainer_state.json"):
+        path = os.path.join(model_dir, name)
+        found.append(load_json(path) if os.path.isfile(path) else None)
+    return found[0], found[1]
+
+
+def final_losses(state: dict | None) -> dict:
+    """Steps and the last logged training / evaluation losses of a trainer_state.json."""
+    if not state:
+        return {}
+    history = state.get("log_history") or []
+    last = {}
+    for key, name in (("loss", "final training loss (last logged)"), ("train_loss", "mean training loss"),
+                      ("eval_loss", "final evaluation loss")):
+        values = [entry[key] for entry in history if isinstance(entry.get(key), (int, float))]
+        if values:
+            last[name] = values[-1]
+    return {"steps": state.get("global_step"), **last}
+
+
+def run_section(run: dict | None, state: dict | None, adapter: dict | None) -> str:
+    """What this folder's own run did, from its record; nothing when there is none."""
+    if run is None:
+        return ("This folder carries no training record (`run_info.json`, written by every MM-Phi stage), so this "
+                "card claims no training for these weights.\n")
+    rows = [("stage", run.get("stage")), ("started from", run.get("base_model") or "random initialisation")]
+    rows += [(f"data: {key}", value) for key, value in (run.get("data") or {}).items()]
+    rows += list(final_losses(state).items())
+    rows += [(key, value) for key, value in (run.get("training") or {}).items()]
+    lora = adapter or run.get("lora")
+    if lora:
+        keys = ("r", "lora_alpha", "lora_dropout", "target_modules", "modules_to_save") if adapter else lora.keys()
+        rows += [(f"LoRA {key}", lora.get(key)) for key in keys if lora.get(key) is not None]
+    if run.get("merged"):
+        rows.append(("merged", f"LoRA folded into the {run.get('merge_into', 'dequantized')} weights"))
+    rows += [(f"{name} version", version) for name, version in (run.get("versions") or {}).items()]
+    lines = ["| | |", "| --- | --- |"]
+    lines += [f"| {name} | {format_number(value) if not isinstance(value, (list, dict)) else json.dumps(value)} |"
+              for name, value in rows if value is not None]
+    return "This folder's run (from `run_info.json` and `trainer_state.json`):\n\n" + "\n".join(lines) + "\n"
+
+
+def hub_ids(values) -> list[str]:
+    """The values that name hub repos (the card metadata may only name those, not local paths)."""
+    values = values if isinstance(values, list) else [values]
+    return [v for v in values if isinstance(v, str) and HUB_ID.match(v) and not os.path.exists(v)]
 
 
 def count_parameters(model_dir: str) -> dict[str, int]:
@@ -283,42 +370,119 @@ is quantized). Prompt format, per turn: `User: <image>\\nQUESTION\\nAssistant: A
 """
 
 
+def adapter_components_section(adapter: dict, model_dir: str) -> str:
+    from safetensors import safe_open
+
+    with safe_open(os.path.join(model_dir, "adapter_model.safetensors"), framework="pt") as handle:
+        total = sum(math.prod(handle.get_slice(key).get_shape()) for key in handle.keys())  # noqa: SIM118
+    return (f"A LoRA adapter (PEFT; r={adapter.get('r')}, alpha={adapter.get('lora_alpha')}, on "
+            f"{', '.join(sorted(adapter.get('target_modules') or []))}; also trained: "
+            f"{', '.join(adapter.get('modules_to_save') or []) or 'nothing else'}) with the processor: "
+            f"{human_count(total)} parameters, on top of `{adapter.get('base_model_name_or_path')}`.\n")
+
+
+def part_section(config: dict, model_dir: str) -> str:
+    total = sum(count_parameters(model_dir).values())
+    return (f"One part of MM-Phi, not the multimodal model: a `{config.get('model_type')}` model "
+            f"({', '.join(config.get('architectures') or [])}), {human_count(total)} parameters, stored as "
+            "safetensors.\n")
+
+
+def part_usage_section(repo_id: str, config: dict) -> str:
+    auto = "AutoModelForCausalLM" if config.get("model_type") == "phi" else "AutoModel"
+    return f"""```python
+from transformers import {auto}
+
+model = {auto}.from_pretrained("{repo_id}")
+```
+"""
+
+
+def adapter_usage_section(repo_id: str, base: str) -> str:
+    return f"""```python
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoProcessor
+
+base = AutoModelForCausalLM.from_pretrained("{base}", trust_remote_code=True, dtype="auto")
+model = PeftModel.from_pretrained(base, "{repo_id}")
+processor = AutoProcessor.from_pretrained("{repo_id}", trust_remote_code=True)
+```
+
+Or chat with it unmerged: `python scripts/chat.py --model {base} --adapter {repo_id} --image photo.jpg "..."`.
+"""
+
+
+def limitations_section(config: dict) -> str:
+    text = config.get("text_config", {}) if isinstance(config, dict) else {}
+    small = text and text.get("hidden_size") != 2560
+    lines = [
+        "- English only; answers are short and can be wrong or made up about the image (no preference tuning, no "
+        "safety tuning).",
+        "- One CLIP view per image at the tower's resolution: small text and fine detail are lost.",
+        "- Speech: only the first 10 s of a clip are transcribed, by a separate Whisper model.",
+    ]
+    if small:
+        lines.insert(0, "- A scaled-down demonstration model: meaningful only on the kind of data it was trained on.")
+    return "\n".join(lines) + "\n"
+
+
 def build_card(model_dir: str, repo_id: str, evaluations, summary=None, license_id: str = "mit",
                base_models: list[str] | None = None) -> str:
     config = check_model_folder(model_dir)
+    run, state = read_run(model_dir)
+    adapter = config if is_adapter_folder(model_dir) else None
+    bases = base_models or hub_ids((adapter or {}).get("base_model_name_or_path") or (run or {}).get("base_model"))
+    datasets = hub_ids([v for v in ((run or {}).get("data") or {}).values() if isinstance(v, str)])
+    name = repo_id.split("/")[-1]
     data = ModelCardData(
         license=license_id,
-        library_name="transformers",
+        library_name="peft" if adapter else "transformers",
         pipeline_tag="image-text-to-text",
         tags=CARD_TAGS,
-        base_model=base_models or None,
+        base_model=bases or None,
+        datasets=datasets or None,
+        model_name=name,
+        eval_results=model_index(evaluations) or None,
     )
     stages = ["| stage | what | data | trained |", "| --- | --- | --- | --- |"]
     stages += [f"| {number} | {what} | {source} | {trained} |" for number, what, source, trained in STAGES]
     summary_text = training_summary_section(summary) if summary is not None else ""
-    name = repo_id.split("/")[-1]
+    base_for_usage = (adapter or {}).get("base_model_name_or_path") or "BASE"
+    if adapter:
+        components, usage = adapter_components_section(adapter, model_dir), adapter_usage_section(repo_id,
+                                                                                                  base_for_usage)
+    elif config.get("model_type") != "mmphi":  # a stage-0 Phi or the offline CLIP: one part of MM-Phi
+        components, usage = part_section(config, model_dir), part_usage_section(repo_id, config)
+    else:
+        components, usage = components_section(config, count_parameters(model_dir)), usage_section(repo_id)
     body = f"""
 # {name}
 
 MM-Phi: a small multimodal chat model (image + speech + text in, text out). A CLIP vision tower (TinyCLIP at full
 size) feeds a projector into Phi (Phi-2 at full size), laid out like transformers' Llava; speech is transcribed by
-Whisper and joins the prompt as text. Load it with `trust_remote_code=True`.
+Whisper and joins the prompt as text. Load it with `trust_remote_code=True`; the remote code needs transformers
+{REQUIRED_TRANSFORMERS}.
 
 ## Components
 
-{components_section(config, count_parameters(model_dir))}
+{components}
 ## Training
+
+{run_section(run, state, adapter)}{summary_text}
+The MM-Phi recipe (what the repository's scripts do at full size; a description of the method, not of these
+weights):
 
 {chr(10).join(stages)}
 
-In the full-size recipe the vision tower stays frozen. Labels cover the answers and the end-of-text token that ends
-each one; padding has its own token. {summary_text}
 ## Evaluation
 
 {evaluation_section(evaluations)}
+## Limitations
+
+{limitations_section(config)}
 ## Usage
 
-{usage_section(repo_id)}"""
+{usage}"""
     return ModelCard(f"---\n{data.to_yaml()}\n---\n{body}").content.rstrip() + "\n"
 
 

@@ -7,8 +7,10 @@ user passes `--fp16`/`--bf16` explicitly.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -41,6 +43,20 @@ def resolve_precision(args) -> None:
         logger.warning("--fp16 without a CUDA device: the Trainer does not autocast to fp16 on a CPU (use --bf16)")
 
 
+def take_over_push(args) -> None:
+    """`--push_to_hub` pushes the stage's final folder once it is complete (`push_final`), with a model card built
+    from the run, instead of the Trainer's pushes of output_dir at every save (which would also upload stage 2's
+    merged/ sub-folder and a card that knows nothing of the run)."""
+    args.push_final_to_hub = bool(args.push_to_hub)
+    args.push_to_hub = False
+
+
+def resolve_stage_arguments(args) -> None:
+    """What every stage's training-arguments class does after parsing."""
+    resolve_precision(args)
+    take_over_push(args)
+
+
 @dataclass
 class StageTrainingArguments(TrainingArguments):
     """`TrainingArguments` with the MM-Phi stage defaults; every Trainer flag still works."""
@@ -58,7 +74,7 @@ class StageTrainingArguments(TrainingArguments):
     bf16: bool | None = field(default=None, metadata={"help": PRECISION_HELP})
 
     def __post_init__(self):
-        resolve_precision(self)
+        resolve_stage_arguments(self)
         super().__post_init__()
 
 
@@ -104,11 +120,63 @@ def train_and_evaluate(stage: BuiltStage, resume_from_checkpoint=None) -> dict:
     return metrics
 
 
-def record_run(trainer, metrics: dict) -> None:
-    """Print the run's metrics and write all_results.json and trainer_state.json, as HF's example scripts do."""
+RUN_INFO = "run_info.json"
+TRAINING_KEYS = ("learning_rate", "num_train_epochs", "max_steps", "per_device_train_batch_size",
+                 "gradient_accumulation_steps", "optim", "lr_scheduler_type", "warmup_steps", "weight_decay", "bf16",
+                 "fp16", "gradient_checkpointing", "seed")
+DATA_KEYS = ("dataset_name", "dataset_config_name", "data_path", "eval_data_path", "train_files", "validation_files")
+
+
+def describe_run(stage: str, model_args, data_args, training_args, **extra) -> dict:
+    """What a model card may say about the run (JSON, read by `mmphi.hub`): the stage, what it started from, the
+    data, the training settings, the library versions."""
+    data = {key: getattr(data_args, key) for key in DATA_KEYS if getattr(data_args, key, None)}
+    base = getattr(model_args, "model_name_or_path", None)
+    return {
+        "stage": stage,
+        "base_model": base,
+        "data": data,
+        "training": {key: getattr(training_args, key) for key in TRAINING_KEYS if hasattr(training_args, key)}
+        | {"world_size": training_args.world_size},
+        "model_arguments": _json_safe(dataclasses.asdict(model_args)),
+        "versions": {"transformers": transformers.__version__, "torch": torch.__version__,
+                     "datasets": datasets.__version__},
+        **extra,
+    }
+
+
+def _json_safe(values: dict) -> dict:
+    return json.loads(json.dumps(values, default=str))
+
+
+def record_run(trainer, metrics: dict, run_info: dict | None = None) -> None:
+    """Print the run's metrics and write all_results.json and trainer_state.json, as HF's example scripts do, plus
+    run_info.json (`describe_run`) for the model card."""
     trainer.log_metrics("all", metrics)
     trainer.save_metrics("all", metrics)
     trainer.save_state()
+    if run_info is not None:
+        write_run_info(trainer.args.output_dir, run_info)
+
+
+def write_run_info(folder: str, run_info: dict) -> None:
+    with open(os.path.join(folder, RUN_INFO), "w", encoding="utf-8") as handle:
+        json.dump(_json_safe(run_info), handle, indent=2)
+
+
+def push_final(training_args, folder: str) -> str | None:
+    """With `--push_to_hub`: push the stage's final folder (a full model, or an adapter with its processor) to
+    `--hub_model_id` (default: the output folder's name) with a card built from the run. Returns the repo id."""
+    if not getattr(training_args, "push_final_to_hub", False):
+        return None
+    from mmphi import hub
+
+    repo_id = training_args.hub_model_id or os.path.basename(os.path.normpath(training_args.output_dir))
+    argv = ["--model", folder, "--repo_id", repo_id, "--commit_message", f"Upload {os.path.basename(folder)}"]
+    argv += ["--private"] if training_args.hub_private_repo else []
+    argv += ["--token", training_args.hub_token] if training_args.hub_token else []
+    hub.push(hub.parse_args(argv))
+    return repo_id
 
 
 def configure_logging(training_args) -> None:

@@ -86,7 +86,11 @@ def test_model_card_metadata_components_stages_and_metrics(trained_folder, dry_r
         assert f"| per_type.{question_type}.questions | {result['questions']} |" in text
     assert "`llava_instruct_val.json`" in text and "`vqa_eval.json`" in text
     assert "| 2 qlora | 60 | 30.25 | 0.4321 |" in text  # the training summary
-    assert "COCO 2017 captions" in text and "LLaVA-Instruct-150K" in text
+    assert "COCO 2017 captions" in text and "LLaVA-Instruct-150K" in text  # the recipe, described as such
+    assert "not of these\nweights" in text and "claims no training for these weights" in text  # no run record
+    assert "transformers\n>=5.23,<6" in text and "## Limitations" in text
+    index = {(r.task_type, r.metric_type): r.metric_value for r in card.data.eval_results}
+    assert index == {("visual-question-answering", "accuracy"): scores["accuracy"]}
     total = sum(p.numel() for p in trained_folder["model"].parameters())
     assert f"**{push_to_hub.human_count(total)}**" in text  # counted from the safetensors header, no loading
     assert 'AutoModelForCausalLM.from_pretrained("someone/mmphi-tiny", trust_remote_code=True' in text
@@ -180,7 +184,10 @@ def test_bad_folders_and_flags_are_clear_errors(trained_folder, tmp_path):
     adapter = tmp_path / "adapter"
     adapter.mkdir()
     (adapter / "adapter_config.json").write_text("{}")
-    with pytest.raises(ValueError, match="LoRA adapter, not a full model: merge it first"):
+    with pytest.raises(ValueError, match="an adapter without adapter_model.safetensors"):
+        push(str(adapter), "--dry_run", "--output_dir", str(tmp_path / "a"))
+    (adapter / "adapter_model.safetensors").write_bytes(b"")
+    with pytest.raises(ValueError, match="an adapter without its processor"):
         push(str(adapter), "--dry_run", "--output_dir", str(tmp_path / "a"))
     pickled = tmp_path / "pickled"
     pickled.mkdir()

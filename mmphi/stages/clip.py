@@ -41,7 +41,15 @@ from mmphi.data import (
     validation_exit,
 )
 from mmphi.errors import BadRecordError, handle_bad_record, warn_skipped
-from mmphi.training import BuiltStage, StageTrainingArguments, parse_stage_args, record_run, stage_main
+from mmphi.training import (
+    BuiltStage,
+    StageTrainingArguments,
+    describe_run,
+    parse_stage_args,
+    push_final,
+    record_run,
+    stage_main,
+)
 
 logger = logging.getLogger("pretrain_clip")
 
@@ -207,7 +215,8 @@ def run(model_args: ModelArguments, data_args: DataArguments, training_args) -> 
         trainer.save_model(training_args.output_dir)
         for part in stage.processor:
             part.save_pretrained(training_args.output_dir)
-        record_run(trainer, metrics)
+        record_run(trainer, metrics, describe_run("clip-pretrain", model_args, data_args, training_args))
+        push_final(training_args, training_args.output_dir)
     return metrics
 
 

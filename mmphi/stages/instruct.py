@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 from dataclasses import dataclass, field
 
 import torch
@@ -47,11 +48,14 @@ from mmphi.loading import MERGE_TARGETS, bnb_config, merge_lora, training_dtype
 from mmphi.training import (
     PRECISION_HELP,
     BuiltStage,
+    describe_run,
     parse_stage_args,
+    push_final,
     record_run,
-    resolve_precision,
+    resolve_stage_arguments,
     stage_main,
     train_and_evaluate,
+    write_run_info,
 )
 from modeling_mmphi import MMPhiForCausalLM
 from processing_mmphi import MMPhiProcessor
@@ -119,7 +123,7 @@ class InstructSFTConfig(SFTConfig):
     bf16: bool | None = field(default=None, metadata={"help": PRECISION_HELP})
 
     def __post_init__(self):
-        resolve_precision(self)
+        resolve_stage_arguments(self)
         super().__post_init__()
 
 
@@ -216,21 +220,31 @@ def run_stage2(model_args: ModelArguments, data_args: DataArguments, args: Instr
     stage = build_trainer(model_args, data_args, args)
     metrics = train_and_evaluate(stage, args.resume_from_checkpoint)
     if stage.trainer.is_world_process_zero():
-        save_outputs(stage.trainer, stage.processor, model_args, args, metrics)
+        save_outputs(stage.trainer, stage.processor, model_args, data_args, args, metrics)
     return metrics
 
 
-def save_outputs(trainer, processor, model_args: ModelArguments, args, metrics: dict) -> None:
+def save_outputs(trainer, processor, model_args: ModelArguments, data_args, args, metrics: dict) -> None:
+    """The adapter + processor (or the full model) in output_dir, the run's record, the merged folder if asked, and
+    with --push_to_hub the final folder (merged if there is one) pushed with a card built from the run."""
     if model_args.full_finetune:
         save_mmphi(trainer.model, processor, args.output_dir)
     else:
         trainer.save_model(args.output_dir)  # adapter (LoRA + projector) and the processor
-    record_run(trainer, metrics)
+    lora = None if model_args.full_finetune else {
+        key: getattr(model_args, key) for key in ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules",
+                                                   "modules_to_save", "quantization")}
+    run_info = describe_run("stage2-instruct", model_args, data_args, args, lora=lora)
+    record_run(trainer, metrics, run_info)
+    final = args.output_dir
     if model_args.merge and not model_args.full_finetune:
         merged_dir = model_args.merged_output_dir or os.path.join(args.output_dir, "merged")
         merge_lora(model_args.model_name_or_path, args.output_dir, merged_dir, merge_into=model_args.merge_into,
                    base_quantization=model_args.quantization, quantized_from=training_dtype(args))
-        metrics["merged_output_dir"] = merged_dir
+        metrics["merged_output_dir"] = final = merged_dir
+        write_run_info(merged_dir, run_info | {"merged": True, "merge_into": model_args.merge_into})
+        shutil.copy2(os.path.join(args.output_dir, "trainer_state.json"), merged_dir)  # steps and losses
+    push_final(args, final)
 
 
 def main(argv: list[str] | None = None) -> dict | None:

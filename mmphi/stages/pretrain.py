@@ -40,7 +40,15 @@ from configuration_mmphi import PHI2_TEXT_CONFIG, TINY_TEXT_CONFIG
 from mmphi import TINY_TOKENIZER
 from mmphi.data.corpus import CorpusDataset, build_lm_datasets, collate_blocks, parse_source_weights
 from mmphi.errors import warn_skipped
-from mmphi.training import BuiltStage, StageTrainingArguments, configure_logging, parse_stage_args, record_run
+from mmphi.training import (
+    BuiltStage,
+    StageTrainingArguments,
+    configure_logging,
+    describe_run,
+    parse_stage_args,
+    push_final,
+    record_run,
+)
 
 logger = logging.getLogger("pretrain_phi2")
 
@@ -297,10 +305,11 @@ def run_pretraining(model_args: ModelArguments, data_args: DataArguments,
     # counted when the corpus is read (streamed: by now)
     metrics["skipped_bad_records"] = warn_skipped(logger, stage.report)
     if trainer.is_world_process_zero():
-        record_run(trainer, metrics)
+        record_run(trainer, metrics, describe_run("stage0-pretrain", model_args, data_args, training_args))
         from mmphi.plots import plot_trainer_state  # matplotlib only when there is something to plot
 
         metrics["loss_curve"] = plot_trainer_state(training_args.output_dir)
+        push_final(training_args, training_args.output_dir)
     return metrics
 
 

@@ -59,7 +59,9 @@ from mmphi.loading import training_dtype
 from mmphi.training import (
     BuiltStage,
     StageTrainingArguments,
+    describe_run,
     parse_stage_args,
+    push_final,
     record_run,
     stage_main,
     train_and_evaluate,
@@ -230,7 +232,8 @@ def run_stage1(model_args: ModelArguments, data_args: DataArguments, training_ar
         padding_fraction(stage.train.lengths, training_args.train_batch_size), 4)
     if stage.trainer.is_world_process_zero():
         save_mmphi(stage.model, stage.processor, training_args.output_dir)
-        record_run(stage.trainer, metrics)
+        record_run(stage.trainer, metrics, describe_run("stage1-projector", model_args, data_args, training_args))
+        push_final(training_args, training_args.output_dir)
     return metrics
 
 
