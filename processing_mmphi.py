@@ -12,7 +12,7 @@ import shutil
 from collections.abc import Sequence
 
 import numpy as np
-from transformers import AutoTokenizer, BatchFeature, CLIPImageProcessor, ProcessorMixin
+from transformers import AutoTokenizer, BatchFeature, CLIPImageProcessorPil, ProcessorMixin
 
 try:
     from PIL import Image
@@ -74,7 +74,7 @@ class MMPhiProcessor(ProcessorMixin):
     """`processor(text=..., images=..., audio=...)` -> `input_ids`, `attention_mask`, `pixel_values`.
 
     Args:
-        image_processor (`CLIPImageProcessor`): resizes/crops/normalises images for the vision tower.
+        image_processor (`CLIPImageProcessorPil`): resizes/crops/normalises images for the vision tower.
         tokenizer: the Phi tokenizer, with `<image>` and `<pad>` added (see `from_components`).
         chat_template (`str`, *optional*): defaults to MM-Phi's "User:/Assistant:" template.
         image_seq_length (`int`): image tokens per image (49 for 224 px at patch 32 without CLS).
@@ -111,11 +111,11 @@ class MMPhiProcessor(ProcessorMixin):
         vision_config = AutoConfig.from_pretrained(vision_model)
         vision_config = getattr(vision_config, "vision_config", vision_config)
         try:
-            image_processor = CLIPImageProcessor.from_pretrained(vision_model)
+            image_processor = CLIPImageProcessorPil.from_pretrained(vision_model)
         except OSError:  # a bare tower without preprocessor_config.json: CLIP's normalisation at the tower's size
             size = vision_config.image_size
             crop_size = {"height": size, "width": size}
-            image_processor = CLIPImageProcessor(size={"shortest_edge": size}, crop_size=crop_size)
+            image_processor = CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size=crop_size)
         tokenizer = AutoTokenizer.from_pretrained(text_model)
         add_mmphi_tokens(tokenizer)
         return cls(image_processor=image_processor, tokenizer=tokenizer, image_seq_length=image_seq_length)

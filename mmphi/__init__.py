@@ -17,7 +17,20 @@ level of the repository because they travel with the weights (`trust_remote_code
 | `bench` | the benchmark harness, by job |
 """
 
+import logging
 import os
+
+
+class _ExpectedNotice(logging.Filter):
+    """Drops one message known to be expected here, nothing else from that logger: bitsandbytes (imported by peft,
+    which transformers imports) tries to fetch an optional CPU kernel from the Hub at import and warns when it cannot.
+    Offline, or without the `kernels` package, it never can, and its built-in CPU kernel is used instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Failed to load CPU gemm_4bit_forward from kernels-community")
+
+
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_ExpectedNotice())
 
 TINY_TOKENIZER = os.environ.get(
     "MMPHI_TINY_TOKENIZER", os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "tiny-tokenizer")

@@ -19,7 +19,7 @@ import os
 import shutil
 
 import torch
-from transformers import AutoConfig, CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+from transformers import AutoConfig, CLIPImageProcessorPil, CLIPVisionConfig, CLIPVisionModel
 
 from configuration_mmphi import TINY_VISION_CONFIG, MMPhiConfig, image_seq_length_for
 from mmphi import TINY_TOKENIZER
@@ -47,8 +47,8 @@ def tiny_tokenizer():
     return tokenizer
 
 
-def tiny_image_processor(image_size: int = 224) -> CLIPImageProcessor:
-    return CLIPImageProcessor(
+def tiny_image_processor(image_size: int = 224) -> CLIPImageProcessorPil:
+    return CLIPImageProcessorPil(
         size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
     )
 

@@ -64,6 +64,16 @@ def test_a_hub_id_loads_from_a_cache_laid_out_like_a_download_offline(files, loa
                           capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.strip() == answer(*loaded, ChatTurn(question, image=files["red"]))
+    for noise in ("torchvision", "kernels-community", "deprecated", "Warning"):  # a quiet start and turn
+        assert noise not in done.stderr, done.stderr
+
+
+def test_help_starts_quietly():
+    """No bitsandbytes kernel notice, no torchvision fallback warning: nothing on stderr for --help."""
+    for script in ("chat.py", "app.py", "finetune_instruct.py"):
+        done = subprocess.run([sys.executable, os.path.join(REPO_ROOT, "scripts", script), "--help"],
+                              capture_output=True, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1"), timeout=300)
+        assert done.returncode == 0 and done.stderr == "", (script, done.stderr)
 
 
 def test_an_adapter_runs_unmerged_with_the_merged_models_answers(files, tmp_path):

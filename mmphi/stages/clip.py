@@ -25,7 +25,7 @@ import random
 from dataclasses import dataclass, field
 
 import torch
-from transformers import AutoTokenizer, CLIPConfig, CLIPImageProcessor, CLIPModel, Trainer, set_seed
+from transformers import AutoTokenizer, CLIPConfig, CLIPImageProcessorPil, CLIPModel, Trainer, set_seed
 
 from configuration_mmphi import TINY_VISION_CONFIG
 from mmphi.build import tiny_image_processor, tiny_tokenizer
@@ -155,7 +155,7 @@ class ClipCollator:
                 "return_loss": True}
 
 
-def new_tiny_clip(seed: int) -> tuple[CLIPModel, object, CLIPImageProcessor]:
+def new_tiny_clip(seed: int) -> tuple[CLIPModel, object, CLIPImageProcessorPil]:
     """A random tiny CLIP whose vision half is MM-Phi's tiny tower, with the tiny tokenizer."""
     tokenizer = tiny_tokenizer()
     text_config = dict(TINY_CLIP_TEXT_CONFIG, vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id,
@@ -166,12 +166,12 @@ def new_tiny_clip(seed: int) -> tuple[CLIPModel, object, CLIPImageProcessor]:
     return CLIPModel(config), tokenizer, tiny_image_processor(TINY_VISION_CONFIG["image_size"])
 
 
-def load_clip(model_args: ModelArguments, seed: int) -> tuple[CLIPModel, object, CLIPImageProcessor]:
+def load_clip(model_args: ModelArguments, seed: int) -> tuple[CLIPModel, object, CLIPImageProcessorPil]:
     if model_args.model_name_or_path is None:
         return new_tiny_clip(seed)
     path = model_args.model_name_or_path
     model = CLIPModel.from_pretrained(path)
-    return model, AutoTokenizer.from_pretrained(path), CLIPImageProcessor.from_pretrained(path)
+    return model, AutoTokenizer.from_pretrained(path), CLIPImageProcessorPil.from_pretrained(path)
 
 
 def parse_args(argv: list[str] | None = None):
