@@ -3,9 +3,12 @@
 The transcript is plain text for the language model (as in the seed, which ran WhisperX on the first 10 s). Unlike the
 seed, the Whisper model is loaded once per `SpeechTranscriber` and reused for every call.
 
-Audio packages (numpy, pydub, faster-whisper, whisperx) are imported inside `try/except ImportError` blocks: this file
-travels with the remote-code model files, and transformers refuses to load remote code whose plain `import x` names
-an uninstalled package. Speech needs the `audio` extra (faster-whisper, pydub) and the `ffmpeg` binary.
+Audio is decoded and resampled by the audio libraries: PyAV (libav, which faster-whisper's `decode_audio` uses) turns
+any file or byte string into mono float32 at 16 kHz, decoding only up to the window; only the truncation check (a
+WAV header's promise, a container's declared duration) and the error messages are ours. Audio packages (numpy, av,
+faster-whisper, whisperx) are imported inside functions or `try/except ImportError` blocks: this file travels with the
+remote-code model files, and transformers refuses to load remote code whose plain `import x` names an uninstalled
+package. Speech needs the `audio` extra (faster-whisper).
 
 Backends: `faster-whisper` (CTranslate2 Whisper + its bundled Silero VAD) and `whisperx` (the same engine with its own
 VAD and batching). whisperx pins torch/huggingface-hub versions that conflict with transformers 5, so it is used only
@@ -15,15 +18,10 @@ when it is importable; `backend="auto"` falls back to faster-whisper otherwise.
 from __future__ import annotations
 
 import io
-import json
 import logging
 import os
 import re
-import shutil
 import struct
-import subprocess
-import tempfile
-import warnings
 from dataclasses import dataclass
 
 try:
@@ -47,9 +45,6 @@ BACKENDS = ("auto", "whisperx", "faster-whisper")
 # A decoded file shorter than its header's declared length by more than this is truncated, not "slightly padded".
 TRUNCATION_TOLERANCE_SECONDS = 0.25
 TRUNCATION_TOLERANCE_FRACTION = 0.02
-# Compressed files longer than this are decoded only up to the window (a whole 10-minute mp3 takes seconds); their
-# length then comes from the container, and damage after the window goes unnoticed (it is never transcribed).
-FULL_DECODE_SECONDS = 120.0
 
 
 class AudioError(ValueError):
@@ -85,18 +80,14 @@ def _require_numpy():
     return np
 
 
-def _import_pydub():
+def _import_av():
     try:
-        with warnings.catch_warnings():  # pydub imports the stdlib `audioop`, deprecated since Python 3.11
-            warnings.simplefilter("ignore", DeprecationWarning)
-            from pydub import AudioSegment
-            from pydub.exceptions import CouldntDecodeError
-            from pydub.utils import get_prober_name
+        import av
+        import av.logging
     except ImportError as err:
-        raise ImportError("Decoding audio files needs pydub: pip install pydub (and the ffmpeg binary)") from err
-    if shutil.which(AudioSegment.converter) is None or shutil.which(get_prober_name()) is None:
-        raise ImportError("Decoding audio files needs ffmpeg and ffprobe on PATH (e.g. apt-get install ffmpeg)")
-    return AudioSegment, CouldntDecodeError, get_prober_name()
+        raise ImportError("Decoding audio needs PyAV (installed with faster-whisper): pip install faster-whisper") \
+            from err
+    return av
 
 
 def _describe(audio) -> str:
@@ -110,63 +101,33 @@ def _describe(audio) -> str:
     return "<audio array>"
 
 
-def _declared_wav_seconds(path: str) -> float | None:
-    """Length a RIFF/WAVE header declares (data size / byte rate); None if not WAV or written as a stream."""
-    with open(path, "rb") as f:
-        head = f.read(12)
-        if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
-            return None
-        byte_rate = None
-        for _ in range(64):  # a WAV has a handful of chunks; stop on garbage instead of looping
-            chunk = f.read(8)
-            if len(chunk) < 8:
-                return None
-            chunk_id, size = chunk[:4], struct.unpack("<I", chunk[4:])[0]
-            if chunk_id == b"fmt ":
-                fmt = f.read(size + (size & 1))
-                byte_rate = struct.unpack("<I", fmt[8:12])[0] if len(fmt) >= 12 else None
-            elif chunk_id == b"data":
-                streamed = size in (0, 0xFFFFFFFF)  # writers to pipes cannot know the size
-                return None if streamed or not byte_rate else size / byte_rate
-            else:
-                f.seek(size + (size & 1), os.SEEK_CUR)
-    return None
-
-
-def _probe(path: str, prober: str) -> tuple[dict, str]:
-    """ffprobe's format/streams JSON and its stderr (which says when a duration is only a bitrate estimate)."""
-    result = subprocess.run(
-        [prober, "-v", "warning", "-of", "json", "-show_format", "-show_streams", path],
-        capture_output=True,
-        text=True,
-        errors="replace",
-    )
-    try:
-        info = json.loads(result.stdout or "{}")
-    except json.JSONDecodeError:
-        info = {}
-    return info, result.stderr
-
-
-_FFMPEG_PROBLEM = re.compile(r"error|invalid|missing|not found|empty|unsupported|could not|cannot|failed", re.I)
-
-
-def _ffmpeg_reason(stderr: str, path: str, max_lines: int = 2) -> str:
-    """The lines of ffmpeg/ffprobe output that say what is wrong, without "[decoder @ 0x...]" or the temp path."""
-    lines = []
-    for line in stderr.splitlines():
-        line = re.sub(r"^\[[^\]]* @ 0x[0-9a-f]+\]\s*", "", line.strip()).replace(path, "").lstrip(": ").strip()
-        if line and line != "Conversion failed!" and line not in lines:
-            lines.append(line)
-    problems = [line for line in lines if _FFMPEG_PROBLEM.search(line)] or lines
-    return "; ".join(problems[-max_lines:]) or "no details"
-
-
-def _container_seconds(info: dict) -> float | None:
-    try:
-        return float(info.get("format", {}).get("duration"))
-    except (TypeError, ValueError):
-        return None
+def _wav_header(handle) -> tuple[float | None, float | None, int | None]:
+    """(seconds the RIFF/WAVE header declares, seconds of data the file really holds, the format tag); Nones when not
+    a WAV or written as a stream. libav trusts the file size, so only the header shows that a WAV was cut."""
+    handle.seek(0, os.SEEK_END)
+    size = handle.tell()
+    handle.seek(0)
+    head = handle.read(12)
+    if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+        return None, None, None
+    byte_rate = tag = None
+    for _ in range(64):  # a WAV has a handful of chunks; stop on garbage instead of looping
+        chunk = handle.read(8)
+        if len(chunk) < 8:
+            return None, None, tag
+        chunk_id, chunk_size = chunk[:4], struct.unpack("<I", chunk[4:])[0]
+        if chunk_id == b"fmt ":
+            fmt = handle.read(chunk_size + (chunk_size & 1))
+            tag = struct.unpack("<H", fmt[:2])[0] if len(fmt) >= 2 else None
+            byte_rate = struct.unpack("<I", fmt[8:12])[0] if len(fmt) >= 12 else None
+        elif chunk_id == b"data":
+            streamed = chunk_size in (0, 0xFFFFFFFF)  # writers to pipes cannot know the size
+            if streamed or not byte_rate:
+                return None, None, tag
+            return chunk_size / byte_rate, (size - handle.tell()) / byte_rate, tag
+        else:
+            handle.seek(chunk_size + (chunk_size & 1), os.SEEK_CUR)
+    return None, None, tag
 
 
 def _truncation_error(name: str, declared: float, decoded: float) -> AudioError | None:
@@ -178,85 +139,100 @@ def _truncation_error(name: str, declared: float, decoded: float) -> AudioError 
     )
 
 
-def _segment_to_float(segment) -> np.ndarray:
-    """pydub's interleaved integer PCM -> mono float32 in [-1, 1]."""
-    np = _require_numpy()
-    width = segment.sample_width
-    dtypes = {1: np.int8, 2: np.int16, 4: np.int32, 8: np.int64}  # pydub already made 8-bit WAV signed
-    if width not in dtypes:
-        raise AudioError(f"unsupported sample width: {width} bytes")
-    samples = np.frombuffer(segment.raw_data, dtype=dtypes[width]).astype(np.float32) / float(2 ** (8 * width - 1))
-    if segment.channels > 1:
-        samples = samples[: len(samples) - len(samples) % segment.channels]
-        samples = samples.reshape(-1, segment.channels).mean(axis=1)
-    return samples
+def _reason(error: Exception) -> str:
+    """libav's message without the errno and the file name PyAV appends."""
+    return getattr(error, "strerror", None) or str(error)
+
+
+def _open_audio(av, source, name: str):
+    """(container, its first audio stream, the duration it declares or None when libav only estimated it from the
+    bitrate, which is not a promise a truncation check can hold a file to)."""
+    level = av.logging.get_level()
+    av.logging.set_level(av.logging.WARNING)
+    try:
+        with av.logging.Capture() as notes:
+            container = av.open(source, metadata_errors="ignore")
+    except av.error.FFmpegError as err:
+        raise AudioError(f"{name}: not audio, or a corrupt/truncated audio file ({_reason(err)})") from None
+    finally:
+        av.logging.set_level(level)
+    if not container.streams.audio:
+        found = container.format.name
+        container.close()
+        raise AudioError(f"{name}: not an audio file (a {found} file with no audio stream)")
+    estimated = any("Estimating duration from bitrate" in message for _, _, message in notes)
+    declared = container.duration / 1e6 if container.duration and not estimated else None
+    return container, container.streams.audio[0], declared
+
+
+def _decode(source, name: str, max_seconds: float | None) -> tuple[np.ndarray, int, float]:
+    """Decode encoded audio (a path or a seekable file object) with PyAV, as faster-whisper's `decode_audio` does:
+    libav's resampler makes it mono float32 at 16 kHz. Decoding stops one second past `max_seconds` (a long recording
+    is never decoded whole; its length then comes from the container or the WAV header). Returns (samples, rate, the
+    input's length in seconds); every failure is an AudioError naming the input."""
+    av, np = _import_av(), _require_numpy()
+    handle = open(source, "rb") if isinstance(source, str) else source  # noqa: SIM115 (closed below)
+    try:
+        wav_declared, wav_present, tag = _wav_header(handle)
+        handle.seek(0)
+        container, stream, declared = _open_audio(av, handle, name)
+        with container:
+            if stream.codec_context is None:
+                found = f"format tag 0x{tag:04x}" if tag is not None else "unknown codec"
+                raise AudioError(f"{name}: unsupported audio sample format / codec ({found}); ffmpeg cannot decode it")
+            samples, stopped, error = _resampled_frames(av, np, container, stream, max_seconds)
+    finally:
+        if handle is not source:
+            handle.close()
+    decoded = len(samples) / SAMPLING_RATE
+    if wav_declared is not None:  # the header's promise, checked against the bytes really there
+        declared = wav_declared
+        if error := _truncation_error(name, wav_declared, min(wav_present, decoded if not stopped else wav_present)):
+            raise error
+    total = (declared or decoded) if stopped else decoded
+    expected = min(declared, max_seconds) if stopped and declared else declared
+    if expected is not None and (truncated := _truncation_error(name, expected, decoded)):
+        raise truncated
+    if error is not None:
+        raise AudioError(f"{name}: corrupt or undecodable audio ({_reason(error)})")
+    return samples, SAMPLING_RATE, total
+
+
+def _resampled_frames(av, np, container, stream, max_seconds: float | None):
+    """(mono float32 samples at 16 kHz, whether decoding stopped at the window, the decoding error or None)."""
+    resampler = av.AudioResampler(format="flt", layout="mono", rate=SAMPLING_RATE)
+    limit = None if max_seconds is None else int(round((max_seconds + 1.0) * SAMPLING_RATE))
+    chunks, count, stopped, error = [], 0, False, None
+    try:
+        for frame in container.decode(stream):
+            for out in resampler.resample(frame):
+                chunks.append(out.to_ndarray().reshape(-1))
+                count += chunks[-1].size
+            if limit is not None and count >= limit:
+                stopped = True
+                break
+    except av.error.FFmpegError as err:  # what decoded before the damage is kept for the truncation check
+        error = err
+    for out in resampler.resample(None):  # the resampler's tail
+        chunks.append(out.to_ndarray().reshape(-1))
+    samples = np.concatenate(chunks).astype(np.float32, copy=False) if chunks else np.zeros(0, np.float32)
+    return samples, stopped, error
 
 
 def _decode_file(path: str, name: str, max_seconds: float | None) -> tuple[np.ndarray, int, float]:
-    """Decode an audio file with pydub/ffmpeg -> (mono float32 samples of the first `max_seconds`, their rate, the
-    file's whole length in seconds). Every failure becomes an AudioError naming the input."""
-    AudioSegment, CouldntDecodeError, prober = _import_pydub()
     try:
         size = os.path.getsize(path)
     except OSError as err:
         raise AudioError(f"{name}: cannot read the file ({err.strerror or err})") from err
     if size == 0:
         raise AudioError(f"{name}: empty file (0 bytes)")
-
-    info, probe_stderr = _probe(path, prober)
-    audio_streams = [s for s in info.get("streams", []) if s.get("codec_type") == "audio"]
-    if not audio_streams:
-        found = info.get("format", {}).get("format_name")
-        if found:
-            raise AudioError(f"{name}: not an audio file (a {found} file with no audio stream)")
-        reason = _ffmpeg_reason(probe_stderr, path)
-        raise AudioError(f"{name}: not audio, or a corrupt/truncated audio file (ffprobe: {reason})")
-    stream = audio_streams[0]
-    if stream.get("codec_name") in (None, "unknown") or stream.get("sample_fmt") == "unknown":
-        tag = stream.get("codec_tag") or stream.get("codec_tag_string") or "?"
-        raise AudioError(f"{name}: unsupported audio sample format / codec (format tag {tag}); ffmpeg cannot decode it")
-
-    # What the file says its length is: a WAV header keeps the intended size (ffprobe reports what is left of a
-    # truncated WAV); otherwise the container's duration, unless ffprobe only guessed it from the bitrate.
-    wav_seconds = _declared_wav_seconds(path)
-    container_seconds = _container_seconds(info)
-    guessed = "Estimating duration from bitrate" in probe_stderr
-    declared = wav_seconds if wav_seconds is not None else (None if guessed else container_seconds)
-    window_only = (
-        wav_seconds is None  # pydub reads a WAV whole anyway (no ffmpeg), and the header allows an exact check
-        and max_seconds is not None
-        and container_seconds is not None
-        and container_seconds > max(FULL_DECODE_SECONDS, max_seconds)
-    )
-    try:
-        segment = AudioSegment.from_file(path, duration=max_seconds + 1.0 if window_only else None)
-    except CouldntDecodeError as err:
-        raise AudioError(f"{name}: corrupt or undecodable audio ({_ffmpeg_reason(str(err), path)})") from err
-    except Exception as err:  # pydub indexes ffprobe output blindly; any failure here means a broken file
-        raise AudioError(f"{name}: corrupt or undecodable audio ({type(err).__name__}: {err})") from err
-
-    rate = segment.frame_rate
-    decoded_seconds = int(segment.frame_count()) / rate
-    total_seconds = container_seconds if window_only else decoded_seconds
-    expected = min(declared or container_seconds, max_seconds) if window_only else declared
-    if expected is not None and (error := _truncation_error(name, expected, decoded_seconds)):
-        raise error
-    if max_seconds is not None and decoded_seconds > max_seconds:
-        segment = segment.get_sample_slice(0, int(round(max_seconds * rate)))  # convert only what is transcribed
-    try:
-        return _segment_to_float(segment), rate, total_seconds
-    except AudioError as err:
-        raise AudioError(f"{name}: {err}") from err
+    return _decode(path, name, max_seconds)
 
 
 def _decode_bytes(data: bytes, name: str, max_seconds: float | None) -> tuple[np.ndarray, int, float]:
-    # A real file, not a pipe: ffmpeg cannot seek in a pipe, and m4a/mp4 often keep their index at the end.
     if len(data) == 0:
         raise AudioError(f"{name}: empty audio (0 bytes)")
-    with tempfile.NamedTemporaryFile(suffix=".audio") as tmp:
-        tmp.write(data)
-        tmp.flush()
-        return _decode_file(tmp.name, name, max_seconds)
+    return _decode(io.BytesIO(data), name, max_seconds)  # seekable: m4a/mp4 often keep their index at the end
 
 
 def _array_to_float(array, sampling_rate, name: str) -> tuple[np.ndarray, int]:
@@ -291,18 +267,17 @@ def _array_to_float(array, sampling_rate, name: str) -> tuple[np.ndarray, int]:
 
 
 def _resample(samples: np.ndarray, orig_rate: int, target_rate: int = SAMPLING_RATE) -> np.ndarray:
-    """Band-limited (FFT) resampling: drops everything above the new Nyquist instead of aliasing it into speech."""
+    """A waveform at another rate -> `target_rate`, with libav's band-limited resampler (PyAV)."""
     np = _require_numpy()
     if orig_rate == target_rate or len(samples) == 0:
         return samples.astype(np.float32, copy=False)
-    n_out = max(1, round(len(samples) * target_rate / orig_rate))
-    spectrum = np.fft.rfft(samples.astype(np.float64))
-    keep = n_out // 2 + 1
-    if len(spectrum) >= keep:
-        spectrum = spectrum[:keep]
-    else:
-        spectrum = np.concatenate([spectrum, np.zeros(keep - len(spectrum), dtype=spectrum.dtype)])
-    return (np.fft.irfft(spectrum, n_out) * (n_out / len(samples))).astype(np.float32)
+    av = _import_av()
+    frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(samples, dtype=np.float32)[None, :], format="flt",
+                                       layout="mono")
+    frame.sample_rate = orig_rate
+    resampler = av.AudioResampler(format="flt", layout="mono", rate=target_rate)
+    chunks = [out.to_ndarray().reshape(-1) for part in (frame, None) for out in resampler.resample(part)]
+    return np.concatenate(chunks).astype(np.float32, copy=False)
 
 
 def _decode_any(audio, sampling_rate, max_seconds: float | None) -> tuple[np.ndarray, int, float, str]:

@@ -362,7 +362,7 @@ output = model.generate(**inputs, max_new_tokens=64)
 print(processor.batch_decode(output[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)[0])
 ```
 
-A spoken question (needs `pip install faster-whisper pydub` and ffmpeg): add `{{"type": "audio"}}` to the message's
+A spoken question (needs `pip install faster-whisper`): add `{{"type": "audio"}}` to the message's
 content and pass `audio="question.wav"` to the processor. It transcribes the first 10 s with Whisper (large-v2 by
 default; choose with `processor.get_transcriber(model_name_or_path=...)`, loaded once) and returns the transcripts as
 `inputs.transcripts`. 4-bit: pass `quantization_config=BitsAndBytesConfig(load_in_4bit=True)` (only the language model

@@ -17,7 +17,7 @@ import pytest
 
 pytestmark = pytest.mark.browser
 
-for _package in ("gradio", "playwright", "faster_whisper", "pydub"):
+for _package in ("gradio", "playwright", "faster_whisper", "av"):
     if importlib.util.find_spec(_package) is None:
         pytest.skip(f"the app test needs {_package} (pip install '.[demo,audio]')", allow_module_level=True)
 CHROMIUM = os.environ.get("CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")

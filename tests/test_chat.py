@@ -28,7 +28,7 @@ def speech_missing() -> str | None:
     for binary in ("flite", "ffmpeg", "ffprobe"):
         if shutil.which(binary) is None:
             return f"needs `{binary}` (apt-get install flite ffmpeg)"
-    for package in ("faster_whisper", "pydub"):
+    for package in ("faster_whisper", "av"):
         if importlib.util.find_spec(package) is None:
             return f"needs {package} (the audio extra)"
     if inference.default_speech_model() == "large-v2":
