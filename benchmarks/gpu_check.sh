@@ -8,6 +8,13 @@
 #
 #   bash benchmarks/gpu_check.sh           # on the GPU machine, from the repository root
 #   bash benchmarks/gpu_check.sh --tiny    # tiny sizes on the CPU: runs the same path end to end here (~1-2 min)
+#   bash benchmarks/gpu_check.sh --variants          # only stage 0's speed-option A/B (#13), one table
+#   STAGES="" VARIANTS="liger compile" bash benchmarks/gpu_check.sh   # choose what runs
+#
+# Speed options A/B (#13): after the stages, stage 0 runs once per variant in VARIANTS (default: baseline liger
+# compile no_ckpt flash_attn) with the same data and seed, each through its standard flag; the table in
+# $OUT/variants.md gives step time, tokens/s, MFU, peak memory and the training loss (a speed option must not change
+# it beyond float noise). flash_attn is skipped with a note when flash-attn is not installed.
 #
 # Packages the GPU image lacks (or has in other versions) travel as wheels in .whl/ (build them here with
 # benchmarks/gpu_wheelhouse.sh, carry ".whl"); they are installed into /tmp/site first. Files written to $OUT
@@ -18,10 +25,12 @@ set -uo pipefail
 REPO_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$REPO_ROOT"
 TINY=0
+ONLY_VARIANTS=0
 for arg in "$@"; do
   case "$arg" in
     --tiny | --dry | --dry-run) TINY=1 ;;
-    *) echo "gpu_check.sh: unknown argument $arg (use --tiny for the CPU dry run)" >&2; exit 2 ;;
+    --variants) ONLY_VARIANTS=1 ;;
+    *) echo "gpu_check.sh: unknown argument $arg (use --tiny for the CPU dry run, --variants for the A/B)" >&2; exit 2 ;;
   esac
 done
 OUT=${OUT:-$REPO_ROOT/outputs/gpu_check}
@@ -32,6 +41,7 @@ if [[ "$TINY" == 1 ]]; then
   if [[ -x .venv/bin/python ]]; then PYTHON=${PYTHON:-.venv/bin/python}; else PYTHON=${PYTHON:-python3}; fi
   DEVICE_ARGS=(--device cpu --size tiny --warmup 1 --steps 2)
   LIMITS=(240 240 240)
+  VARIANT_LIMIT=240
 else
   PYTHON=${PYTHON:-python3}
   if compgen -G ".whl/*.whl" > /dev/null; then
@@ -45,8 +55,20 @@ else
   # seconds for pretrain (stage 0's build_trainer initialises Phi-2 2.7B on the CPU), projector (builds + saves the
   # random 2.8B MM-Phi, caches the tower features), instruct: < 9 min in all
   LIMITS=(180 160 180)
+  VARIANT_LIMIT=110  # each stage-0 variant: build Phi-2 2.7B, 3 + 8 steps
 fi
-STAGES=${STAGES:-pretrain projector instruct}
+if [[ "$ONLY_VARIANTS" == 1 ]]; then STAGES=${STAGES-}; else STAGES=${STAGES-pretrain projector instruct}; fi
+VARIANTS=${VARIANTS-baseline liger compile no_ckpt flash_attn}
+variant_flags() {
+  case "$1" in
+    baseline) echo "" ;;
+    liger) echo "--use_liger_kernel true" ;;
+    compile) echo "--torch_compile true" ;;
+    no_ckpt) echo "--gradient_checkpointing false" ;;
+    flash_attn) echo "--attn_implementation flash_attention_2" ;;
+    *) return 1 ;;
+  esac
+}
 
 {
   date -u
@@ -84,6 +106,24 @@ for stage in $STAGES; do
   tail -n 12 "$OUT/gpu_check.log" | grep -E "^\| $stage|FAILED" || true
 done
 rm -rf "$MODEL_DIR"
+
+variant_reports=()
+for variant in $VARIANTS; do
+  flags=$(variant_flags "$variant") || { echo "gpu_check.sh: unknown variant $variant" >&2; exit 2; }
+  if [[ "$variant" == flash_attn ]] && ! "$PYTHON" -c "import flash_attn" 2> /dev/null; then
+    echo "== variant flash_attn: skipped (flash-attn is not installed)"; continue
+  fi
+  echo "== variant $variant ($flags; limit ${VARIANT_LIMIT} s)"
+  timeout --kill-after=10 "$VARIANT_LIMIT" "$PYTHON" benchmarks/benchmark.py "${DEVICE_ARGS[@]}" --stages pretrain \
+    --keep_going --no_markdown --variant "$variant" --variant_flags "$flags" --json "$OUT/pretrain-$variant.json" \
+    >> "$OUT/gpu_check.log" 2>&1 || { echo "variant $variant: failed (see gpu_check.log)"; status=1; }
+  [[ -f "$OUT/pretrain-$variant.json" ]] && variant_reports+=("$OUT/pretrain-$variant.json")
+done
+if [[ ${#variant_reports[@]} -gt 0 ]]; then
+  "$PYTHON" -m mmphi.bench.report --variants "${variant_reports[@]}" > "$OUT/variants.md" 2>> "$OUT/gpu_check.log" \
+    || status=1
+  cat "$OUT/variants.md"
+fi
 
 reports=()
 for stage in pretrain projector instruct; do [[ -f "$OUT/$stage.json" ]] && reports+=("$OUT/$stage.json"); done

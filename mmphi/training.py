@@ -51,10 +51,27 @@ def take_over_push(args) -> None:
     args.push_to_hub = False
 
 
+def take_over_liger(args) -> None:
+    """`--use_liger_kernel` is applied by the stage (`apply_speed_options`): Liger's own patches do not cover Phi."""
+    args.fused_kernels = bool(args.use_liger_kernel)
+    args.use_liger_kernel = False
+
+
 def resolve_stage_arguments(args) -> None:
     """What every stage's training-arguments class does after parsing."""
     resolve_precision(args)
     take_over_push(args)
+    take_over_liger(args)
+
+
+def apply_speed_options(model, training_args) -> torch.nn.Module:
+    """The speed options a stage applies to its model itself (`--use_liger_kernel`); `--torch_compile` and
+    `--attn_implementation` go through the Trainer and `from_pretrained` as usual."""
+    if getattr(training_args, "fused_kernels", False):
+        from mmphi.kernels import apply_liger_kernel
+
+        apply_liger_kernel(model, device_is_cuda=torch.cuda.is_available() and not training_args.use_cpu)
+    return model
 
 
 @dataclass

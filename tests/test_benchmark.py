@@ -96,12 +96,18 @@ def test_cpu_run_measures_trainer_and_bare_loop_on_the_same_batch(tmp_path):
 
 @pytest.mark.slow
 def test_gpu_check_dry_run_on_cpu(tmp_path):
-    env = dict(os.environ, OUT=str(tmp_path), STAGES="instruct", PYTHON=sys.executable)
+    env = dict(os.environ, OUT=str(tmp_path), STAGES="instruct", VARIANTS="baseline liger", PYTHON=sys.executable)
     result = subprocess.run(["bash", os.path.join(REPO_ROOT, "benchmarks", "gpu_check.sh"), "--tiny"], cwd=REPO_ROOT,
                             env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert sorted(os.listdir(tmp_path)) == ["environment.txt", "goals.json", "gpu_check.log", "gpu_check.md",
-                                            "instruct.json"]
+                                            "instruct.json", "pretrain-baseline.json", "pretrain-liger.json",
+                                            "variants.md"]
+    variants = (tmp_path / "variants.md").read_text().splitlines()
+    assert variants[2].startswith("| baseline | `(defaults)` |")
+    assert variants[3].startswith("| liger | `--use_liger_kernel true` |")
+    liger_loss_delta = float(variants[3].split("|")[8])
+    assert abs(liger_loss_delta) < 1e-4  # the fused loss changes nothing but speed
     with open(tmp_path / "instruct.json") as handle:
         report = json.load(handle)
     assert report["size"] == "tiny" and report["results"][0]["stage"] == "instruct" and not report["errors"]

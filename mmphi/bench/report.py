@@ -186,3 +186,48 @@ def goal_verdicts(paths: list[str]) -> dict:
             "card_used_at_most_16gib": run_["peak_device_used_gib"] <= 16,
         }
     return verdicts
+
+
+def variants_table(reports: list[dict]) -> str:
+    """Stage 0's speed-option A/B (`gpu_check.sh`): one row per variant report (`benchmark.py --variant`): its flags,
+    the Trainer step, tokens/s, MFU, peak memory, the training loss over the measured run and its difference from
+    the baseline's (same data and seed: a speed option must leave it at float noise)."""
+    rows = []
+    for report in reports:
+        for result in report["results"]:
+            rows.append((report.get("variant", "?"), report.get("variant_flags", ""), result))
+        rows += [(report.get("variant", "?"), report.get("variant_flags", ""), {"error": error})
+                 for error in report.get("errors", {}).values()]
+    baseline = next((r["trainer"]["loss"] for name, _, r in rows if name == "baseline" and "trainer" in r), None)
+    header = ["variant", "flags", "step (median)", "tokens/s", "MFU", "peak memory", "loss", "loss - baseline",
+              "Trainer / bare"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for name, flags, result in rows:
+        if "error" in result:
+            lines.append(f"| {name} | `{flags}` | FAILED: {result['error'][:120]} |" + " |" * (len(header) - 3))
+            continue
+        phase = result["trainer"]
+        mfu = f"{phase['mfu'] * 100:.1f}%" if phase.get("mfu") is not None else "-"
+        delta = f"{phase['loss'] - baseline:+.2e}" if baseline is not None else "-"
+        lines.append(f"| {name} | `{flags or '(defaults)'}` | {phase['median_step_s'] * 1000:.0f} ms | "
+                     f"{phase['tokens_per_second']:.0f} | {mfu} | {format_memory(phase['peak_memory_gib'])} | "
+                     f"{phase['loss']:.4f} | {delta} | {result['overhead_ratio']:.2f}x |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(description="Tables from benchmark JSON reports.")
+    parser.add_argument("--variants", nargs="+", required=True, metavar="JSON", help="benchmark.py --variant reports")
+    args = parser.parse_args(argv)
+    reports = []
+    for path in args.variants:
+        with open(path, encoding="utf-8") as handle:
+            reports.append(json.load(handle))
+    print(variants_table(reports), end="")
+
+
+if __name__ == "__main__":
+    main()

@@ -64,13 +64,14 @@ def run(args) -> dict:
     report = {"date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"), "machine": machine_description(device),
               "device": device, "size": size, "command": "python benchmarks/benchmark.py " + " ".join(args.argv),
               "warmup": args.warmup, "steps": args.steps, "peak_tflops": peak_tflops,
-              "threads": torch.get_num_threads(),
+              "threads": torch.get_num_threads(), "variant": args.variant, "variant_flags": args.variant_flags,
               "load_average_before": [round(x, 2) for x in os.getloadavg()], "results": [], "errors": {}}
     try:
         for stage in args.stages:
             start = time.perf_counter()
             try:
-                workload = make_workload(stage, size, device, generator, work_dir, args.model_dir)
+                workload = make_workload(stage, size, device, generator, work_dir, args.model_dir,
+                                         tuple(args.variant_flags.split()))
                 result = measure_stage(workload, size, device, args.warmup, args.steps,
                                        os.path.join(work_dir, stage), peak_flops)
                 report["results"].append(asdict(result))
@@ -104,6 +105,8 @@ def parse_args(argv: list[str] | None = None):
     parser.add_argument("--steps", type=int, default=None, help="measured steps per loop (cpu 5, cuda 8)")
     parser.add_argument("--peak_tflops", type=float, default=None, help="the card's dense bf16 peak, for MFU")
     parser.add_argument("--json", help="write the results here too (after every stage)")
+    parser.add_argument("--variant", default="baseline", help="a name for --variant_flags in the results")
+    parser.add_argument("--variant_flags", default="", help='stage flags to A/B, e.g. "--use_liger_kernel true"')
     parser.add_argument("--markdown", default="BENCHMARKS.md")
     parser.add_argument("--no_markdown", action="store_true", help="do not append to BENCHMARKS.md")
     parser.add_argument("--keep_going", action="store_true", help="record a failing stage and go on to the next")

@@ -111,7 +111,8 @@ def check_full_length(stage, seq: int) -> None:
 # ---------------------------------------------------------------------------------------------------- the stages
 
 
-def pretrain_workload(size: str, device: str, generator: torch.Generator, work_dir: str) -> Workload:
+def pretrain_workload(size: str, device: str, generator: torch.Generator, work_dir: str,
+                      extra_flags: tuple[str, ...] = ()) -> Workload:
     from mmphi.stages import pretrain
 
     batch, seq = SIZES[size]["pretrain"]["batch"], SIZES[size]["pretrain"]["seq"]
@@ -125,7 +126,7 @@ def pretrain_workload(size: str, device: str, generator: torch.Generator, work_d
         flags = ["--config_name", "phi-2" if size == "real" else "tiny", "--train_files", corpus,
                  "--block_size", str(seq), "--validation_split_percentage", "0",
                  "--data_cache_dir", os.path.join(work_dir, "cache"), *training_flags(device, batch, max_steps,
-                                                                                      output_dir)]
+                                                                                      output_dir), *extra_flags]
         return pretrain.build_trainer(*pretrain.parse_args(flags)).trainer
 
     def flops_per_sample(model, tokens: int) -> float:
@@ -143,7 +144,7 @@ def caption_data(folder: str, images: list[str], seq: int, generator: torch.Gene
 
 
 def multimodal_trainer(stage_module, write_data, model_folder: str, work_dir: str, device: str, batch: int,
-                       seq: int, generator: torch.Generator, *stage_flags: str):
+                       seq: int, generator: torch.Generator, *stage_flags: str, extra_flags: tuple[str, ...] = ()):
     """`build_trainer(output_dir, max_steps)` for stage 1 or 2: `batch` images and their records (`write_data`),
     read by the stage's own build_trainer with every sample cut at `seq` tokens."""
     image_folder = os.path.join(work_dir, "images")
@@ -152,7 +153,7 @@ def multimodal_trainer(stage_module, write_data, model_folder: str, work_dir: st
     def build_trainer(output_dir: str, max_steps: int):
         flags = ["--model_name_or_path", model_folder, "--data_path", data_path, "--image_folder", image_folder,
                  "--val_fraction", "0", "--max_length", str(seq), *stage_flags,
-                 *training_flags(device, batch, max_steps, output_dir)]
+                 *training_flags(device, batch, max_steps, output_dir), *extra_flags]
         stage = stage_module.build_trainer(*stage_module.parse_args(flags))
         check_full_length(stage, seq)
         return stage.trainer
@@ -161,13 +162,13 @@ def multimodal_trainer(stage_module, write_data, model_folder: str, work_dir: st
 
 
 def projector_workload(size: str, device: str, generator: torch.Generator, model_folder: str,
-                       work_dir: str) -> Workload:
+                       work_dir: str, extra_flags: tuple[str, ...] = ()) -> Workload:
     from mmphi.stages import projector
 
     batch, seq = SIZES[size]["projector"]["batch"], SIZES[size]["projector"]["seq"]
     build_trainer = multimodal_trainer(projector, caption_data, model_folder, work_dir, device, batch, seq, generator,
                                        "--cache_vision_features", "--feature_cache_dir",
-                                       os.path.join(work_dir, "features"))
+                                       os.path.join(work_dir, "features"), extra_flags=extra_flags)
 
     def flops_per_sample(model, tokens: int) -> float:
         language = model.model.language_model
@@ -191,13 +192,13 @@ def conversation_data(folder: str, images: list[str], seq: int, generator: torch
 
 
 def instruct_workload(size: str, device: str, generator: torch.Generator, model_folder: str,
-                      work_dir: str) -> Workload:
+                      work_dir: str, extra_flags: tuple[str, ...] = ()) -> Workload:
     from mmphi.stages import instruct
 
     settings = SIZES[size]["instruct"]
     batch, seq = settings["batch"], settings["seq"]
     build_trainer = multimodal_trainer(instruct, conversation_data, model_folder, work_dir, device, batch, seq,
-                                       generator, "--lora_r", str(settings["lora_r"]))
+                                       generator, "--lora_r", str(settings["lora_r"]), extra_flags=extra_flags)
 
     def flops_per_sample(model, tokens: int) -> float:
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -214,12 +215,14 @@ def instruct_workload(size: str, device: str, generator: torch.Generator, model_
 
 
 def make_workload(stage: str, size: str, device: str, generator: torch.Generator, work_dir: str,
-                  model_dir: str | None = None) -> Workload:
+                  model_dir: str | None = None, extra_flags: tuple[str, ...] = ()) -> Workload:
+    """`extra_flags`: stage flags on top of the measured defaults (a speed variant: `--use_liger_kernel true`,
+    `--torch_compile true`, `--attn_implementation flash_attention_2`, `--gradient_checkpointing false`, ...)."""
     stage_dir = os.path.join(work_dir, f"{stage}-data")
     os.makedirs(stage_dir, exist_ok=True)
     if stage == "pretrain":
-        return pretrain_workload(size, device, generator, stage_dir)
+        return pretrain_workload(size, device, generator, stage_dir, extra_flags)
     model_folder = build_random_mmphi(size, model_dir or os.path.join(work_dir, f"mmphi-{size}"), device)
     if stage == "projector":
-        return projector_workload(size, device, generator, model_folder, stage_dir)
-    return instruct_workload(size, device, generator, model_folder, stage_dir)
+        return projector_workload(size, device, generator, model_folder, stage_dir, extra_flags)
+    return instruct_workload(size, device, generator, model_folder, stage_dir, extra_flags)

@@ -48,6 +48,7 @@ from mmphi.loading import MERGE_TARGETS, bnb_config, merge_lora, training_dtype
 from mmphi.training import (
     PRECISION_HELP,
     BuiltStage,
+    apply_speed_options,
     describe_run,
     parse_stage_args,
     push_final,
@@ -199,7 +200,7 @@ def build_trainer(model_args: ModelArguments, data_args: DataArguments, args: In
     if evaluation is None:
         args.eval_strategy = "no"
 
-    model = load_model(model_args, args)
+    model = apply_speed_options(load_model(model_args, args), args)
     collator = MMPhiDataCollator(processor, skip_bad_records=data_args.skip_bad_records)
     trainer = InstructTrainer(
         model=model, args=args, train_dataset=train.dataset,

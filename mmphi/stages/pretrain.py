@@ -43,6 +43,7 @@ from mmphi.errors import warn_skipped
 from mmphi.training import (
     BuiltStage,
     StageTrainingArguments,
+    apply_speed_options,
     configure_logging,
     describe_run,
     parse_stage_args,
@@ -280,7 +281,7 @@ def build_trainer(model_args: ModelArguments, data_args: DataArguments,
         training_args.eval_strategy = IntervalStrategy.NO
 
     config._attn_implementation = model_args.attn_implementation
-    model = PhiForCausalLM(config)  # random init (seeded above)
+    model = apply_speed_options(PhiForCausalLM(config), training_args)  # random init (seeded above)
     logger.info("PhiForCausalLM with %.1fM parameters; training sources: %s",
                 sum(p.numel() for p in model.parameters()) / 1e6, data.sources or "streamed")
 

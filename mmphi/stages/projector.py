@@ -59,6 +59,7 @@ from mmphi.loading import training_dtype
 from mmphi.training import (
     BuiltStage,
     StageTrainingArguments,
+    apply_speed_options,
     describe_run,
     parse_stage_args,
     push_final,
@@ -204,7 +205,7 @@ def build_trainer(model_args: ModelArguments, data_args: DataArguments, training
     set_seed(training_args.seed)
     # Our own class; without trust_remote_code the tokenizer loader sees the folder's auto_map and prompts [y/N].
     processor = MMPhiProcessor.from_pretrained(model_args.model_name_or_path, trust_remote_code=True)
-    model = load_model(model_args, training_args)
+    model = apply_speed_options(load_model(model_args, training_args), training_args)
     trainable = freeze_for_stage1(model, model_args.train_vision_tower, model_args.train_language_model)
     parts = ["projector"] + ["vision tower"] * model_args.train_vision_tower
     parts += ["language model"] * model_args.train_language_model
