@@ -1,0 +1,131 @@
+"""Why a question type fails (#16): measure each link of the chain on a finished `make demo` run, before changing
+any knob.
+
+    python benchmarks/probe_question_types.py --work_dir outputs/demo --data_dir data
+
+1. The data: how many training turns of each question type stage 2 sees, and the answer balance.
+2. The tower and the projector: a linear probe (logistic regression, trained on the training images, scored on the
+   held-out ones) on the frozen stage-1 features, for each scene attribute a question type asks about (colour,
+   count, shape, size, position of a single object). High probe accuracy means the information reaches the language
+   model; a failing type is then the language model's (or the data's) problem.
+3. The answers: the final model's held-out predictions per type: accuracy, the answers it gives and how they split
+   by the right answer (a model that always says "yes" scores chance on yes/no).
+Writes one JSON report (`--output`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from collections import Counter, defaultdict
+
+import torch
+
+from mmphi.data.images import load_image
+from mmphi.loading import load_mmphi
+
+ATTRIBUTES = ("colour", "count", "shape", "size", "position")
+
+
+def training_mix(path: str) -> dict:
+    """Turns per question type in the stage-2 training file, and each type's answer counts."""
+    with open(path) as handle:
+        records = json.load(handle)
+    types, answers = Counter(), defaultdict(Counter)
+    for record in records:
+        turns = record["conversations"]
+        for human, gpt in zip(turns[::2], turns[1::2], strict=True):
+            kind = human.get("question_type", "?")
+            types[kind] += 1
+            answers[kind][gpt["value"]] += 1
+    return {"turns": dict(types), "answers": {k: dict(v.most_common()) for k, v in answers.items()}}
+
+
+@torch.no_grad()
+def projected_features(model, processor, paths: list[str], batch: int = 64) -> torch.Tensor:
+    """[images, image_seq_length * text_hidden]: what the language model receives for each image."""
+    chunks = []
+    for start in range(0, len(paths), batch):
+        pixels = processor.image_processor([load_image(p) for p in paths[start:start + batch]],
+                                           return_tensors="pt")["pixel_values"]
+        chunks.append(model.model.get_image_features(pixel_values=pixels).flatten(1).float())
+    return torch.cat(chunks)
+
+
+def linear_probe(train_x, train_y, test_x, test_y, steps: int = 300) -> float:
+    """Held-out accuracy of a logistic regression on standardised features (full-batch AdamW, weight decay)."""
+    mean, std = train_x.mean(0), train_x.std(0) + 1e-6
+    train_x, test_x = (train_x - mean) / std, (test_x - mean) / std
+    classes = sorted(set(train_y))
+    index = {c: i for i, c in enumerate(classes)}
+    targets = torch.tensor([index[y] for y in train_y])
+    probe = torch.nn.Linear(train_x.shape[1], len(classes))
+    optimizer = torch.optim.AdamW(probe.parameters(), lr=1e-2, weight_decay=1e-2)
+    for _ in range(steps):
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(probe(train_x), targets).backward()
+        optimizer.step()
+    predicted = probe(test_x).argmax(1).tolist()
+    return sum(classes[p] == y for p, y in zip(predicted, test_y, strict=True)) / len(test_y)
+
+
+def probes(model, processor, scenes: list[dict], image_folder: str) -> dict:
+    train = [s for s in scenes if s["split"] == "train"]
+    test = [s for s in scenes if s["split"] != "train"]
+    features = {name: projected_features(model, processor, [os.path.join(image_folder, s["file_name"]) for s in part])
+                for name, part in (("train", train), ("test", test))}
+    results = {}
+    for attribute in ATTRIBUTES:
+        keep_train = [i for i, s in enumerate(train) if s.get(attribute) is not None]
+        keep_test = [i for i, s in enumerate(test) if s.get(attribute) is not None]
+        labels_test = [str(test[i][attribute]) for i in keep_test]
+        results[attribute] = {
+            "held_out_accuracy": round(linear_probe(
+                features["train"][keep_train], [str(train[i][attribute]) for i in keep_train],
+                features["test"][keep_test], labels_test), 4),
+            "chance (majority)": round(Counter(labels_test).most_common(1)[0][1] / len(labels_test), 4),
+            "held_out_images": len(keep_test),
+        }
+    return results
+
+
+def answers_by_type(predictions_path: str) -> dict:
+    by_type = defaultdict(list)
+    with open(predictions_path) as handle:
+        for line in handle:
+            row = json.loads(line)
+            by_type[row["type"]].append(row)
+    report = {}
+    for kind, rows in sorted(by_type.items()):
+        confusion = defaultdict(Counter)
+        for row in rows:
+            confusion[row["answer"]][row["prediction"]] += 1
+        report[kind] = {"questions": len(rows), "accuracy": round(sum(r["correct"] for r in rows) / len(rows), 4),
+                        "answers_given": dict(Counter(r["prediction"] for r in rows).most_common(8)),
+                        "by_right_answer": {k: dict(v.most_common(4)) for k, v in sorted(confusion.items())}}
+    return report
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--work_dir", default="outputs/demo")
+    parser.add_argument("--data_dir", default="data")
+    parser.add_argument("--predictions", help="evaluate_mmphi.py --predictions_file output of the final model")
+    parser.add_argument("--output", default="outputs/question_types.json")
+    args = parser.parse_args(argv)
+    synthetic = os.path.join(args.data_dir, "synthetic")
+    with open(os.path.join(synthetic, "scenes.json")) as handle:
+        scenes = json.load(handle)
+    scenes = scenes["scenes"] if isinstance(scenes, dict) else scenes
+    model, processor = load_mmphi(os.path.join(args.work_dir, "stage1"))
+    report = {"training_mix": training_mix(os.path.join(synthetic, "llava_instruct_train.json")),
+              "probes_on_stage1_projected_features": probes(model, processor, scenes,
+                                                            os.path.join(synthetic, "images"))}
+    if args.predictions:
+        report["final_model_answers"] = answers_by_type(args.predictions)
+    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+    with open(args.output, "w") as handle:
+        json.dump(report, handle, indent=1)
+    print(json.dumps(report, indent=1))
+    return report
