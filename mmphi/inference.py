@@ -353,47 +353,49 @@ def read_requests(path: str) -> list[Request]:
     (every key optional, but a prompt or audio is needed; "image" may be a list, and a URL). Every line is checked
     before any model runs; a bad line is an error naming the file, the line and the problem."""
     base_dir = os.path.dirname(os.path.abspath(path))
-    requests = []
-    for number, record in _json_lines(path):
-        where = f"{path}, line {number}"
+
+    def turn(record: dict) -> ChatTurn:
         unknown = set(record) - REQUEST_KEYS
         if unknown:
-            raise ValueError(f"{where}: unknown key(s) {sorted(unknown)}; expected {sorted(REQUEST_KEYS)}")
+            raise ValueError(f"unknown key(s) {sorted(unknown)}; expected {sorted(REQUEST_KEYS)}")
         for key in ("audio", "prompt"):
             if record.get(key) is not None and not isinstance(record[key], str):
-                raise ValueError(f"{where}: {key!r} must be a string, got {type(record[key]).__name__}")
-        try:
-            images = _image_sources(record.get("image"), base_dir)
-            audio = _local_file(record["audio"], base_dir, "audio") if record.get("audio") else None
-            turn = ChatTurn(record.get("prompt") or "", image=images, audio=audio)
-        except ValueError as error:
-            raise ValueError(f"{where}: {error}") from None
-        requests.append(Request(number, record, turn))
-    if not requests:
-        raise ValueError(f"{path}: no requests (the file is empty)")
-    return requests
+                raise ValueError(f"{key!r} must be a string, got {type(record[key]).__name__}")
+        audio = _local_file(record["audio"], base_dir, "audio") if record.get("audio") else None
+        return ChatTurn(record.get("prompt") or "", image=_image_sources(record.get("image"), base_dir), audio=audio)
+
+    return _read_turns(path, "requests", turn)
 
 
 def read_questions(path: str, image_folder: str | None = None) -> list[Request]:
     """A LLaVA question file (`model_vqa`'s input): one `{"question_id", "image", "text", ...}` object per line; the
     image is relative to `image_folder` (default: the file's folder) or a URL. Checked before any model runs."""
     folder = image_folder if image_folder is not None else os.path.dirname(os.path.abspath(path))
-    questions = []
-    for number, record in _json_lines(path):
-        where = f"{path}, line {number}"
+
+    def turn(record: dict) -> ChatTurn:
         if not isinstance(record.get("text"), str) or not record["text"].strip():
-            raise ValueError(f'{where}: "text" (the question) must be a non-empty string')
+            raise ValueError('"text" (the question) must be a non-empty string')
         if "question_id" not in record:
-            raise ValueError(f'{where}: no "question_id"')
+            raise ValueError('no "question_id"')
+        return ChatTurn(record["text"].replace(IMAGE_PLACEHOLDER, "").strip(),
+                        image=_image_sources(record.get("image"), folder))
+
+    return _read_turns(path, "questions", turn)
+
+
+def _read_turns(path: str, what: str, make_turn) -> list[Request]:
+    """Every line of a JSONL file as a `Request` (`make_turn(record)` checks it), before any model runs; a bad line
+    is an error naming the file and the line."""
+    requests = []
+    for number, record in _json_lines(path):
         try:
-            turn = ChatTurn(record["text"].replace(IMAGE_PLACEHOLDER, "").strip(),
-                            image=_image_sources(record.get("image"), folder))
+            turn = make_turn(record)
         except ValueError as error:
-            raise ValueError(f"{where}: {error}") from None
-        questions.append(Request(number, record, turn))
-    if not questions:
-        raise ValueError(f"{path}: no questions (the file is empty)")
-    return questions
+            raise ValueError(f"{path}, line {number}: {error}") from None
+        requests.append(Request(number, record, turn))
+    if not requests:
+        raise ValueError(f"{path}: no {what} (the file is empty)")
+    return requests
 
 
 def _json_lines(path: str) -> Iterator[tuple[int, dict]]:

@@ -32,3 +32,17 @@ def reset_bitsandbytes_optimizer_overrides():
         return
     bnb.optim.GlobalOptimManager.get_instance().initialize()
     yield
+
+
+@pytest.fixture(scope="session")
+def draw_shape():
+    """`draw_shape(path, colour, shape="ellipse")`: a 224 x 224 white image with one filled shape, saved to `path`."""
+    from PIL import Image, ImageDraw
+
+    def draw(path, colour: str, shape: str = "ellipse") -> str:
+        image = Image.new("RGB", (224, 224), "white")
+        getattr(ImageDraw.Draw(image), shape)((50, 50, 170, 170), fill=colour)
+        image.save(path)
+        return str(path)
+
+    return draw

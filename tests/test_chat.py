@@ -13,7 +13,7 @@ import sys
 
 import pytest
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from mmphi import chat, inference
 from mmphi.build import build_tiny, save_mmphi
@@ -39,15 +39,8 @@ def speech_missing() -> str | None:
 needs_speech = pytest.mark.skipif(speech_missing() is not None, reason=str(speech_missing()))
 
 
-def draw_shape(path, colour: str, shape: str = "ellipse") -> str:
-    image = Image.new("RGB", (224, 224), "white")
-    getattr(ImageDraw.Draw(image), shape)((50, 50, 170, 170), fill=colour)
-    image.save(path)
-    return str(path)
-
-
 @pytest.fixture(scope="module")
-def files(tmp_path_factory):
+def files(tmp_path_factory, draw_shape):
     root = tmp_path_factory.mktemp("chat")
     model, processor = build_tiny(seed=0)
     save_mmphi(model, processor, str(root / "model"))

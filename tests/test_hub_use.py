@@ -12,7 +12,7 @@ import threading
 
 import pytest
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from mmphi import chat, inference
 from mmphi.build import build_tiny, save_mmphi
@@ -24,19 +24,12 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GREEDY = GenerationOptions(max_new_tokens=6)
 
 
-def draw(path, colour, shape="ellipse"):
-    image = Image.new("RGB", (224, 224), "white")
-    getattr(ImageDraw.Draw(image), shape)((50, 50, 170, 170), fill=colour)
-    image.save(path)
-    return str(path)
-
-
 @pytest.fixture(scope="module")
-def files(tmp_path_factory):
+def files(tmp_path_factory, draw_shape):
     root = tmp_path_factory.mktemp("hub_use")
     save_mmphi(*build_tiny(seed=0), str(root / "model"))
-    return {"root": root, "model": str(root / "model"), "red": draw(root / "red.png", "red"),
-            "blue": draw(root / "blue.png", "blue", "rectangle")}
+    return {"root": root, "model": str(root / "model"), "red": draw_shape(root / "red.png", "red"),
+            "blue": draw_shape(root / "blue.png", "blue", "rectangle")}
 
 
 @pytest.fixture(scope="module")
