@@ -135,6 +135,23 @@ def test_labels_are_answers_and_their_eos_only(tiny, tmp_path):
     assert tokenizer.decode(input_ids).count("What colour is it?") == 1
 
 
+def test_tokenised_samples_are_cached_by_content(tiny, synthetic):
+    """A second encoding of the same records (a re-run, or another DDP process after the main one) loads the arrow
+    file the first wrote; other records or another max_length get their own."""
+    _, processor = tiny
+    conversations = md.load_llava_records(synthetic["llava_train"], synthetic["images"])[:20]
+    first = md.encode_conversations(conversations, processor, max_length=96)
+    files = [entry["filename"] for entry in first.dataset.cache_files]
+    assert files and all("mmphi-encoded" in name for name in files)
+    again = md.encode_conversations(conversations, processor, max_length=96)
+    assert [entry["filename"] for entry in again.dataset.cache_files] == files
+    assert again.dataset["input_ids"] == first.dataset["input_ids"]
+    other = md.encode_conversations(conversations, processor, max_length=80)
+    assert [entry["filename"] for entry in other.dataset.cache_files] != files
+    assert md.encode_conversations(conversations[:10], processor, max_length=96).dataset.cache_files != \
+        first.dataset.cache_files
+
+
 def test_encoding_equals_the_processor_chat_template(tiny, synthetic):
     _, processor = tiny
     for conversation in md.load_llava_records(synthetic["llava_val"], synthetic["images"])[:6]:

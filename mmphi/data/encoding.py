@@ -19,7 +19,9 @@ dataset and the same collator).
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -35,6 +37,7 @@ logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
 KEEP, DROP_IMAGE_CUT, DROP_NO_ANSWER = 0, 1, 2
+ENCODING_VERSION = "1"  # part of the cache key: bump when `_encode_rows` changes what it writes
 
 
 # ---------------------------------------------------------------------------------------------------------- tokens
@@ -139,17 +142,38 @@ def _encode_rows(batch: dict, processor, max_length: int | None) -> dict:
     return columns
 
 
+def encoding_fingerprint(rows: dict, processor, max_length: int | None) -> str:
+    """What the tokenised samples depend on: the records, the chat template, the tokenizer and max_length (the
+    processor object itself does not hash stably across processes)."""
+    digest = hashlib.sha256(json.dumps(rows, sort_keys=True).encode())
+    tokenizer = processor.tokenizer
+    vocabulary = tokenizer.backend_tokenizer.to_str() if hasattr(tokenizer, "backend_tokenizer") else \
+        json.dumps(sorted(tokenizer.get_vocab().items()))
+    for part in (ENCODING_VERSION, processor.chat_template or "", vocabulary, str(max_length),
+                 str(processor.image_seq_length)):
+        digest.update(hashlib.sha256(part.encode()).digest())
+    return digest.hexdigest()[:24]
+
+
+def encoded_cache_file(fingerprint: str) -> str:
+    """Where `Dataset.map` keeps the tokenised samples: in datasets' cache (HF_DATASETS_CACHE), keyed by content, so
+    a re-run or another DDP process (after the main one, `main_process_first`) loads them instead of tokenising."""
+    folder = os.path.join(datasets.config.HF_DATASETS_CACHE, "mmphi-encoded")
+    os.makedirs(folder, exist_ok=True)
+    return os.path.join(folder, f"encoded-{fingerprint}.arrow")
+
+
 def encode_conversations(conversations: Sequence[Conversation], processor, max_length: int | None = None,
                          num_proc: int | None = None, desc: str = "tokenising") -> EncodedSamples:
-    """Tokenise `conversations` with `Dataset.map` (batched, `num_proc` processes, a progress bar); drop (and count)
-    the samples that do not fit `max_length`."""
-    rows = datasets.Dataset.from_dict(_as_rows(conversations))
-    fingerprint = hashlib.sha256(
-        f"{rows._fingerprint}:{max_length}:{processor.tokenizer.name_or_path}:{len(processor.tokenizer)}".encode()
-    ).hexdigest()[:16]  # the processor itself does not hash stably
+    """Tokenise `conversations` with `Dataset.map` (batched, `num_proc` processes, a progress bar, cached by
+    content); drop (and count) the samples that do not fit `max_length`."""
+    columns = _as_rows(conversations)
+    fingerprint = encoding_fingerprint(columns, processor, max_length)
+    rows = datasets.Dataset.from_dict(columns)
     encoded = rows.map(_encode_rows, batched=True, batch_size=256, num_proc=num_proc, desc=desc,
                        fn_kwargs=dict(processor=processor, max_length=max_length),
-                       remove_columns=["questions", "answers"], new_fingerprint=fingerprint)
+                       remove_columns=["questions", "answers"], new_fingerprint=fingerprint,
+                       cache_file_name=encoded_cache_file(fingerprint))
     verdicts = encoded["verdict"]
     report = TruncationReport(truncated=sum(encoded["cut"]), dropped_image_cut=verdicts.count(DROP_IMAGE_CUT),
                               dropped_no_answer=verdicts.count(DROP_NO_ANSWER))

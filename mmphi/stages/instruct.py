@@ -194,8 +194,9 @@ def build_trainer(model_args: ModelArguments, data_args: DataArguments, args: In
     set_seed(args.seed)
     processor = MMPhiProcessor.from_pretrained(model_args.model_name_or_path, trust_remote_code=True)
     train_records, eval_records, report = load_train_eval(data_args, args.seed)
-    train, evaluation = encode_train_eval(train_records, eval_records, processor, args.max_length,
-                                          data_args.preprocessing_num_workers)
+    with args.main_process_first(desc="tokenising"):  # the others then load the main process's cache files
+        train, evaluation = encode_train_eval(train_records, eval_records, processor, args.max_length,
+                                              data_args.preprocessing_num_workers)
     logger.info("%d training samples, %d eval samples", len(train), len(evaluation) if evaluation else 0)
     if evaluation is None:
         args.eval_strategy = "no"

@@ -193,8 +193,9 @@ def build_datasets(model, processor, data_args: DataArguments, training_args, tr
                                       shard_size=data_args.feature_cache_shard_size, device=training_args.device,
                                       num_workers=training_args.dataloader_num_workers)
         logger.info("vision features ready in %.1f s (%s)", time.perf_counter() - start, store.directory)
-    train, evaluation = encode_train_eval(train_records, eval_records, processor, data_args.max_length,
-                                          data_args.preprocessing_num_workers)
+    with training_args.main_process_first(desc="tokenising"):  # the others then load the main process's cache
+        train, evaluation = encode_train_eval(train_records, eval_records, processor, data_args.max_length,
+                                              data_args.preprocessing_num_workers)
     collator = MMPhiDataCollator(processor, vision_features=store, skip_bad_records=data_args.skip_bad_records)
     return train, evaluation, collator
 
