@@ -285,6 +285,19 @@ def coco_captions(scenes: list[Scene], split: str) -> dict:
             "annotations": annotations}
 
 
+def hold_out_and_draw(rng: random.Random, scenes: list[Scene], val_fraction: float, output_dir: str, draw) -> str:
+    """Hold out `val_fraction` of the scenes (by image), draw every scene (`draw(rng, scene)`) into
+    <output_dir>/images; returns that folder. Shared by the generators."""
+    image_dir = os.path.join(output_dir, "images")
+    os.makedirs(image_dir, exist_ok=True)
+    n_val = min(len(scenes) - 1, max(1, round(len(scenes) * val_fraction))) if val_fraction > 0 else 0
+    for scene in rng.sample(scenes, n_val):
+        scene.split = "val"
+    for scene in scenes:
+        draw(rng, scene).save(os.path.join(image_dir, scene.file_name))
+    return image_dir
+
+
 def write_json(path: str, payload) -> None:
     with open(path, "w") as handle:
         json.dump(payload, handle, indent=1)
@@ -303,14 +316,8 @@ def generate(output_dir: str, num_images: int = 2000, val_fraction: float = 0.1,
     if layout == "grid" and max_count > capacity:
         raise ValueError(f"the grid layout fits at most {capacity} objects of every size, got max_count {max_count}")
     rng = random.Random(seed)
-    image_dir = os.path.join(output_dir, "images")
-    os.makedirs(image_dir, exist_ok=True)
     scenes = [random_scene(rng, image_id, max_count, layout) for image_id in range(1, num_images + 1)]
-    n_val = min(num_images - 1, max(1, round(num_images * val_fraction))) if val_fraction > 0 else 0
-    for scene in rng.sample(scenes, n_val):
-        scene.split = "val"
-    for scene in scenes:
-        draw_scene(rng, scene).save(os.path.join(image_dir, scene.file_name))
+    image_dir = hold_out_and_draw(rng, scenes, val_fraction, output_dir, draw_scene)
 
     paths = {"images": image_dir, "scenes": os.path.join(output_dir, "scenes.json")}
     for split in ("train", "val"):
@@ -324,7 +331,7 @@ def generate(output_dir: str, num_images: int = 2000, val_fraction: float = 0.1,
         write_json(paths[f"captions_{split}"], coco_captions(split_scenes, split))
         write_json(paths[f"llava_{split}"], records)
     write_json(paths["scenes"], [asdict(scene) for scene in scenes])
-    logger.info("wrote %d images (%d held out) to %s", num_images, n_val, output_dir)
+    logger.info("wrote %d images (%d held out) to %s", num_images, sum(s.split == "val" for s in scenes), output_dir)
     return paths
 
 

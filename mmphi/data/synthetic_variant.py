@@ -20,7 +20,15 @@ from dataclasses import asdict
 
 from PIL import Image, ImageDraw
 
-from mmphi.data.synthetic import NUMBER_WORDS, Scene, conversation, plural, text_only_record, write_json
+from mmphi.data.synthetic import (
+    NUMBER_WORDS,
+    Scene,
+    conversation,
+    hold_out_and_draw,
+    plural,
+    text_only_record,
+    write_json,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -113,13 +121,8 @@ def questions(rng: random.Random, scene: Scene) -> dict[str, tuple[str, str]]:
 def generate(output_dir: str, num_images: int = 2000, val_fraction: float = 0.1, max_count: int = 4,
              text_only_fraction: float = 0.05, seed: int = 0) -> dict[str, str]:
     rng = random.Random(seed)
-    image_dir = os.path.join(output_dir, "images")
-    os.makedirs(image_dir, exist_ok=True)
     scenes = [random_scene(rng, image_id, max_count) for image_id in range(1, num_images + 1)]
-    for scene in rng.sample(scenes, max(1, round(num_images * val_fraction))):
-        scene.split = "val"
-    for scene in scenes:
-        draw(rng, scene).save(os.path.join(image_dir, scene.file_name))
+    image_dir = hold_out_and_draw(rng, scenes, val_fraction, output_dir, draw)
     paths = {"images": image_dir, "scenes": os.path.join(output_dir, "scenes.json")}
     for split in ("train", "val"):
         part = [s for s in scenes if s.split == split]
