@@ -20,7 +20,7 @@ from lmms_eval.api.instance import Instance
 from lmms_eval.api.model import lmms
 from tqdm.auto import tqdm
 
-from mmphi.inference import GenerationOptions, generate_answers
+from mmphi.inference import Chat, ChatTurn, GenerationOptions, generate_answers, prepare_inputs
 from mmphi.loading import load_mmphi
 from processing_mmphi import IMAGE_TOKEN
 
@@ -65,7 +65,8 @@ class MMPhi(lmms):
                 gen_kwargs = dict(requests[indices[0]].args[1])
                 until = gen_kwargs.get("until") or []
                 until = [until] if isinstance(until, str) else list(until)
-                inputs = self._inputs([self._prompt(requests[i]) for i in indices])
+                turns = [self._request_turn(requests[i]) for i in indices]
+                inputs, _ = prepare_inputs(self.processor, [Chat() for _ in turns], turns)
                 texts = generate_answers(self.model, self.processor, inputs, self._options(gen_kwargs))
                 for index, text in zip(indices, texts, strict=True):
                     answers[index] = _cut(text, until)
@@ -80,7 +81,9 @@ class MMPhi(lmms):
             context, doc_to_target, doc_to_visual, doc_id, task, split = request.args
             doc = self.task_dict[task][split][doc_id]
             continuation = doc_to_target(doc) if callable(doc_to_target) else doc_to_target
-            prompt_text, images = self._messages_prompt(context, doc_to_visual(doc))
+            turn = self._turn(context, doc_to_visual(doc))
+            prompt_text = self.processor.apply_chat_template(Chat().prompt_messages(turn), add_generation_prompt=True)
+            images = turn.images
             prompt = self.processor(text=[prompt_text], images=images or None)
             full = self.processor(text=[prompt_text + continuation], images=images or None)
             n_prompt, ids = prompt["input_ids"].shape[1], full["input_ids"]
@@ -101,28 +104,19 @@ class MMPhi(lmms):
         raise NotImplementedError("MM-Phi's lmms-eval adapter answers single-round tasks (generate_until, "
                                   "loglikelihood)")
 
-    # --- prompts
+    # --- prompts: the chat module's turns, as in `chat.py` (one `<image>` per image, in order)
 
-    def _prompt(self, request: Instance) -> tuple[str, list]:
+    def _request_turn(self, request: Instance) -> ChatTurn:
         context, _, doc_to_visual, doc_id, task, split = request.args
-        return self._messages_prompt(context, doc_to_visual(self.task_dict[task][split][doc_id]))
+        return self._turn(context, doc_to_visual(self.task_dict[task][split][doc_id]))
 
-    def _messages_prompt(self, context: str, visuals) -> tuple[str, list]:
+    @staticmethod
+    def _turn(context: str, visuals) -> ChatTurn:
         images = [v for v in (visuals or []) if v is not None]
-        if len(images) > 1:
-            raise ValueError(f"MM-Phi takes one image per prompt; the task gives {len(images)}")
-        if images and not hasattr(images[0], "convert"):
-            raise ValueError(f"MM-Phi's lmms-eval adapter answers image tasks; got a {type(images[0]).__name__}")
-        images = [image.convert("RGB") for image in images]
-        content = [{"type": "text", "text": context.replace(IMAGE_TOKEN, "").strip()}]
-        if images:
-            content.insert(0, {"type": "image"})
-        messages = [{"role": "user", "content": content}]
-        return self.processor.apply_chat_template(messages, add_generation_prompt=True), images
-
-    def _inputs(self, prompts: list[tuple[str, list]]):
-        images = [image for _, batch_images in prompts for image in batch_images]
-        return self.processor(text=[text for text, _ in prompts], images=images or None)
+        if not all(hasattr(image, "convert") for image in images):
+            kinds = sorted({type(image).__name__ for image in images})
+            raise ValueError(f"MM-Phi's lmms-eval adapter answers image tasks; got {', '.join(kinds)}")
+        return ChatTurn(context.replace(IMAGE_TOKEN, "").strip(), image=[image.convert("RGB") for image in images])
 
     def _options(self, gen_kwargs: dict) -> GenerationOptions:
         temperature = float(gen_kwargs.get("temperature", 0) or 0)
