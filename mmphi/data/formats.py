@@ -461,8 +461,9 @@ def _trl_content(content, position: int) -> tuple[str, int]:
 
 
 @dataclass
-class MultimodalDataArguments:
-    """The data flags of stages 1 and 2 (each stage subclasses it for its own extras and defaults)."""
+class DataSourceArguments:
+    """Where a multimodal stage's training data comes from: a file, or a dataset `load_dataset` reads (every stage
+    that reads registered formats extends this)."""
 
     data_path: str | None = field(default=None, metadata={
         "help": "training data file (.json, .jsonl, .parquet; compressed json too), any registered format (COCO "
@@ -473,6 +474,23 @@ class MultimodalDataArguments:
         "help": "instead of --data_path: a hub dataset id or a local dataset folder, read with datasets.load_dataset"})
     dataset_config_name: str | None = field(default=None, metadata={"help": "the dataset's configuration"})
     train_split: str = field(default="train", metadata={"help": "the --dataset_name split to train on"})
+
+    def __post_init__(self):
+        if (self.data_path is None) == (self.dataset_name is None):
+            raise ValueError("give exactly one of --data_path (a file) or --dataset_name (a hub id or dataset folder)")
+
+    @property
+    def source(self) -> DataSource:
+        """The training data as a `DataSource`."""
+        if self.dataset_name is not None:
+            return DataSource(name=self.dataset_name, config=self.dataset_config_name, split=self.train_split)
+        return DataSource(path=self.data_path)
+
+
+@dataclass
+class MultimodalDataArguments(DataSourceArguments):
+    """The data flags of stages 1 and 2 (each stage subclasses it for its own extras and defaults)."""
+
     validation_split: str | None = field(default=None, metadata={
         "help": "the --dataset_name split to evaluate on (default: --val_fraction of the training images)"})
     data_format: str | None = field(
@@ -492,21 +510,18 @@ class MultimodalDataArguments:
     validate_data: bool = field(default=False, metadata={"help": "scan the data (records + images) and exit"})
 
     def __post_init__(self):
-        if (self.data_path is None) == (self.dataset_name is None):
-            raise ValueError("give exactly one of --data_path (a file) or --dataset_name (a hub id or dataset folder)")
+        super().__post_init__()
         if self.validation_split is not None and self.dataset_name is None:
             raise ValueError("--validation_split goes with --dataset_name; a file's held-out data is --eval_data_path")
 
 
 def training_sources(data_args) -> list[tuple[DataSource, str | None]]:
     """[(training source, its image folder), (held-out source, its image folder)?] from the data flags."""
-    if data_args.dataset_name is not None:
-        dataset = dict(name=data_args.dataset_name, config=data_args.dataset_config_name)
-        sources = [(DataSource(split=data_args.train_split, **dataset), data_args.image_folder)]
-        if data_args.validation_split is not None:
-            sources.append((DataSource(split=data_args.validation_split, **dataset), data_args.image_folder))
-    else:
-        sources = [(DataSource(path=data_args.data_path), data_args.image_folder)]
+    sources = [(data_args.source, data_args.image_folder)]
+    if data_args.validation_split is not None:
+        held_out = DataSource(name=data_args.dataset_name, config=data_args.dataset_config_name,
+                              split=data_args.validation_split)
+        sources.append((held_out, data_args.image_folder))
     if data_args.eval_data_path:
         sources.append((DataSource(path=data_args.eval_data_path), data_args.eval_image_folder))
     return sources

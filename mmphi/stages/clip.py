@@ -31,7 +31,6 @@ from configuration_mmphi import TINY_VISION_CONFIG
 from mmphi.build import tiny_image_processor, tiny_tokenizer
 from mmphi.data import (
     CaptionedImage,
-    DataSource,
     SkipReport,
     captioned_images,
     load_image,
@@ -40,6 +39,7 @@ from mmphi.data import (
     validate_source,
     validation_exit,
 )
+from mmphi.data.formats import DataSourceArguments
 from mmphi.errors import BadRecordError, handle_bad_record, warn_skipped
 from mmphi.training import (
     BuiltStage,
@@ -67,25 +67,15 @@ class ModelArguments:
 
 
 @dataclass
-class DataArguments:
-    data_path: str | None = field(default=None, metadata={
-        "help": "captions file: COCO captions, or LLaVA-Pretrain-style one-turn records (any registered format)"})
-    dataset_name: str | None = field(default=None, metadata={
-        "help": "instead of --data_path: a hub dataset id or a local dataset folder (datasets.load_dataset)"})
-    dataset_config_name: str | None = field(default=None, metadata={"help": "the dataset's configuration"})
-    train_split: str = field(default="train", metadata={"help": "the --dataset_name split to train on"})
-    image_folder: str | None = field(default=None, metadata={"help": "folder of the images (default: the data's)"})
+class DataArguments(DataSourceArguments):
+    """Captions: COCO captions, or LLaVA-Pretrain-style one-turn records (any registered format), from a file or a
+    dataset."""
+
     val_fraction: float = field(default=0.02, metadata={"help": "fraction of images held out (split by image)"})
     skip_bad_records: bool = field(
         default=False, metadata={"help": "skip bad records/images (counted and reported) instead of failing"}
     )
     validate_data: bool = field(default=False, metadata={"help": "scan the data (records + images) and exit"})
-
-    @property
-    def source(self) -> DataSource:
-        if self.dataset_name is not None and self.data_path is None:
-            return DataSource(name=self.dataset_name, config=self.dataset_config_name, split=self.train_split)
-        return DataSource(path=self.data_path, name=self.dataset_name)  # exactly one, or a clear error
 
 
 @dataclass
