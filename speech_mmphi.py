@@ -171,31 +171,29 @@ def _decode(source, name: str, max_seconds: float | None) -> tuple[np.ndarray, i
     is never decoded whole; its length then comes from the container or the WAV header). Returns (samples, rate, the
     input's length in seconds); every failure is an AudioError naming the input."""
     av, np = _import_av(), _require_numpy()
-    handle = open(source, "rb") if isinstance(source, str) else source  # noqa: SIM115 (closed below)
-    try:
-        wav_declared, wav_present, tag = _wav_header(handle)
-        handle.seek(0)
-        container, stream, declared = _open_audio(av, handle, name)
-        with container:
-            if stream.codec_context is None:
-                found = f"format tag 0x{tag:04x}" if tag is not None else "unknown codec"
-                raise AudioError(f"{name}: unsupported audio sample format / codec ({found}); ffmpeg cannot decode it")
-            samples, stopped, error = _resampled_frames(av, np, container, stream, max_seconds)
-    finally:
-        if handle is not source:
-            handle.close()
+    if isinstance(source, str):  # libav opens paths itself; the header is read from a file handle of our own
+        with open(source, "rb") as handle:
+            wav_declared, wav_present, tag = _wav_header(handle)
+    else:
+        wav_declared, wav_present, tag = _wav_header(source)
+        source.seek(0)
+    container, stream, declared = _open_audio(av, source, name)
+    with container:
+        if stream.codec_context is None:
+            found = f"format tag 0x{tag:04x}" if tag is not None else "unknown codec"
+            raise AudioError(f"{name}: unsupported audio sample format / codec ({found}); ffmpeg cannot decode it")
+        samples, stopped, decode_error = _resampled_frames(av, np, container, stream, max_seconds)
     decoded = len(samples) / SAMPLING_RATE
-    if wav_declared is not None:  # the header's promise, checked against the bytes really there
+    if wav_declared is not None:  # libav trusts the file size; the header says what the file should hold
         declared = wav_declared
-        if error := _truncation_error(name, wav_declared, min(wav_present, decoded if not stopped else wav_present)):
-            raise error
-    total = (declared or decoded) if stopped else decoded
+        if cut := _truncation_error(name, wav_declared, wav_present):
+            raise cut
     expected = min(declared, max_seconds) if stopped and declared else declared
-    if expected is not None and (truncated := _truncation_error(name, expected, decoded)):
-        raise truncated
-    if error is not None:
-        raise AudioError(f"{name}: corrupt or undecodable audio ({_reason(error)})")
-    return samples, SAMPLING_RATE, total
+    if expected is not None and (cut := _truncation_error(name, expected, decoded)):
+        raise cut
+    if decode_error is not None:
+        raise AudioError(f"{name}: corrupt or undecodable audio ({_reason(decode_error)})")
+    return samples, SAMPLING_RATE, (declared or decoded) if stopped else decoded
 
 
 def _resampled_frames(av, np, container, stream, max_seconds: float | None):
