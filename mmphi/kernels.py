@@ -99,12 +99,19 @@ def use_fused_loss(model) -> torch.nn.Module:
     return model
 
 
+def language_model_of(model) -> torch.nn.Module:
+    """The decoder stack: MM-Phi's `model.language_model`, a plain Phi's `model` (the frozen vision tower is left
+    alone: it runs without autograd, where a fused backward buys nothing)."""
+    inner = causal_lm_of(model).model
+    return getattr(inner, "language_model", inner)
+
+
 def use_liger_layer_norms(model) -> int:
-    """Swap every `nn.LayerNorm` for Liger's fused one (same weights); returns how many were swapped."""
+    """Swap every `nn.LayerNorm` of the language model for Liger's fused one (same weights); returns how many."""
     from liger_kernel.transformers import LigerLayerNorm
 
     swapped = 0
-    for module in list(model.modules()):
+    for module in list(language_model_of(model).modules()):
         for child_name, child in list(module.named_children()):
             if type(child) is torch.nn.LayerNorm and child.elementwise_affine:
                 fused = LigerLayerNorm(child.normalized_shape[-1], eps=child.eps, bias=child.bias is not None)

@@ -38,6 +38,18 @@ def test_fused_linear_cross_entropy_equals_the_causal_lm_loss_with_bias(num_item
         torch.testing.assert_close(got, want)
 
 
+def test_the_layer_norms_swapped_are_the_language_models():
+    """MM-Phi's vision tower keeps its own LayerNorms (frozen, run without autograd); Phi's decoder gets Liger's."""
+    from mmphi.kernels import language_model_of
+
+    model, _ = build_tiny(seed=0)
+    decoder = language_model_of(model)
+    assert decoder is model.model.language_model
+    norms = [m for m in decoder.modules() if isinstance(m, torch.nn.LayerNorm)]
+    assert len(norms) == model.config.text_config.num_hidden_layers + 1  # one per layer + the final one
+    assert not any(m is n for m in model.model.vision_tower.modules() for n in norms)
+
+
 def test_liger_is_required_on_cuda_with_a_clear_error():
     if liger_available():
         pytest.skip("liger-kernel is installed here")
