@@ -312,17 +312,25 @@ def load_coco_records(path: str, image_folder: str | None = None, skip_bad_recor
                       report: SkipReport | None = None, check_images: bool = True) -> list[CaptionedImage]:
     """A COCO captions file -> one `CaptionedImage` per image, with all its captions (the CLIP stage and the
     caption evaluation want images, not caption samples)."""
+    return _read_file_as("coco_captions", coco_images, path, image_folder, skip_bad_records, report, check_images)
+
+
+def _read_file_as(format_name: str, read, path: str, image_folder: str | None, skip_bad_records: bool,
+                  report: SkipReport | None, check_images: bool) -> list:
+    """`read(rows, path, options)` on a file that must be in the registered format `format_name` (loaded once)."""
     source = DataSource(path=path)
     rows = load_rows(source)
-    if not FORMATS["coco_captions"].matches(columns_of(rows)):
-        raise BadRecordError(f'{path}: not a COCO captions file (expected an object with "images" and "annotations" '
-                             "lists)")
+    wanted = FORMATS[format_name]
+    if not wanted.matches(columns_of(rows)):
+        found = sorted(columns_of(rows))[:8] or "no JSON objects"
+        kind, _, expected = wanted.description.partition(", ")  # "COCO captions, {...}"
+        raise BadRecordError(f"{path}: not a {kind} file (expected {expected}; found {found})")
     options = ReadOptions(image_folder if image_folder is not None else source.default_image_folder,
                           skip_bad_records, report if report is not None else SkipReport(), check_images)
-    images = coco_images(rows, path, options)
+    items = read(rows, path, options)
     if options.report.total:
         logger.warning("%s: %s", path, options.report.summary())
-    return images
+    return items
 
 
 # ---------------------------------------------------------------------------------------------------------- LLaVA
@@ -347,10 +355,7 @@ def read_llava(rows, label: str, options: ReadOptions) -> list[Conversation]:
 def load_llava_records(path: str, image_folder: str | None = None, skip_bad_records: bool = False,
                        report: SkipReport | None = None, check_images: bool = True) -> list[Conversation]:
     """A LLaVA file -> `Conversation`s; any other content is an error."""
-    if not FORMATS["llava"].matches(columns_of(rows := load_rows(DataSource(path=path)))):
-        raise BadRecordError(f'{path}: expected LLaVA records (a list of objects with "conversations"), found '
-                             f"{sorted(columns_of(rows))[:8] or 'no JSON objects'}")
-    return read_conversations(path, image_folder, skip_bad_records, report, check_images, data_format="llava")
+    return _read_file_as("llava", read_llava, path, image_folder, skip_bad_records, report, check_images)
 
 
 # ---------------------------------------------------------------------------------------------------------- TRL
