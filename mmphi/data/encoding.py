@@ -147,8 +147,9 @@ def encoding_fingerprint(rows: dict, processor, max_length: int | None) -> str:
     processor object itself does not hash stably across processes)."""
     digest = hashlib.sha256()
     for column in sorted(rows):  # value by value: LLaVA-Instruct-150K never becomes one 200 MB string
+        digest.update(f"\x00{column}\x00".encode())
         for value in rows[column]:
-            digest.update(json.dumps(value).encode())
+            digest.update(json.dumps(value).encode() + b"\x01")
     tokenizer = processor.tokenizer
     vocabulary = tokenizer.backend_tokenizer.to_str() if hasattr(tokenizer, "backend_tokenizer") else \
         json.dumps(sorted(tokenizer.get_vocab().items()))
