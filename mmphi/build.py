@@ -53,6 +53,35 @@ def tiny_image_processor(image_size: int = 224) -> CLIPImageProcessorPil:
     )
 
 
+def sincos_position_embeddings(grid: int, dim: int) -> torch.Tensor:
+    """MAE's fixed 2-D sine-cosine position embeddings for a `grid` x `grid` patch grid, [grid * grid, dim]: half the
+    dimensions encode the row, half the column."""
+    if dim % 4:
+        raise ValueError(f"2-D sin-cos position embeddings need a dimension divisible by 4, got {dim}")
+    frequencies = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))
+    rows, cols = torch.meshgrid(torch.arange(grid, dtype=torch.float64), torch.arange(grid, dtype=torch.float64),
+                                indexing="ij")
+    parts = []
+    for coordinate in (rows.reshape(-1), cols.reshape(-1)):
+        angles = coordinate[:, None] * frequencies[None]
+        parts += [angles.sin(), angles.cos()]
+    return torch.cat(parts, dim=1).float()
+
+
+def init_tower_positions(tower, scale: float = 16.0) -> None:
+    """Start a random CLIP vision tower's learned position embeddings from 2-D sin-cos (CLS: zeros), as MAE and MoCo v3
+    do. Random-init position embeddings (std 0.02) are a hundred times smaller than the tiny tower's patch embeddings,
+    so its patch tokens said nothing of where they lie (a linear probe found a patch's grid index 8-17% of the time,
+    chance 6%) and "Where is the circle?" stayed at chance (BENCHMARKS.md "#16"). A pretrained tower (TinyCLIP) keeps
+    its own."""
+    embeddings = getattr(tower, "vision_model", tower).embeddings  # a CLIPModel or a CLIPVisionModel
+    grid = embeddings.image_size // embeddings.patch_size
+    with torch.no_grad():
+        table = embeddings.position_embedding.weight
+        table.zero_()
+        table[embeddings.num_positions - grid * grid:] = scale * sincos_position_embeddings(grid, table.shape[1])
+
+
 def build_tiny(seed: int = 0, **config_overrides) -> tuple[MMPhiForCausalLM, MMPhiProcessor]:
     """The tiny random-init default: tiny CLIP tower + tiny Phi + the committed tiny tokenizer."""
     torch.manual_seed(seed)
@@ -60,6 +89,7 @@ def build_tiny(seed: int = 0, **config_overrides) -> tuple[MMPhiForCausalLM, MMP
     config = MMPhiConfig.tiny(image_token_index=tokenizer.convert_tokens_to_ids("<image>"), **config_overrides)
     config.text_config.pad_token_id = tokenizer.pad_token_id
     model = MMPhiForCausalLM(config)
+    init_tower_positions(model.model.vision_tower)
     fit_embeddings_to_tokenizer(model, tokenizer)
     processor = MMPhiProcessor(
         image_processor=tiny_image_processor(config.vision_config.image_size),
@@ -85,6 +115,7 @@ def save_tiny_clip(output_dir: str, seed: int = 0) -> str:
     """A random tiny CLIP vision tower + image processor, saved like a hub checkpoint (stand-in for TinyCLIP)."""
     torch.manual_seed(seed)
     tower = CLIPVisionModel(CLIPVisionConfig(**TINY_VISION_CONFIG))
+    init_tower_positions(tower)
     tower.save_pretrained(output_dir)
     tiny_image_processor(TINY_VISION_CONFIG["image_size"]).save_pretrained(output_dir)
     return output_dir

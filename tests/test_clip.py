@@ -8,8 +8,8 @@ import torch
 from transformers import CLIPModel, PhiConfig, PhiForCausalLM
 
 from configuration_mmphi import TINY_TEXT_CONFIG
+from mmphi.build import build_tiny, init_tower_positions, sincos_position_embeddings, tiny_tokenizer
 from mmphi.build import main as build_main
-from mmphi.build import tiny_tokenizer
 from mmphi.data import BadRecordError, load_coco_records
 from mmphi.data.synthetic import generate
 from mmphi.stages.clip import ClipCollator, ImageCaptionDataset, main, new_tiny_clip
@@ -23,7 +23,7 @@ def data(tmp_path_factory):
 
 def clip_argv(data, output_dir, *extra):
     return ["--data_path", data["captions_train"], "--image_folder", data["images"], "--output_dir", str(output_dir),
-            "--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "8", "--max_steps", "30",
+            "--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "8", "--max_steps", "50",
             "--learning_rate", "2e-3", "--warmup_steps", "0", "--save_strategy", "no", "--logging_steps", "1",
             "--val_fraction", "0.25", "--seed", "0", "--disable_tqdm", "true", *extra]
 
@@ -84,3 +84,28 @@ def test_a_missing_image_names_its_record_or_is_counted_when_skipping(data, tmp_
     skipping = ImageCaptionDataset(images, processor, skip_bad_records=True)
     assert skipping[1]["caption"] in images[2].captions and skipping.skipped.total == 1
     assert os.path.basename(str(missing)) in skipping.skipped.examples[0]
+
+
+def test_a_new_tiny_tower_tells_its_patches_apart_by_position():
+    """The random tiny tower starts from 2-D sin-cos position embeddings: on a blank image its patch tokens differ
+    by where they lie (with CLIP's random init, std 0.02, they were nearly identical, and the tiny pipeline could not
+    answer "Where is the circle?"). Both ways to get a tiny tower (MM-Phi's build and the tiny CLIP) start so."""
+    table = sincos_position_embeddings(4, 64)
+    assert table.shape == (16, 64) and torch.cdist(table, table).fill_diagonal_(1.0).min() > 0.5
+    towers = [build_tiny()[0].model.vision_tower, new_tiny_clip(0)[0].vision_model]
+    for tower in towers:
+        embeddings = tower.embeddings
+        assert torch.equal(embeddings.position_embedding.weight[0], torch.zeros(64))  # CLS has no place
+        blank = torch.ones(1, 3, 224, 224)  # one colour everywhere: only the position tells patches apart
+        with torch.no_grad():
+            patches = tower(pixel_values=blank).last_hidden_state[0, 1:]
+        distances = torch.cdist(patches, patches).fill_diagonal_(float("inf"))
+        assert distances.min() > 0.1 * patches.norm(dim=-1).mean()
+    plain = CLIPModel(new_tiny_clip(0)[0].config).vision_model  # CLIP's own init, for contrast
+    with torch.no_grad():
+        patches = plain(pixel_values=blank).last_hidden_state[0, 1:]
+    assert torch.cdist(patches, patches).fill_diagonal_(float("inf")).min() < 0.1 * patches.norm(dim=-1).mean()
+    init_tower_positions(plain)
+    with torch.no_grad():
+        patches = plain(pixel_values=blank).last_hidden_state[0, 1:]
+    assert torch.cdist(patches, patches).fill_diagonal_(float("inf")).min() > 0.1 * patches.norm(dim=-1).mean()

@@ -92,6 +92,18 @@ def test_synthetic_answers_are_the_ground_truth(synthetic):
     assert image_record["conversations"][0]["value"].startswith("<image>\n")
 
 
+def test_every_single_object_record_asks_where_it_is(synthetic):
+    """Position is the one type only single objects have, so it is asked in each of their records (#16)."""
+    scenes = {s["file_name"]: s for s in json.loads(Path(synthetic["scenes"]).read_text())}
+    records = [r for r in json.loads(Path(synthetic["llava_train"]).read_text()) if "image" in r]
+    single = [r for r in records if scenes[r["image"]]["count"] == 1]
+    assert single and len(single) < len(records)
+    for record in records:
+        asked = [t["question_type"] for t in record["conversations"] if t["from"] == "human"]
+        assert ("position" in asked) == (scenes[record["image"]]["count"] == 1), record["id"]
+        assert len(asked) == len(set(asked)) and 2 <= len(asked) <= 4
+
+
 def test_synthetic_split_is_by_image_in_both_formats(synthetic):
     def images_of(split):
         coco = json.loads(Path(synthetic[f"captions_{split}"]).read_text())

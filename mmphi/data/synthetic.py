@@ -19,7 +19,8 @@ question has one exact, short answer. Writes, under --output_dir:
 Question types (the `question_type` key of each human turn; the gpt turn after it is the answer):
   colour -> "red" | "green" | "blue" | "yellow" | "purple" | "orange"
   count -> "1" .. "4"        shape -> "circle" | "square" | "triangle"        size -> "small" | "large"
-  position (single object only) -> "top left" | "top right" | "bottom left" | "bottom right"
+  position (single object only, asked in each of its records) -> "top left" | "top right" | "bottom left" |
+    "bottom right"
   yes/no ("Are there any blue shapes?") -> "yes" | "no"        text (no image) -> short word or digit
 Answers are lowercase and canonical, so normalized exact match scores them. Train and val are split by image: no
 image (and none of its captions or questions) is on both sides. Output is a pure function of the arguments.
@@ -181,7 +182,7 @@ def random_scene(rng: random.Random, image_id: int, max_count: int, layout: str 
 
 
 def plural(shape: str, count: int) -> str:
-    return shape if count == 1 else shape + "s"
+    return shape if count == 1 else shape + ("es" if shape.endswith(("s", "x")) else "s")
 
 
 def captions_for(scene: Scene) -> list[str]:
@@ -261,6 +262,8 @@ def llava_records(rng: random.Random, scene: Scene, n_records: int) -> list[dict
     for index in range(n_records):
         questions = image_questions(rng, scene)
         types = rng.sample(sorted(questions), k=min(len(questions), rng.randint(2, 4)))
+        if "position" in questions and "position" not in types:  # single objects: always asked where (the rarest
+            types[rng.randrange(len(types))] = "position"  # type, at most one image in four has an answer)
         turns = [(t, *questions[t]) for t in types]
         records.append({"id": f"{scene.image_id:06d}-{index}", "image": scene.file_name,
                         "conversations": conversation(turns, with_image=True)})
@@ -304,7 +307,7 @@ def write_json(path: str, payload) -> None:
 
 
 def generate(output_dir: str, num_images: int = 2000, val_fraction: float = 0.1, max_count: int = 4,
-             records_per_image: int = 1, text_only_fraction: float = 0.05, seed: int = 0,
+             records_per_image: int = 1, text_only_fraction: float = 0.15, seed: int = 0,
              layout: str = "grid") -> dict[str, str]:
     """Write the dataset; returns the paths of the files written (keys: images, captions_train, captions_val,
     llava_train, llava_val, scenes)."""
@@ -342,7 +345,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--val_fraction", type=float, default=0.1, help="held-out images (split by image)")
     parser.add_argument("--max_count", type=int, default=4, help="objects per image: 1..max_count")
     parser.add_argument("--records_per_image", type=int, default=1, help="LLaVA records (2-4 turns) per image")
-    parser.add_argument("--text_only_fraction", type=float, default=0.05, help="extra text-only LLaVA records")
+    parser.add_argument("--text_only_fraction", type=float, default=0.15, help="extra text-only LLaVA records")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--layout", choices=["grid", "free"], default="grid",
                         help="grid: objects on the tiny tower's 4x4 patch grid (learnable in minutes); "

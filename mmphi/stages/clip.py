@@ -28,7 +28,7 @@ import torch
 from transformers import AutoTokenizer, CLIPConfig, CLIPImageProcessorPil, CLIPModel, Trainer, set_seed
 
 from configuration_mmphi import TINY_VISION_CONFIG
-from mmphi.build import tiny_image_processor, tiny_tokenizer
+from mmphi.build import init_tower_positions, tiny_image_processor, tiny_tokenizer
 from mmphi.data import (
     CaptionedImage,
     SkipReport,
@@ -153,7 +153,9 @@ def new_tiny_clip(seed: int) -> tuple[CLIPModel, object, CLIPImageProcessorPil]:
     config = CLIPConfig(text_config=text_config, vision_config=TINY_VISION_CONFIG,
                         projection_dim=TINY_VISION_CONFIG["projection_dim"])
     torch.manual_seed(seed)
-    return CLIPModel(config), tokenizer, tiny_image_processor(TINY_VISION_CONFIG["image_size"])
+    model = CLIPModel(config)
+    init_tower_positions(model)
+    return model, tokenizer, tiny_image_processor(TINY_VISION_CONFIG["image_size"])
 
 
 def load_clip(model_args: ModelArguments, seed: int) -> tuple[CLIPModel, object, CLIPImageProcessorPil]:
