@@ -114,7 +114,13 @@ class InstructSFTConfig(SFTConfig):
     learning_rate: float = field(default=2e-4)
     lr_scheduler_type: str = field(default="cosine")
     warmup_steps: float = field(default=0.03)
-    train_sampling_strategy: str = field(default="group_by_length")
+    train_sampling_strategy: str = field(
+        default="group_by_length",
+        metadata={"help": "group_by_length (less padding on long, varied conversations such as LLaVA-Instruct's) or "
+                          "random. Use random for short-answer data: there a record's length gives its answer away "
+                          "(\" yes\" is a token longer than \" no\"), so length-grouped batches lean to one answer "
+                          "and the model learns a prior (BENCHMARKS.md \"#16\")"},
+    )
     length_column_name: str = field(default="length")
     # Our data module tokenizes, masks and truncates; the collator loads the images.
     dataset_kwargs: dict | str | None = field(default_factory=lambda: {"skip_prepare_dataset": True})
