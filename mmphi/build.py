@@ -70,10 +70,10 @@ def sincos_position_embeddings(grid: int, dim: int) -> torch.Tensor:
 
 def init_tower_positions(tower, scale: float = 16.0) -> None:
     """Start a random CLIP vision tower's learned position embeddings from 2-D sin-cos (CLS: zeros), as MAE and MoCo v3
-    do. Random-init position embeddings (std 0.02) are a hundred times smaller than the tiny tower's patch embeddings,
-    so its patch tokens said nothing of where they lie (a linear probe found a patch's grid index 8-17% of the time,
-    chance 6%) and "Where is the circle?" stayed at chance (BENCHMARKS.md "#16"). A pretrained tower (TinyCLIP) keeps
-    its own."""
+    do; `scale` 16 puts them near the tiny tower's patch embeddings (std ~20 on the synthetic images). CLIP's random
+    init (std 0.02) is a thousand times smaller, so the tiny tower's patch tokens said nothing of where they lie (a
+    linear probe found a patch's grid index 8-17% of the time, chance 6%) and "Where is the circle?" stayed at chance
+    (BENCHMARKS.md "#16"). A pretrained tower (TinyCLIP) keeps its own."""
     embeddings = getattr(tower, "vision_model", tower).embeddings  # a CLIPModel or a CLIPVisionModel
     grid = embeddings.image_size // embeddings.patch_size
     with torch.no_grad():

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import datasets
 import pytest
+import torch
 from PIL import Image
 
 from mmphi.build import build_tiny, save_mmphi
@@ -58,7 +59,7 @@ def task(tmp_path_factory):
     root = tmp_path_factory.mktemp("lmms")
     save_mmphi(*build_tiny(seed=0), str(root / "model"))
     data = generate(str(root / "synthetic"), num_images=6, val_fraction=0.0, seed=1)
-    records = json.loads(Path(data["llava_train"]).read_text())[:5]
+    records = [r for r in json.loads(Path(data["llava_train"]).read_text()) if "image" in r][:5]
     rows = [{"question_id": n, "question": r["conversations"][0]["value"].replace("<image>", "").strip(),
              "answer": r["conversations"][1]["value"].lower(),
              "image": Image.open(Path(data["images"]) / r["image"]).convert("RGB"), "path": r["image"]}
@@ -109,6 +110,7 @@ def test_loglikelihood_marks_the_greedy_continuation(task):
     """lmms-eval's loglikelihood contract: (log P(continuation | prompt), is the continuation the greedy one)."""
     from lmms_eval.api.instance import Instance
 
+    from mmphi.inference import Chat, ChatTurn
     from mmphi.lmms_eval_model import MMPhi
 
     root, _, rows = task
@@ -126,8 +128,17 @@ def test_loglikelihood_marks_the_greedy_continuation(task):
     greedy = adapter.generate_until([request("generate_until", (rows[0]["question"], {"max_new_tokens": 1}, visual,
                                                                 0, "t", "test"))])[0]
     assert greedy
+    # the greedy token exactly as the model would write it (generate_until strips it; a random model's token need
+    # not start with a space)
+    prompt = adapter.processor.apply_chat_template(
+        Chat().prompt_messages(ChatTurn(rows[0]["question"], image=[rows[0]["image"]])), add_generation_prompt=True)
+    inputs = adapter.processor(text=[prompt], images=[rows[0]["image"]])
+    with torch.inference_mode():
+        token = adapter.model(**inputs).logits[0, -1].argmax().item()
+    continuation = adapter.processor.tokenizer.decode([token])
+    assert continuation.strip() == greedy
     (ll_greedy, is_greedy), (ll_other, other_greedy) = adapter.loglikelihood([
-        request("loglikelihood", (rows[0]["question"], " " + greedy, visual, 0, "t", "test")),
+        request("loglikelihood", (rows[0]["question"], continuation, visual, 0, "t", "test")),
         request("loglikelihood", (rows[0]["question"], " zebra", visual, 0, "t", "test")),
     ])
     assert is_greedy and not other_greedy
