@@ -86,26 +86,24 @@ def test_a_missing_image_names_its_record_or_is_counted_when_skipping(data, tmp_
     assert os.path.basename(str(missing)) in skipping.skipped.examples[0]
 
 
+def closest_patches_apart(tower) -> float:
+    """On a one-colour image (only the position tells patches apart): the smallest distance between two patch tokens,
+    relative to their mean norm."""
+    with torch.no_grad():
+        patches = tower(pixel_values=torch.ones(1, 3, 224, 224)).last_hidden_state[0, 1:]
+    return (torch.cdist(patches, patches).fill_diagonal_(float("inf")).min() / patches.norm(dim=-1).mean()).item()
+
+
 def test_a_new_tiny_tower_tells_its_patches_apart_by_position():
     """The random tiny tower starts from 2-D sin-cos position embeddings: on a blank image its patch tokens differ
     by where they lie (with CLIP's random init, std 0.02, they were nearly identical, and the tiny pipeline could not
     answer "Where is the circle?"). Both ways to get a tiny tower (MM-Phi's build and the tiny CLIP) start so."""
     table = sincos_position_embeddings(4, 64)
     assert table.shape == (16, 64) and torch.cdist(table, table).fill_diagonal_(1.0).min() > 0.5
-    towers = [build_tiny()[0].model.vision_tower, new_tiny_clip(0)[0].vision_model]
-    for tower in towers:
-        embeddings = tower.embeddings
-        assert torch.equal(embeddings.position_embedding.weight[0], torch.zeros(64))  # CLS has no place
-        blank = torch.ones(1, 3, 224, 224)  # one colour everywhere: only the position tells patches apart
-        with torch.no_grad():
-            patches = tower(pixel_values=blank).last_hidden_state[0, 1:]
-        distances = torch.cdist(patches, patches).fill_diagonal_(float("inf"))
-        assert distances.min() > 0.1 * patches.norm(dim=-1).mean()
+    for tower in (build_tiny()[0].model.vision_tower, new_tiny_clip(0)[0].vision_model):
+        assert torch.equal(tower.embeddings.position_embedding.weight[0], torch.zeros(64))  # CLS has no place
+        assert closest_patches_apart(tower) > 0.1
     plain = CLIPModel(new_tiny_clip(0)[0].config).vision_model  # CLIP's own init, for contrast
-    with torch.no_grad():
-        patches = plain(pixel_values=blank).last_hidden_state[0, 1:]
-    assert torch.cdist(patches, patches).fill_diagonal_(float("inf")).min() < 0.1 * patches.norm(dim=-1).mean()
+    assert closest_patches_apart(plain) < 0.1
     init_tower_positions(plain)
-    with torch.no_grad():
-        patches = plain(pixel_values=blank).last_hidden_state[0, 1:]
-    assert torch.cdist(patches, patches).fill_diagonal_(float("inf")).min() > 0.1 * patches.norm(dim=-1).mean()
+    assert closest_patches_apart(plain) > 0.1

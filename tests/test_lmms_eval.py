@@ -110,7 +110,7 @@ def test_loglikelihood_marks_the_greedy_continuation(task):
     """lmms-eval's loglikelihood contract: (log P(continuation | prompt), is the continuation the greedy one)."""
     from lmms_eval.api.instance import Instance
 
-    from mmphi.inference import Chat, ChatTurn
+    from mmphi.inference import Chat, ChatTurn, prepare_inputs
     from mmphi.lmms_eval_model import MMPhi
 
     root, _, rows = task
@@ -130,9 +130,7 @@ def test_loglikelihood_marks_the_greedy_continuation(task):
     assert greedy
     # the greedy token exactly as the model would write it (generate_until strips it; a random model's token need
     # not start with a space)
-    prompt = adapter.processor.apply_chat_template(
-        Chat().prompt_messages(ChatTurn(rows[0]["question"], image=[rows[0]["image"]])), add_generation_prompt=True)
-    inputs = adapter.processor(text=[prompt], images=[rows[0]["image"]])
+    inputs, _ = prepare_inputs(adapter.processor, [Chat()], [ChatTurn(rows[0]["question"], image=[rows[0]["image"]])])
     with torch.inference_mode():
         token = adapter.model(**inputs).logits[0, -1].argmax().item()
     continuation = adapter.processor.tokenizer.decode([token])

@@ -262,8 +262,9 @@ def llava_records(rng: random.Random, scene: Scene, n_records: int) -> list[dict
     for index in range(n_records):
         questions = image_questions(rng, scene)
         types = rng.sample(sorted(questions), k=min(len(questions), rng.randint(2, 4)))
-        if "position" in questions and "position" not in types:  # single objects: always asked where (the rarest
-            types[rng.randrange(len(types))] = "position"  # type, at most one image in four has an answer)
+        # position is the rarest type (single objects only), so its images are always asked it
+        if "position" in questions and "position" not in types:
+            types[rng.randrange(len(types))] = "position"
         turns = [(t, *questions[t]) for t in types]
         records.append({"id": f"{scene.image_id:06d}-{index}", "image": scene.file_name,
                         "conversations": conversation(turns, with_image=True)})
