@@ -7,7 +7,10 @@ any knob.
 2. The tower and the projector: a linear probe (logistic regression, trained on the training images, scored on the
    held-out ones) on the frozen stage-1 features, for each scene attribute a question type asks about (colour,
    count, shape, size, position of a single object). High probe accuracy means the information reaches the language
-   model; a failing type is then the language model's (or the data's) problem.
+   model; a failing type is then the language model's (or the data's) problem. All image tokens together can
+   hold the position only in *which* token holds the object, so position is probed per token as well: a patch's grid
+   index from its own token, a single object's quadrant from its token (the patch farthest from the image's median
+   patch) and from the first token (CLS, with `vision_feature_select_strategy full`).
 3. The answers: the final model's held-out predictions per type: accuracy, the answers it gives and how they split
    by the right answer (a model that always says "yes" scores chance on yes/no).
 Writes one JSON report (`--output`).
@@ -44,12 +47,12 @@ def training_mix(path: str) -> dict:
 
 @torch.no_grad()
 def projected_features(model, processor, paths: list[str], batch: int = 64) -> torch.Tensor:
-    """[images, image_seq_length * text_hidden]: what the language model receives for each image."""
+    """[images, image_seq_length, text_hidden]: what the language model receives for each image."""
     chunks = []
     for start in range(0, len(paths), batch):
         pixels = processor.image_processor([load_image(p) for p in paths[start:start + batch]],
                                            return_tensors="pt")["pixel_values"]
-        chunks.append(model.model.get_image_features(pixel_values=pixels).flatten(1).float())
+        chunks.append(model.model.get_image_features(pixel_values=pixels).float())
     return torch.cat(chunks)
 
 
@@ -75,7 +78,8 @@ def probes(model, processor, scenes: list[dict], image_folder: str) -> dict:
     test = [s for s in scenes if s["split"] != "train"]
     features = {name: projected_features(model, processor, [os.path.join(image_folder, s["file_name"]) for s in part])
                 for name, part in (("train", train), ("test", test))}
-    results = {}
+    results = {"position_per_token": position_per_token(features, train, test)}
+    features = {name: tokens.flatten(1) for name, tokens in features.items()}
     for attribute in ATTRIBUTES:
         keep_train = [i for i, s in enumerate(train) if s.get(attribute) is not None]
         keep_test = [i for i, s in enumerate(test) if s.get(attribute) is not None]
@@ -88,6 +92,37 @@ def probes(model, processor, scenes: list[dict], image_folder: str) -> dict:
             "held_out_images": len(keep_test),
         }
     return results
+
+
+def object_token(patches: torch.Tensor) -> torch.Tensor:
+    """Per image, the patch token farthest from the image's median patch (the background's)."""
+    distance = (patches - patches.median(dim=1, keepdim=True).values).norm(dim=-1)
+    return patches[torch.arange(len(patches)), distance.argmax(dim=1)]
+
+
+def position_per_token(features: dict, train: list[dict], test: list[dict]) -> dict:
+    """Can a language model read position from the token it attends to? The patches are the last grid x grid tokens
+    (a CLS token, when kept, comes first)."""
+    grid = int(features["train"].shape[1] ** 0.5)
+    patches = {name: tokens[:, -grid * grid:] for name, tokens in features.items()}
+    single = {name: [i for i, s in enumerate(part) if s.get("position")] for name, part in (("train", train),
+                                                                                            ("test", test))}
+    quadrants = {name: [part[i]["position"] for i in single[name]] for name, part in (("train", train),
+                                                                                      ("test", test))}
+    index = [str(i) for i in range(grid * grid)]
+    hidden = features["train"].shape[-1]
+
+    def probe(pick) -> float:
+        return round(linear_probe(pick("train"), quadrants["train"], pick("test"), quadrants["test"]), 4)
+
+    return {
+        "grid_index_from_own_token": round(linear_probe(
+            patches["train"].reshape(-1, hidden), index * len(patches["train"]),
+            patches["test"].reshape(-1, hidden), index * len(patches["test"])), 4),
+        "quadrant_from_object_token": probe(lambda name: object_token(patches[name][single[name]])),
+        "quadrant_from_first_token": probe(lambda name: features[name][single[name], 0]),
+        "chance": {"grid_index": round(1 / (grid * grid), 4), "quadrant": 0.25},
+    }
 
 
 def answers_by_type(predictions_path: str) -> dict:
