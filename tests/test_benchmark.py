@@ -115,3 +115,34 @@ def test_gpu_check_dry_run_on_cpu(tmp_path):
     assert "not a real-size run" in goals["note"] and "instruct" in goals
     assert "| instruct |" in (tmp_path / "gpu_check.md").read_text()
     assert "transformers" in (tmp_path / "environment.txt").read_text()
+
+
+class Copier(torch.nn.Module):
+    """Predicts the token that followed the last earlier occurrence of the current one (an ideal induction head)."""
+
+    def __init__(self, vocab_size: int):
+        super().__init__()
+        self.vocab_size = vocab_size
+
+    def forward(self, input_ids):
+        logits = torch.zeros(*input_ids.shape, self.vocab_size)
+        for row, ids in enumerate(input_ids.tolist()):
+            for t, token in enumerate(ids):
+                earlier = [s for s in range(t) if ids[s] == token]
+                if earlier:
+                    logits[row, t, ids[earlier[-1] + 1]] = 1.0
+        return type("Output", (), {"logits": logits})()
+
+
+def test_in_context_copying_tells_a_copier_from_a_random_language_model():
+    from mmphi.bench.question_types import in_context_copying
+    from mmphi.build import tiny_tokenizer
+
+    tokenizer = tiny_tokenizer()
+    copier = in_context_copying(Copier(len(tokenizer)), tokenizer, length=12, sequences=8)
+    assert copier["second_copy_accuracy"] == 1.0 and copier["first_copy_accuracy"] < 0.05
+    torch.manual_seed(0)
+    random_phi = PhiForCausalLM(PhiConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                                          num_hidden_layers=2, num_attention_heads=4)).eval()
+    scores = in_context_copying(random_phi, tokenizer, length=12, sequences=8)
+    assert scores["second_copy_accuracy"] < 0.05 and scores["chance"] < 1e-3

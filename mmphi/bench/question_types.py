@@ -11,7 +11,11 @@ any knob.
    hold the position only in *which* token holds the object, so position is probed per token as well: a patch's grid
    index from its own token, a single object's quadrant from its token (the patch farthest from the image's median
    patch) and from the first token (CLS, with `vision_feature_select_strategy full`).
-3. The answers: the final model's held-out predictions per type: accuracy, the answers it gives and how they split
+3. The language model: can it copy from its context at all? A repeated sequence of random tokens: a model with
+   induction heads predicts the second copy (the mechanism that relates a question's words to earlier tokens, as
+   yes/no must); one without them scores chance on both copies. Probed on stage 0's and stage 1's language model.
+4. Stage 1's captions (with `--caption_predictions`): does the stage-1 model name a single object's quadrant right?
+5. The answers: the final model's held-out predictions per type: accuracy, the answers it gives and how they split
    by the right answer (a model that always says "yes" scores chance on yes/no).
 Writes one JSON report (`--output`).
 """
@@ -24,8 +28,10 @@ import os
 from collections import Counter, defaultdict
 
 import torch
+from transformers import AutoModelForCausalLM
 
 from mmphi.data.images import load_image
+from mmphi.data.synthetic import QUADRANTS
 from mmphi.loading import load_mmphi
 
 ATTRIBUTES = ("colour", "count", "shape", "size", "position")
@@ -121,8 +127,42 @@ def position_per_token(features: dict, train: list[dict], test: list[dict]) -> d
             patches["test"].reshape(-1, hidden), index * len(patches["test"])), 4),
         "quadrant_from_object_token": probe(lambda name: object_token(patches[name][single[name]])),
         "quadrant_from_first_token": probe(lambda name: features[name][single[name], 0]),
+        # what an attention head that weighs every image token alike reads
+        "quadrant_from_mean_of_tokens": probe(lambda name: features[name][single[name]].mean(dim=1)),
         "chance": {"grid_index": round(1 / (grid * grid), 4), "quadrant": 0.25},
     }
+
+
+def in_context_copying(model, tokenizer, length: int = 20, sequences: int = 64, seed: int = 0) -> dict:
+    """Next-token accuracy on the first and the second copy of `sequences` random `length`-token sequences."""
+    special = set(tokenizer.all_special_ids)
+    vocabulary = torch.tensor([i for i in range(len(tokenizer)) if i not in special])
+    generator = torch.Generator().manual_seed(seed)
+    tokens = vocabulary[torch.randint(len(vocabulary), (sequences, length), generator=generator)]
+    start = torch.full((sequences, 1), tokenizer.bos_token_id if tokenizer.bos_token_id is not None else 0)
+    input_ids = torch.cat([start, tokens, tokens], dim=1)
+    with torch.no_grad():
+        predicted = model(input_ids=input_ids).logits[:, :-1].argmax(-1)
+    right = predicted == input_ids[:, 1:]  # right[:, j] scores the prediction of token j + 1
+    # the second copy's first token cannot be inferred from the context; its other tokens can
+    return {"first_copy_accuracy": round(right[:, :length].float().mean().item(), 4),
+            "second_copy_accuracy": round(right[:, length + 1:].float().mean().item(), 4),
+            "chance": round(1 / len(vocabulary), 5)}
+
+
+def caption_positions(predictions_path: str) -> dict:
+    """Stage 1's own reading of position: of the held-out captions whose references name a quadrant (single objects),
+    how many name one, and how many the right one (`mmphi.evaluation --task caption --predictions_file` output)."""
+    said = right = total = 0
+    with open(predictions_path) as handle:
+        for line in handle:
+            row = json.loads(line)
+            truth = [q for q in QUADRANTS if any(q in reference for reference in row["references"])]
+            if not truth:
+                continue
+            named = [q for q in QUADRANTS if q in row["prediction"]]
+            total, said, right = total + 1, said + bool(named), right + (named[:1] == truth[:1])
+    return {"single_object_images": total, "caption_names_a_quadrant": said, "caption_names_the_right_one": right}
 
 
 def answers_by_type(predictions_path: str) -> dict:
@@ -147,6 +187,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--work_dir", default="outputs/demo")
     parser.add_argument("--data_dir", default="data")
     parser.add_argument("--predictions", help="evaluate_mmphi.py --predictions_file output of the final model")
+    parser.add_argument("--caption_predictions", help="evaluate_mmphi.py --task caption --predictions_file output "
+                        "of the stage-1 model")
     parser.add_argument("--output", default="outputs/question_types.json")
     args = parser.parse_args(argv)
     synthetic = os.path.join(args.data_dir, "synthetic")
@@ -157,6 +199,13 @@ def main(argv: list[str] | None = None) -> dict:
     report = {"training_mix": training_mix(os.path.join(synthetic, "llava_instruct_train.json")),
               "probes_on_stage1_projected_features": probes(model, processor, scenes,
                                                             os.path.join(synthetic, "images"))}
+    report["language_model_copying"] = {"stage1": in_context_copying(model, processor.tokenizer)}
+    stage0 = os.path.join(args.work_dir, "stage0")
+    if os.path.isdir(stage0):
+        report["language_model_copying"]["stage0"] = in_context_copying(
+            AutoModelForCausalLM.from_pretrained(stage0).eval(), processor.tokenizer)
+    if args.caption_predictions:
+        report["stage1_caption_positions"] = caption_positions(args.caption_predictions)
     if args.predictions:
         report["final_model_answers"] = answers_by_type(args.predictions)
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
