@@ -3,6 +3,7 @@
 import json
 import os
 import random
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,7 @@ from PIL import Image
 
 from mmphi import data as md
 from mmphi.build import build_tiny
-from mmphi.data.synthetic import CELL, COLOURS, GRID_SIZES, generate
+from mmphi.data.synthetic import CELL, COLOURS, GRID_SIZES, TURNS_PER_RECORD, generate
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +102,18 @@ def test_every_single_object_record_asks_where_it_is(synthetic):
     for record in records:
         asked = [t["question_type"] for t in record["conversations"] if t["from"] == "human"]
         assert ("position" in asked) == (scenes[record["image"]]["count"] == 1), record["id"]
-        assert len(asked) == len(set(asked)) and 2 <= len(asked) <= 4
+        assert len(asked) == len(set(asked)) and TURNS_PER_RECORD[0] <= len(asked) <= TURNS_PER_RECORD[1]
+
+
+def test_yes_no_gets_the_largest_share_of_the_turns(tmp_path):
+    """yes/no's comparison needs the most examples (#16): it is drawn TYPE_WEIGHTS times as often as a plain type."""
+    paths = generate(str(tmp_path), num_images=400, val_fraction=0.1, seed=1)
+    asked = Counter(turn["question_type"] for record in json.loads(Path(paths["llava_train"]).read_text())
+                    for turn in record["conversations"] if turn["from"] == "human")
+    share = {question_type: n / sum(asked.values()) for question_type, n in asked.items()}
+    assert max(share, key=share.get) == "yes/no" and share["yes/no"] > 0.3
+    for plain in ("colour", "count", "shape", "size"):
+        assert 0.05 < share[plain] < share["yes/no"] / 2
 
 
 def test_synthetic_split_is_by_image_in_both_formats(synthetic):
