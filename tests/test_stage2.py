@@ -25,7 +25,7 @@ from processing_mmphi import MMPhiProcessor
 
 bnb = pytest.importorskip("bitsandbytes")
 
-MAX_LENGTH = 88  # below the longest multi-turn samples (~110 tokens), above every first answer
+MAX_LENGTH = 56  # below the longest two-turn samples (~67 tokens), above every first answer (~44)
 
 
 @pytest.fixture(scope="module")
