@@ -326,7 +326,7 @@ def write_json(path: str, payload) -> None:
 
 
 def generate(output_dir: str, num_images: int = 2000, val_fraction: float = 0.1, max_count: int = 4,
-             records_per_image: int = 2, text_only_fraction: float = 0.15, seed: int = 0,
+             records_per_image: int = 2, text_only_fraction: float = 0.25, seed: int = 0,
              layout: str = "grid") -> dict[str, str]:
     """Write the dataset; returns the paths of the files written (keys: images, captions_train, captions_val,
     llava_train, llava_val, scenes)."""
@@ -364,7 +364,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--val_fraction", type=float, default=0.1, help="held-out images (split by image)")
     parser.add_argument("--max_count", type=int, default=4, help="objects per image: 1..max_count")
     parser.add_argument("--records_per_image", type=int, default=2, help="LLaVA records (1-2 turns) per image")
-    parser.add_argument("--text_only_fraction", type=float, default=0.15, help="extra text-only LLaVA records")
+    parser.add_argument("--text_only_fraction", type=float, default=0.25, help="extra text-only LLaVA records (a share of the image records; 0.25: text 94-97%% held-out, 0.15: 83-89%%)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--layout", choices=["grid", "free"], default="grid",
                         help="grid: objects on the tiny tower's 4x4 patch grid (learnable in minutes); "
