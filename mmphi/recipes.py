@@ -40,10 +40,9 @@ PROJECTOR = ("--train_language_model --cache_vision_features --max_steps 300 --p
 # the same 600 steps took yes/no from 50.5% to 89.2%, position from 42.9% to 57.1% (BENCHMARKS.md "#16").
 # 900 steps of the synthetic data's short records (1-2 turns, 0.31 s a step) cost less than 600 of 2-4 turns (0.63 s).
 INSTRUCT = ("--max_steps 900 --train_sampling_strategy random --per_device_train_batch_size 16 "
-            "--gradient_accumulation_steps 1 "
-            "--learning_rate 1e-3 --gradient_checkpointing false --optim adamw_torch --warmup_steps 10 "
-            "--lr_scheduler_type cosine --logging_steps 10 --val_fraction 0 --lora_alpha 128 --lora_dropout 0 "
-            "--modules_to_save multi_modal_projector lm_head")
+            "--gradient_accumulation_steps 1 --learning_rate 1e-3 --gradient_checkpointing false --optim adamw_torch "
+            "--warmup_steps 10 --lr_scheduler_type cosine --logging_steps 10 --val_fraction 0 --lora_alpha 128 "
+            "--lora_dropout 0 --modules_to_save multi_modal_projector lm_head")
 
 TINY = {"pretrain": PRETRAIN, "clip": CLIP, "projector": PROJECTOR, "instruct": INSTRUCT}
 

@@ -364,8 +364,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--num_images", type=int, default=2000)
     parser.add_argument("--val_fraction", type=float, default=0.1, help="held-out images (split by image)")
     parser.add_argument("--max_count", type=int, default=4, help="objects per image: 1..max_count")
-    parser.add_argument("--records_per_image", type=int, default=2, help="LLaVA records (1-2 turns) per image")
-    parser.add_argument("--text_only_fraction", type=float, default=0.25, help="extra text-only LLaVA records (a share of the image records; 0.25: text 94-97%% held-out, 0.15: 83-89%%)")
+    parser.add_argument("--records_per_image", type=int, default=2,
+                        help="LLaVA records (%d-%d turns each) per image" % TURNS_PER_RECORD)
+    parser.add_argument("--text_only_fraction", type=float, default=0.25,
+                        help="extra text-only LLaVA records, as a share of the image records (BENCHMARKS.md #16: "
+                             "0.25 gave held-out text 94-97%%, 0.15 83-89%%)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--layout", choices=["grid", "free"], default="grid",
                         help="grid: objects on the tiny tower's 4x4 patch grid (learnable in minutes); "
