@@ -146,3 +146,19 @@ def test_in_context_copying_tells_a_copier_from_a_random_language_model():
                                           num_hidden_layers=2, num_attention_heads=4)).eval()
     scores = in_context_copying(random_phi, tokenizer, length=12, sequences=8)
     assert scores["second_copy_accuracy"] < 0.05 and scores["chance"] < 1e-3
+
+
+def test_caption_positions_scores_the_first_quadrant_a_caption_names(tmp_path):
+    from mmphi.bench.question_types import caption_positions
+
+    rows = [
+        {"prediction": "A red circle in the top left.", "references": ["A red circle in the top left."]},
+        {"prediction": "A blue square in the bottom right, not the top left.",
+         "references": ["A blue square in the top left."]},
+        {"prediction": "A green triangle.", "references": ["A green triangle in the bottom left."]},
+        {"prediction": "Three red circles in the top left.", "references": ["Three red circles."]},  # not single
+    ]
+    path = tmp_path / "captions.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    assert caption_positions(str(path)) == {"single_object_images": 3, "caption_names_a_quadrant": 2,
+                                            "caption_names_the_right_one": 1}

@@ -160,8 +160,9 @@ def caption_positions(predictions_path: str) -> dict:
             truth = [q for q in QUADRANTS if any(q in reference for reference in row["references"])]
             if not truth:
                 continue
-            named = [q for q in QUADRANTS if q in row["prediction"]]
-            total, said, right = total + 1, said + bool(named), right + (named[:1] == truth[:1])
+            named = sorted((row["prediction"].find(q), q) for q in QUADRANTS if q in row["prediction"])
+            total, said = total + 1, said + bool(named)
+            right += bool(named) and named[0][1] == truth[0]  # the first quadrant the caption names
     return {"single_object_images": total, "caption_names_a_quadrant": said, "caption_names_the_right_one": right}
 
 
