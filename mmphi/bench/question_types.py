@@ -28,11 +28,10 @@ import os
 from collections import Counter, defaultdict
 
 import torch
-from transformers import AutoModelForCausalLM
 
 from mmphi.data.images import load_image
 from mmphi.data.synthetic import QUADRANTS
-from mmphi.loading import load_mmphi
+from mmphi.loading import load_causal_lm, load_mmphi
 
 ATTRIBUTES = ("colour", "count", "shape", "size", "position")
 
@@ -196,15 +195,16 @@ def main(argv: list[str] | None = None) -> dict:
     with open(os.path.join(synthetic, "scenes.json")) as handle:
         scenes = json.load(handle)
     scenes = scenes["scenes"] if isinstance(scenes, dict) else scenes
-    model, processor = load_mmphi(os.path.join(args.work_dir, "stage1"))
+    # on the CPU: the probes feed CPU tensors, and the demo's models are tiny
+    model, processor = load_mmphi(os.path.join(args.work_dir, "stage1"), device="cpu")
     report = {"training_mix": training_mix(os.path.join(synthetic, "llava_instruct_train.json")),
               "probes_on_stage1_projected_features": probes(model, processor, scenes,
                                                             os.path.join(synthetic, "images"))}
     report["language_model_copying"] = {"stage1": in_context_copying(model, processor.tokenizer)}
     stage0 = os.path.join(args.work_dir, "stage0")
     if os.path.isdir(stage0):
-        report["language_model_copying"]["stage0"] = in_context_copying(
-            AutoModelForCausalLM.from_pretrained(stage0).eval(), processor.tokenizer)
+        report["language_model_copying"]["stage0"] = in_context_copying(load_causal_lm(stage0, device="cpu"),
+                                                                        processor.tokenizer)
     if args.caption_predictions:
         report["stage1_caption_positions"] = caption_positions(args.caption_predictions)
     if args.predictions:
