@@ -162,3 +162,18 @@ def test_caption_positions_scores_the_first_quadrant_a_caption_names(tmp_path):
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     assert caption_positions(str(path)) == {"single_object_images": 3, "caption_names_a_quadrant": 2,
                                             "caption_names_the_right_one": 1}
+
+
+def test_position_halves_counts_each_axis_of_the_answers(tmp_path):
+    from mmphi.bench.question_types import position_halves
+
+    rows = [
+        {"type": "position", "answer": "top left", "prediction": "top left"},
+        {"type": "position", "answer": "bottom left", "prediction": "bottom right"},  # left/right wrong
+        {"type": "position", "answer": "top right", "prediction": "bottom left"},  # both wrong
+        {"type": "position", "answer": "bottom right", "prediction": "top"},  # top/bottom wrong, no side
+        {"type": "colour", "answer": "red", "prediction": "top left"},  # not a position question
+    ]
+    path = tmp_path / "predictions.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    assert position_halves(str(path)) == {"questions": 4, "vertical_half_right": 2, "horizontal_half_right": 1}

@@ -16,7 +16,8 @@ any knob.
    yes/no must); one without them scores chance on both copies. Probed on stage 0's and stage 1's language model.
 4. Stage 1's captions (with `--caption_predictions`): does the stage-1 model name a single object's quadrant right?
 5. The answers: the final model's held-out predictions per type: accuracy, the answers it gives and how they split
-   by the right answer (a model that always says "yes" scores chance on yes/no).
+   by the right answer (a model that always says "yes" scores chance on yes/no); for position, which half of the
+   answer is wrong: top/bottom (the image tokens' rows, contiguous in the sequence) or left/right (interleaved).
 Writes one JSON report (`--output`).
 """
 
@@ -182,6 +183,23 @@ def answers_by_type(predictions_path: str) -> dict:
     return report
 
 
+def position_halves(predictions_path: str) -> dict:
+    """Of the held-out position answers, how many get the vertical half (top/bottom) and the horizontal half
+    (left/right) right. The patch tokens come row by row, so a language model can tell top from bottom by where a token
+    sits in the sequence, but left from right only from what the token holds."""
+    total = vertical = horizontal = 0
+    with open(predictions_path) as handle:
+        for line in handle:
+            row = json.loads(line)
+            if row["type"] != "position":
+                continue
+            truth, words = row["answer"].split(), row["prediction"].split()
+            total += 1
+            vertical += truth[0] in words
+            horizontal += truth[-1] in words
+    return {"questions": total, "vertical_half_right": vertical, "horizontal_half_right": horizontal}
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work_dir", default="outputs/demo")
@@ -209,6 +227,7 @@ def main(argv: list[str] | None = None) -> dict:
         report["stage1_caption_positions"] = caption_positions(args.caption_predictions)
     if args.predictions:
         report["final_model_answers"] = answers_by_type(args.predictions)
+        report["final_model_position_halves"] = position_halves(args.predictions)
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     with open(args.output, "w") as handle:
         json.dump(report, handle, indent=1)
