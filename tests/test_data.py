@@ -12,7 +12,14 @@ from PIL import Image
 
 from mmphi import data as md
 from mmphi.build import build_tiny
-from mmphi.data.synthetic import CELL, COLOURS, GRID_SIZES, TURNS_PER_RECORD, generate
+from mmphi.data.synthetic import (
+    CELL,
+    COLOURS,
+    GRID_SIZES,
+    SINGLE_OBJECT_RECORDS_FACTOR,
+    TURNS_PER_RECORD,
+    generate,
+)
 
 
 @pytest.fixture(scope="module")
@@ -103,6 +110,19 @@ def test_every_single_object_record_asks_where_it_is(synthetic):
         asked = [t["question_type"] for t in record["conversations"] if t["from"] == "human"]
         assert ("position" in asked) == (scenes[record["image"]]["count"] == 1), record["id"]
         assert len(asked) == len(set(asked)) and TURNS_PER_RECORD[0] <= len(asked) <= TURNS_PER_RECORD[1]
+
+
+def test_single_objects_get_more_records_than_other_images(synthetic):
+    """Position, asked only of single objects, needs its share of the turns (#16): their images get
+    SINGLE_OBJECT_RECORDS_FACTOR times the records (3 instead of 2), in both splits."""
+    scenes = {s["file_name"]: s for s in json.loads(Path(synthetic["scenes"]).read_text())}
+    expected = {True: round(2 * SINGLE_OBJECT_RECORDS_FACTOR), False: 2}
+    assert expected[True] == 3
+    for split in ("llava_train", "llava_val"):
+        per_image = Counter(r["image"] for r in json.loads(Path(synthetic[split]).read_text()) if "image" in r)
+        for image, n in per_image.items():
+            assert n == expected[scenes[image]["count"] == 1], (split, image)
+        assert split == "llava_val" or set(per_image.values()) == {2, 3}
 
 
 def test_yes_no_gets_the_largest_share_of_the_turns(tmp_path):
