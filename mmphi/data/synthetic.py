@@ -261,7 +261,8 @@ def conversation(turns: list[tuple[str, str, str]], with_image: bool) -> list[di
 # the seen one, which the tiny language model learns only from many examples. Measured (BENCHMARKS.md "#16"), held-out
 # yes/no after stage 2 on the same stage 1: in 17% of the turns (2-4 turns of uniformly drawn types, 600 steps) 57% or
 # 87% by seed; in 35% (weight 6, 900 steps) 90.5%; in 46% (weight 20, 900 steps) 97.0 / 97.6 / 99.7% over 3 seeds;
-# in 41.5% (weight 20, text-only records 25%, the defaults) 99.1 / 98.5% over 2 seeds, 92.8% in `make demo`.
+# in 41.5% (weight 20, text-only records 25%) 99.1 / 98.5% over 2 seeds, 92.8% in `make demo`; in 39% (the
+# defaults: also single objects' 3 records, 1500 steps) 99.4 / 99.7% over 2 seeds, 100% in `make demo`.
 TURNS_PER_RECORD = (1, 2)
 TYPE_WEIGHTS = {"yes/no": 20}
 # Single objects, the only scenes with a position (a quarter of the images), get this many times the records. With
