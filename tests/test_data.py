@@ -116,8 +116,8 @@ def test_single_objects_get_more_records_than_other_images(synthetic):
     """Position, asked only of single objects, needs its share of the turns (#16): their images get
     SINGLE_OBJECT_RECORDS_FACTOR times the records (3 instead of 2), in both splits."""
     scenes = {s["file_name"]: s for s in json.loads(Path(synthetic["scenes"]).read_text())}
-    expected = {True: round(2 * SINGLE_OBJECT_RECORDS_FACTOR), False: 2}
-    assert expected[True] == 3
+    expected = {True: 3, False: 2}
+    assert SINGLE_OBJECT_RECORDS_FACTOR == 1.5
     for split in ("llava_train", "llava_val"):
         per_image = Counter(r["image"] for r in json.loads(Path(synthetic[split]).read_text()) if "image" in r)
         for image, n in per_image.items():

@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import random
 from dataclasses import asdict, dataclass
@@ -298,8 +299,9 @@ def llava_records(rng: random.Random, scene: Scene, n_records: int) -> list[dict
 
 
 def records_for(scene: Scene, records_per_image: int) -> int:
-    """How many records an image gets: SINGLE_OBJECT_RECORDS_FACTOR times records_per_image for a single object."""
-    return round(records_per_image * SINGLE_OBJECT_RECORDS_FACTOR) if scene.position else records_per_image
+    """How many records an image gets: SINGLE_OBJECT_RECORDS_FACTOR times records_per_image, rounded up, for a single
+    object."""
+    return math.ceil(records_per_image * SINGLE_OBJECT_RECORDS_FACTOR) if scene.position else records_per_image
 
 
 def text_only_record(rng: random.Random, record_id: str) -> dict:
@@ -378,7 +380,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--val_fraction", type=float, default=0.1, help="held-out images (split by image)")
     parser.add_argument("--max_count", type=int, default=4, help="objects per image: 1..max_count")
     parser.add_argument("--records_per_image", type=int, default=2,
-                        help="LLaVA records (%d-%d turns each) per image; x%g for a single object (its position)"
+                        help="LLaVA records (%d-%d turns each) per image; x%g (rounded up) for a single object"
                         % (*TURNS_PER_RECORD, SINGLE_OBJECT_RECORDS_FACTOR))
     parser.add_argument("--text_only_fraction", type=float, default=0.25,
                         help="extra text-only LLaVA records, as a share of the image records (BENCHMARKS.md #16: "
