@@ -165,7 +165,7 @@ def test_caption_positions_scores_the_first_quadrant_a_caption_names(tmp_path):
 
 
 def test_position_halves_counts_each_axis_of_the_answers(tmp_path):
-    from mmphi.bench.question_types import position_halves
+    from mmphi.bench.question_types import position_halves, read_predictions
 
     rows = [
         {"type": "position", "answer": "top left", "prediction": "top left"},
@@ -176,4 +176,5 @@ def test_position_halves_counts_each_axis_of_the_answers(tmp_path):
     ]
     path = tmp_path / "predictions.jsonl"
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    assert position_halves(str(path)) == {"questions": 4, "vertical_half_right": 2, "horizontal_half_right": 1}
+    assert position_halves(read_predictions(str(path))) == {"questions": 4, "vertical_half_right": 2,
+                                                            "horizontal_half_right": 1}

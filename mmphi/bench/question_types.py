@@ -150,28 +150,30 @@ def in_context_copying(model, tokenizer, length: int = 20, sequences: int = 64, 
             "chance": round(1 / len(vocabulary), 5)}
 
 
+def read_predictions(path: str) -> list[dict]:
+    """The rows of a `mmphi.evaluation --predictions_file` (JSON lines)."""
+    with open(path) as handle:
+        return [json.loads(line) for line in handle if line.strip()]
+
+
 def caption_positions(predictions_path: str) -> dict:
     """Stage 1's own reading of position: of the held-out captions whose references name a quadrant (single objects),
     how many name one, and how many the right one (`mmphi.evaluation --task caption --predictions_file` output)."""
     said = right = total = 0
-    with open(predictions_path) as handle:
-        for line in handle:
-            row = json.loads(line)
-            truth = [q for q in QUADRANTS if any(q in reference for reference in row["references"])]
-            if not truth:
-                continue
-            named = sorted((row["prediction"].find(q), q) for q in QUADRANTS if q in row["prediction"])
-            total, said = total + 1, said + bool(named)
-            right += bool(named) and named[0][1] == truth[0]  # the first quadrant the caption names
+    for row in read_predictions(predictions_path):
+        truth = [q for q in QUADRANTS if any(q in reference for reference in row["references"])]
+        if not truth:
+            continue
+        named = sorted((row["prediction"].find(q), q) for q in QUADRANTS if q in row["prediction"])
+        total, said = total + 1, said + bool(named)
+        right += bool(named) and named[0][1] == truth[0]  # the first quadrant the caption names
     return {"single_object_images": total, "caption_names_a_quadrant": said, "caption_names_the_right_one": right}
 
 
-def answers_by_type(predictions_path: str) -> dict:
+def answers_by_type(rows: list[dict]) -> dict:
     by_type = defaultdict(list)
-    with open(predictions_path) as handle:
-        for line in handle:
-            row = json.loads(line)
-            by_type[row["type"]].append(row)
+    for row in rows:
+        by_type[row["type"]].append(row)
     report = {}
     for kind, rows in sorted(by_type.items()):
         confusion = defaultdict(Counter)
@@ -183,21 +185,14 @@ def answers_by_type(predictions_path: str) -> dict:
     return report
 
 
-def position_halves(predictions_path: str) -> dict:
+def position_halves(rows: list[dict]) -> dict:
     """Of the held-out position answers, how many get the vertical half (top/bottom) and the horizontal half
     (left/right) right. The patch tokens come row by row, so a language model can tell top from bottom by where a token
     sits in the sequence, but left from right only from what the token holds."""
-    total = vertical = horizontal = 0
-    with open(predictions_path) as handle:
-        for line in handle:
-            row = json.loads(line)
-            if row["type"] != "position":
-                continue
-            truth, words = row["answer"].split(), row["prediction"].split()
-            total += 1
-            vertical += truth[0] in words
-            horizontal += truth[-1] in words
-    return {"questions": total, "vertical_half_right": vertical, "horizontal_half_right": horizontal}
+    answers = [(row["answer"].split(), row["prediction"].split()) for row in rows if row["type"] == "position"]
+    return {"questions": len(answers),
+            "vertical_half_right": sum(truth[0] in words for truth, words in answers),
+            "horizontal_half_right": sum(truth[-1] in words for truth, words in answers)}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -226,8 +221,9 @@ def main(argv: list[str] | None = None) -> dict:
     if args.caption_predictions:
         report["stage1_caption_positions"] = caption_positions(args.caption_predictions)
     if args.predictions:
-        report["final_model_answers"] = answers_by_type(args.predictions)
-        report["final_model_position_halves"] = position_halves(args.predictions)
+        predictions = read_predictions(args.predictions)
+        report["final_model_answers"] = answers_by_type(predictions)
+        report["final_model_position_halves"] = position_halves(predictions)
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     with open(args.output, "w") as handle:
         json.dump(report, handle, indent=1)
