@@ -258,19 +258,16 @@ def conversation(turns: list[tuple[str, str, str]], with_image: bool) -> list[di
     return messages
 
 
-# Turns per image record, and how often each type is drawn into one (others 1). yes/no compares the asked colour with
-# the seen one, which the tiny language model learns only from many examples. Measured (BENCHMARKS.md "#16"), held-out
-# yes/no after stage 2 on the same stage 1: in 17% of the turns (2-4 turns of uniformly drawn types, 600 steps) 57% or
-# 87% by seed; in 35% (weight 6, 900 steps) 90.5%; in 46% (weight 20, 900 steps) 97.0 / 97.6 / 99.7% over 3 seeds;
-# in 41.5% (weight 20, text-only records 25%) 99.1 / 98.5% over 2 seeds, 92.8% in `make demo`; in 39% (the
-# defaults: also single objects' 3 records, 1500 steps) 99.4 / 99.7% over 2 seeds, 100% in `make demo`.
+# Turns per image record, and how often each type is drawn into one (others 1). The tiny Phi cannot copy from its
+# context, so a type that relates the question to the image is learned in stage 2 only from many examples: yes/no
+# (the asked colour vs the seen one) was a coin flip at 17% of the turns and is 99% at ~40% (BENCHMARKS.md "#16").
 TURNS_PER_RECORD = (1, 2)
 TYPE_WEIGHTS = {"yes/no": 20}
-# Single objects, the only scenes with a position (a quarter of the images), get this many times the records. With
-# records_per_image alone position was 13.6% of the turns and the tiny Phi told left from right only from the
-# object's token content (top/bottom it reads from where the token sits): held-out position 72-87% over three
-# seeds, every miss but a few left/right (BENCHMARKS.md "Session 8").
-SINGLE_OBJECT_RECORDS_FACTOR = 1.5  # 3 records instead of 2: position 18% of the turns
+# Single objects, the only scenes with a position (a quarter of the images), get this many times the records (rounded
+# up): position 18% of the turns instead of 13.6%. The tiny Phi tells left from right only from the object token's
+# content (top/bottom from where the token sits), and learned it reliably only with this share and 1500 steps
+# (BENCHMARKS.md "Session 8").
+SINGLE_OBJECT_RECORDS_FACTOR = 1.5
 
 
 def pick_types(rng: random.Random, available: list[str], k: int) -> list[str]:
