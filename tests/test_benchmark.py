@@ -178,3 +178,33 @@ def test_position_halves_counts_each_axis_of_the_answers(tmp_path):
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     assert position_halves(read_predictions(str(path))) == {"questions": 4, "vertical_half_right": 2,
                                                             "horizontal_half_right": 1}
+
+
+def test_tower_ceiling_learns_grid_shapes_but_not_the_variants(tmp_path):
+    """The tiny tower, trained on the labels, learns our grid layout's count and shape in 300 steps; on the
+    variant's free-placed 64 px shapes the same budget stays far lower (BENCHMARKS.md "Session 9")."""
+    from mmphi.bench.tower_ceiling import supervised_ceiling
+    from mmphi.data import synthetic, synthetic_variant
+
+    small = dict(steps=300, batch_size=32, tower={"image_size": 64, "patch_size": 16}, eval_every=100)
+    synthetic.generate(str(tmp_path / "grid"), num_images=300, seed=0)
+    synthetic_variant.generate(str(tmp_path / "variant"), num_images=300, seed=0)
+    grid = supervised_ceiling(str(tmp_path / "grid"), **small)
+    variant = supervised_ceiling(str(tmp_path / "variant"), **small)
+    assert (grid["train_images"], grid["held_out_images"]) == (270, 30)
+    assert [point["step"] for point in grid["curve"]] == [100, 200, 300]
+    assert grid["final"]["shape"] >= 0.95 and grid["final"]["count"] >= 0.8
+    assert variant["final"]["shape"] <= grid["final"]["shape"] - 0.3
+
+
+def test_tower_ceiling_needs_held_out_images(tmp_path):
+    from mmphi.bench.tower_ceiling import supervised_ceiling
+    from mmphi.data import synthetic
+
+    paths = synthetic.generate(str(tmp_path / "grid"), num_images=20, seed=0)
+    with open(paths["scenes"]) as handle:
+        scenes = json.load(handle)
+    with open(paths["scenes"], "w") as handle:
+        json.dump([dict(scene, split="train") for scene in scenes], handle)
+    with pytest.raises(ValueError, match="scenes.json has no val images"):
+        supervised_ceiling(str(tmp_path / "grid"), steps=1)
