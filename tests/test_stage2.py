@@ -95,6 +95,8 @@ def test_full_finetune_trains_language_model_and_projector_not_tower(tiny_folder
     args = cpu_config(tmp_path)
     with pytest.raises(ValueError, match="--quantization none"):
         load_model(ModelArguments(str(tiny_folder), full_finetune=True), args)
+    with pytest.raises(ValueError, match="drop --merge"):
+        load_model(ModelArguments(str(tiny_folder), full_finetune=True, quantization="none", merge=True), args)
     model = load_model(ModelArguments(str(tiny_folder), full_finetune=True, quantization="none"), args)
     names = trainable_parameter_names(model)
     assert not [n for n in names if "vision_tower" in n]

@@ -140,6 +140,9 @@ class InstructSFTConfig(SFTConfig):
 def load_model(model_args: ModelArguments, args) -> MMPhiForCausalLM:
     if model_args.full_finetune and model_args.quantization != "none":
         raise ValueError("--full_finetune trains the language model's own weights: use it with --quantization none")
+    if model_args.full_finetune and model_args.merge:  # else output_dir/merged, which a script may read, never appears
+        raise ValueError("--merge folds a LoRA adapter into its base; with --full_finetune, output_dir already holds "
+                         "the full model: drop --merge")
     dtype = training_dtype(args)
     quantization_config = bnb_config(model_args.quantization, dtype)
     kwargs = {}
