@@ -64,6 +64,11 @@ def processor_folder(adapter: str | None, path: str) -> str:
     return path
 
 
+def looks_local(path: str) -> bool:
+    """A path no hub id ("name" or "namespace/name") can be: absolute, relative with "." or "~", or deeper."""
+    return os.path.isabs(path) or path.startswith((".", "~")) or path.count("/") > 1
+
+
 def load_processor(path: str, adapter: str | None = None):
     from transformers import AutoProcessor
 
@@ -79,6 +84,8 @@ def load_causal_lm(path: str, adapter: str | None = None, quantization: str | No
 
     if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json")):
         raise FileNotFoundError(f"{path} is not an MM-Phi folder (no config.json)")
+    if looks_local(path) and not os.path.exists(path):  # else the hub code fails on it as a malformed repo id
+        raise FileNotFoundError(f"no such model folder: {path}")
     device = pick_device(device)
     torch_dtype = pick_dtype(dtype, device)
     quantization_config = bnb_config(quantization, torch_dtype)

@@ -153,3 +153,12 @@ def test_llava_question_file_is_answered_like_model_vqa(files, loaded, http_serv
     path.write_text(json.dumps({"question_id": 1, "image": "nowhere.png", "text": "x"}) + "\n")
     with pytest.raises(ValueError, match="questions.jsonl, line 1: image file not found: nowhere.png"):
         inference.read_questions(str(path), str(files["root"]))
+
+
+def test_a_missing_local_folder_is_named_not_taken_for_a_hub_id(tmp_path):
+    from mmphi.loading import load_causal_lm, looks_local
+
+    with pytest.raises(FileNotFoundError, match="no such model folder: .*stage2/merged"):
+        load_causal_lm(str(tmp_path / "stage2" / "merged"))
+    assert [looks_local(p) for p in ("microsoft/phi-2", "gpt2", "./out", "outputs/demo/stage2", "/tmp/x")] == [
+        False, False, True, True, True]
