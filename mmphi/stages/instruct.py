@@ -97,6 +97,14 @@ class ModelArguments:
     )
     merged_output_dir: str | None = field(default=None, metadata={"help": "default: <output_dir>/merged"})
 
+    def __post_init__(self):
+        # at parse time: at real size, load_model comes after minutes of reading and tokenising LLaVA-Instruct
+        if self.full_finetune and self.quantization != "none":
+            raise ValueError("--full_finetune trains the language model's own weights: use it with --quantization none")
+        if self.full_finetune and self.merge:  # else output_dir/merged, which a script may read, never appears
+            raise ValueError("--merge folds a LoRA adapter into its base; with --full_finetune, output_dir already "
+                             "holds the full model: drop --merge")
+
 
 @dataclass
 class DataArguments(MultimodalDataArguments):
@@ -138,11 +146,6 @@ class InstructSFTConfig(SFTConfig):
 
 
 def load_model(model_args: ModelArguments, args) -> MMPhiForCausalLM:
-    if model_args.full_finetune and model_args.quantization != "none":
-        raise ValueError("--full_finetune trains the language model's own weights: use it with --quantization none")
-    if model_args.full_finetune and model_args.merge:  # else output_dir/merged, which a script may read, never appears
-        raise ValueError("--merge folds a LoRA adapter into its base; with --full_finetune, output_dir already holds "
-                         "the full model: drop --merge")
     dtype = training_dtype(args)
     quantization_config = bnb_config(model_args.quantization, dtype)
     kwargs = {}
