@@ -69,6 +69,12 @@ def looks_local(path: str) -> bool:
     return os.path.isabs(path) or path.startswith((".", "~")) or path.count("/") > 1
 
 
+def check_model_path(path: str) -> None:
+    """Name a local model folder that does not exist: the hub code would fail on it as a malformed repo id."""
+    if looks_local(path) and not os.path.exists(path):
+        raise FileNotFoundError(f"no such model folder: {path}")
+
+
 def load_processor(path: str, adapter: str | None = None):
     from transformers import AutoProcessor
 
@@ -84,8 +90,7 @@ def load_causal_lm(path: str, adapter: str | None = None, quantization: str | No
 
     if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json")):
         raise FileNotFoundError(f"{path} is not an MM-Phi folder (no config.json)")
-    if looks_local(path) and not os.path.exists(path):  # else the hub code fails on it as a malformed repo id
-        raise FileNotFoundError(f"no such model folder: {path}")
+    check_model_path(path)
     device = pick_device(device)
     torch_dtype = pick_dtype(dtype, device)
     quantization_config = bnb_config(quantization, torch_dtype)

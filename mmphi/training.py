@@ -21,6 +21,7 @@ import transformers
 from transformers import HfArgumentParser, TrainingArguments
 
 from mmphi.errors import warn_skipped
+from mmphi.loading import check_model_path
 
 logger = logging.getLogger(__name__)
 
@@ -215,6 +216,8 @@ def stage_main(argv: list[str] | None, parse_args, validate, run) -> dict | None
     """A stage script's command line: parse, then either scan the data (`--validate_data`; exits 0 when clean) or
     train, printing the metrics."""
     model_args, data_args, training_args = parse_args(argv)
+    if getattr(model_args, "model_name_or_path", None):  # before the data is read: minutes at real size
+        check_model_path(model_args.model_name_or_path)
     configure_logging(training_args)
     if data_args.validate_data:
         sys.exit(validate(data_args))

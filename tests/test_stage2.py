@@ -261,3 +261,11 @@ def test_frozen_tower_runs_without_autograd_under_trl_hooks(tiny_folder, synthet
     assert not features.requires_grad and features.grad_fn is None
     projected = backbone.get_image_features(pixel_values=pixels)
     assert projected.requires_grad  # the trained projector still gets its gradient
+
+
+def test_a_missing_model_folder_fails_before_the_data_is_read(tmp_path):
+    from mmphi.stages.instruct import main
+
+    with pytest.raises(FileNotFoundError, match="no such model folder: .*stage1"):
+        main(["--model_name_or_path", str(tmp_path / "stage1"), "--data_path", str(tmp_path / "missing.json"),
+              "--output_dir", str(tmp_path / "out")])
