@@ -111,12 +111,17 @@ def fit_embeddings_to_tokenizer(model: MMPhiForCausalLM, tokenizer) -> None:
     model.generation_config.bos_token_id = tokenizer.bos_token_id
 
 
+def new_tiny_tower(seed: int = 0, **config_overrides) -> CLIPVisionModel:
+    """A random tiny CLIP vision tower (TINY_VISION_CONFIG with `config_overrides`), sin-cos positions."""
+    torch.manual_seed(seed)
+    tower = CLIPVisionModel(CLIPVisionConfig(**dict(TINY_VISION_CONFIG, **config_overrides)))
+    init_tower_positions(tower)
+    return tower
+
+
 def save_tiny_clip(output_dir: str, seed: int = 0) -> str:
     """A random tiny CLIP vision tower + image processor, saved like a hub checkpoint (stand-in for TinyCLIP)."""
-    torch.manual_seed(seed)
-    tower = CLIPVisionModel(CLIPVisionConfig(**TINY_VISION_CONFIG))
-    init_tower_positions(tower)
-    tower.save_pretrained(output_dir)
+    new_tiny_tower(seed).save_pretrained(output_dir)
     tiny_image_processor(TINY_VISION_CONFIG["image_size"]).save_pretrained(output_dir)
     return output_dir
 

@@ -31,7 +31,7 @@ from collections import Counter, defaultdict
 import torch
 
 from mmphi.data.images import load_image
-from mmphi.data.synthetic import QUADRANTS
+from mmphi.data.synthetic import QUADRANTS, read_scenes
 from mmphi.loading import load_causal_lm, load_mmphi
 
 ATTRIBUTES = ("colour", "count", "shape", "size", "position")
@@ -205,9 +205,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--output", default="outputs/question_types.json")
     args = parser.parse_args(argv)
     synthetic = os.path.join(args.data_dir, "synthetic")
-    with open(os.path.join(synthetic, "scenes.json")) as handle:
-        scenes = json.load(handle)
-    scenes = scenes["scenes"] if isinstance(scenes, dict) else scenes
+    scenes = read_scenes(synthetic)
     # on the CPU: the probes feed CPU tensors, and the demo's models are tiny
     model, processor = load_mmphi(os.path.join(args.work_dir, "stage1"), device="cpu")
     report = {"training_mix": training_mix(os.path.join(synthetic, "llava_instruct_train.json")),

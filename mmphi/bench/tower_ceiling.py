@@ -19,19 +19,17 @@ import json
 import os
 
 import torch
-from transformers import CLIPVisionConfig, CLIPVisionModel
 
-from configuration_mmphi import TINY_VISION_CONFIG
-from mmphi.build import init_tower_positions, tiny_image_processor
+from mmphi.build import new_tiny_tower, tiny_image_processor
 from mmphi.data.images import load_image
+from mmphi.data.synthetic import read_scenes
 
 ATTRIBUTES = ("count", "shape")
 
 
 def labelled_images(data_dir: str, processor, attributes=ATTRIBUTES) -> dict:
     """Per split, the processed pixels and each attribute's class indices, from the generator's `scenes.json`."""
-    with open(os.path.join(data_dir, "scenes.json")) as handle:
-        scenes = json.load(handle)
+    scenes = read_scenes(data_dir)
     classes = {a: sorted({str(s[a]) for s in scenes}) for a in attributes}
     splits = {}
     for split in ("train", "val"):
@@ -49,12 +47,10 @@ def supervised_ceiling(data_dir: str, steps: int = 2000, batch_size: int = 64, l
                        seed: int = 0, tower: dict | None = None, eval_every: int = 500,
                        attributes=ATTRIBUTES) -> dict:
     """Held-out accuracy per attribute of the tiny tower trained on the labels (every `eval_every` steps)."""
-    torch.manual_seed(seed)
-    config = dict(TINY_VISION_CONFIG, **(tower or {}))
-    data = labelled_images(data_dir, tiny_image_processor(config["image_size"]), attributes)
-    model = CLIPVisionModel(CLIPVisionConfig(**config))
-    init_tower_positions(model)
-    heads = torch.nn.ModuleDict({a: torch.nn.Linear(config["hidden_size"], len(data["classes"][a]))
+    model = new_tiny_tower(seed, **(tower or {}))
+    config = model.config
+    data = labelled_images(data_dir, tiny_image_processor(config.image_size), attributes)
+    heads = torch.nn.ModuleDict({a: torch.nn.Linear(config.hidden_size, len(data["classes"][a]))
                                  for a in attributes})
     optimizer = torch.optim.AdamW([*model.parameters(), *heads.parameters()], lr=learning_rate, weight_decay=0.1)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, learning_rate, total_steps=steps, pct_start=0.05)
@@ -78,7 +74,7 @@ def supervised_ceiling(data_dir: str, steps: int = 2000, batch_size: int = 64, l
         if step % eval_every == 0 or step == steps:
             curve.append({"step": step, "train_loss": round(loss.item(), 4), **held_out()})
     return {"data_dir": data_dir, "train_images": len(train_pixels), "held_out_images": len(data["val"][0]),
-            "classes": data["classes"], "tower": config, "steps": steps, "curve": curve, "final": curve[-1]}
+            "classes": data["classes"], "tower": config.to_diff_dict(), "steps": steps, "curve": curve}
 
 
 def main(argv: list[str] | None = None) -> dict:

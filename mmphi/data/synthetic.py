@@ -337,6 +337,12 @@ def write_json(path: str, payload) -> None:
         json.dump(payload, handle, indent=1)
 
 
+def read_scenes(data_dir: str) -> list[dict]:
+    """The ground truth `generate` (or another generator) wrote to `<data_dir>/scenes.json`, one dict per image."""
+    with open(os.path.join(data_dir, "scenes.json")) as handle:
+        return json.load(handle)
+
+
 def generate(output_dir: str, num_images: int = 2000, val_fraction: float = 0.1, max_count: int = 4,
              records_per_image: int = 2, text_only_fraction: float = 0.25, seed: int = 0,
              layout: str = "grid") -> dict[str, str]:
