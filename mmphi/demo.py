@@ -101,7 +101,8 @@ def plan(work: str, data: str, generator: str = "synthetic") -> list[Stage]:
             python(
                 "stages.instruct", "--model_name_or_path", stage1,
                 "--data_path", os.path.join(synthetic, "llava_instruct_train.json"), "--image_folder", images,
-                "--output_dir", stage2, "--merge", *tiny_flags("instruct"),
+                "--output_dir", stage2, "--feature_cache_dir", os.path.join(work, "vision_features"), "--merge",
+                *tiny_flags("instruct"),
             ),
             run_dir=stage2,
         ),

@@ -42,10 +42,13 @@ PROJECTOR = ("--train_language_model --cache_vision_features --max_steps 300 --p
 # 1500 steps instead of 900 (+3.4 minutes in `make demo` in session 8): with position 18% of the turns, every type
 # held-out >= 90% and overall 97.5 / 98.5% over two seeds; 900 steps left position at 72-87%, 1000 at 72.5 / 85.3%,
 # and 1500 steps on 13.6% position turns at 73-91% (BENCHMARKS.md "Session 8", "Session 9").
-INSTRUCT = ("--max_steps 1500 --train_sampling_strategy random --per_device_train_batch_size 16 "
-            "--gradient_accumulation_steps 1 --learning_rate 1e-3 --gradient_checkpointing false --optim adamw_torch "
-            "--warmup_steps 10 --lr_scheduler_type cosine --logging_steps 10 --val_fraction 0 --lora_alpha 128 "
-            "--lora_dropout 0 --modules_to_save multi_modal_projector lm_head")
+# `--cache_vision_features` (with the demo's stage-1 cache folder): the tower's features instead of decoding and
+# encoding 16 images at every step.
+INSTRUCT = ("--cache_vision_features --max_steps 1500 --train_sampling_strategy random "
+            "--per_device_train_batch_size 16 --gradient_accumulation_steps 1 --learning_rate 1e-3 "
+            "--gradient_checkpointing false --optim adamw_torch --warmup_steps 10 --lr_scheduler_type cosine "
+            "--logging_steps 10 --val_fraction 0 --lora_alpha 128 --lora_dropout 0 "
+            "--modules_to_save multi_modal_projector lm_head")
 
 TINY = {"pretrain": PRETRAIN, "clip": CLIP, "projector": PROJECTOR, "instruct": INSTRUCT}
 

@@ -269,3 +269,59 @@ def test_a_missing_model_folder_fails_before_the_data_is_read(tmp_path):
     with pytest.raises(FileNotFoundError, match="no such model folder: .*stage1"):
         main(["--model_name_or_path", str(tmp_path / "stage1"), "--data_path", str(tmp_path / "missing.json"),
               "--output_dir", str(tmp_path / "out")])
+
+
+def stage2_argv(tiny_folder, synthetic, output_dir, *extra) -> list[str]:
+    return ["--model_name_or_path", str(tiny_folder), "--data_path", synthetic["llava_train"],
+            "--image_folder", synthetic["images"], "--output_dir", str(output_dir), "--lora_r", "8",
+            "--lora_dropout", "0", "--val_fraction", "0", "--max_length", str(MAX_LENGTH), "--optim", "adamw_torch",
+            "--gradient_checkpointing", "false", "--gradient_accumulation_steps", "1",
+            "--per_device_train_batch_size", "4", "--train_sampling_strategy", "random", *extra]
+
+
+def test_cpu_loss_is_trls_loss_on_the_answer_tokens(tiny_folder, synthetic, tmp_path):
+    """On a CPU the stage takes the model's own loss instead of TRL's fused LM head (which there scores every
+    position): the same loss and the same gradients on the same batch."""
+    from trl import SFTTrainer
+
+    from mmphi.stages.instruct import InstructTrainer, build_trainer, parse_args
+
+    trainer = build_trainer(*parse_args(stage2_argv(tiny_folder, synthetic, tmp_path))).trainer
+    batch = next(iter(trainer.get_train_dataloader()))
+    assert (batch["labels"] != -100).sum() < batch["attention_mask"].sum() / 4  # mostly prompt and image tokens
+    trained = [p for p in trainer.model.parameters() if p.requires_grad]
+    results = {}
+    for name, compute_loss in (("ours", InstructTrainer.compute_loss), ("trl", SFTTrainer.compute_loss)):
+        trainer.model.zero_grad()
+        loss = compute_loss(trainer, trainer.model, dict(batch))
+        loss.backward()
+        results[name] = (loss.detach(), [p.grad.clone() for p in trained])
+    assert results["ours"][0] == pytest.approx(results["trl"][0].item(), rel=1e-5)
+    for ours, trl in zip(results["ours"][1], results["trl"][1], strict=True):
+        torch.testing.assert_close(ours, trl, rtol=1e-4, atol=1e-6)
+
+
+def test_stage2_trains_from_stage_1s_cached_features(tiny_folder, synthetic, tmp_path):
+    """`--cache_vision_features` with stage 1's cache folder: stage 2 reuses it (no tower pass), its batches carry
+    the cached features instead of pixels, and training gives the losses of the pixel path."""
+    from mmphi.stages import projector
+    from mmphi.stages.instruct import build_trainer, parse_args
+
+    cache = tmp_path / "vision_features"
+    projector.build_trainer(*projector.parse_args([
+        "--model_name_or_path", str(tiny_folder), "--data_path", synthetic["captions_train"],
+        "--image_folder", synthetic["images"], "--output_dir", str(tmp_path / "stage1"), "--val_fraction", "0.25",
+        "--cache_vision_features", "--feature_cache_dir", str(cache)]))
+    written = (cache / "index.json").stat().st_mtime_ns
+    losses = {}
+    for mode, extra in (("pixels", ()), ("cached", ("--cache_vision_features", "--feature_cache_dir", str(cache)))):
+        stage = build_trainer(*parse_args(stage2_argv(
+            tiny_folder, synthetic, tmp_path / mode, "--max_steps", "3", "--logging_steps", "1", "--save_strategy",
+            "no", "--learning_rate", "5e-3", *extra)))
+        batch = next(iter(stage.trainer.get_train_dataloader()))
+        assert ("vision_features" in batch) == (mode == "cached") and ("pixel_values" in batch) == (mode == "pixels")
+        stage.trainer.train()
+        losses[mode] = [log["loss"] for log in stage.trainer.state.log_history if "loss" in log]
+    assert (cache / "index.json").stat().st_mtime_ns == written  # reused, not recomputed
+    assert len(losses["cached"]) == 3
+    assert losses["cached"] == pytest.approx(losses["pixels"], rel=1e-4)

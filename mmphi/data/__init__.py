@@ -17,6 +17,7 @@ from mmphi.data.encoding import (
     MMPhiDataCollator,
     MMPhiTrainerMixin,
     TruncationReport,
+    build_datasets,
     encode_conversation,
     encode_conversations,
     encode_messages,
@@ -49,7 +50,7 @@ from mmphi.data.records import CAPTION_PROMPT, CaptionedImage, Conversation, Tur
 from mmphi.errors import SCAN_HINT, BadRecordError, SkipReport, validation_exit
 
 __all__ = [
-    "IGNORE_INDEX", "EncodedSamples", "MMPhiDataCollator", "MMPhiTrainerMixin", "TruncationReport",
+    "IGNORE_INDEX", "EncodedSamples", "MMPhiDataCollator", "MMPhiTrainerMixin", "TruncationReport", "build_datasets",
     "encode_conversation", "encode_conversations", "encode_train_eval", "encode_messages", "length_grouped_sampler",
     "padding_fraction",
     "VisionFeatureStore", "cache_vision_features", "FORMATS", "DataSource", "DatasetFormat", "ReadOptions", "caption_conversations",

@@ -11,6 +11,8 @@ dataset and the same collator).
   DataLoader workers) or its cached tower features, right-pads with the pad token (never EOS), labels -100 on
   padding; an image that fails to load raises an error naming the record, or with `skip_bad_records` drops the
   sample (counted in `collator.skipped`). Counts real and padding tokens, training and evaluation batches apart.
+- `build_datasets(model, processor, data_args, training_args, train, eval, max_length)`: both stages' entry point:
+  the feature cache when asked (`--cache_vision_features`), the encoded samples and the collator.
 - `MMPhiTrainerMixin`: put it before `Trainer`/`SFTTrainer` in the bases: `--train_sampling_strategy
   group_by_length` reads the `length` column (the same order on every process), and evaluation batches are counted
   apart from the training ones.
@@ -22,13 +24,14 @@ import hashlib
 import json
 import logging
 import os
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import datasets
 import torch
 
-from mmphi.data.features import VisionFeatureStore
+from mmphi.data.features import VisionFeatureStore, cache_vision_features
 from mmphi.data.images import load_image
 from mmphi.data.records import Conversation, Turn
 from mmphi.errors import BadRecordError, SkipReport, handle_bad_record
@@ -199,6 +202,27 @@ def encode_train_eval(train: Sequence[Conversation], evaluation: Sequence[Conver
     encoded_eval = encode_conversations(evaluation, processor, desc="tokenising eval samples", **encode) \
         if evaluation else None
     return encoded_train, encoded_eval
+
+
+def build_datasets(model, processor, data_args, training_args, train_records: Sequence[Conversation],
+                   eval_records: Sequence[Conversation], max_length: int | None):
+    """(train, eval, collator) of stages 1 and 2: the tokenised samples and the collator that loads their images or,
+    with `--cache_vision_features` (the tower is frozen in both stages), the tower's cached features. A cache folder
+    that already covers the images with the same tower (stage 1's, given to stage 2) is reused."""
+    store = None
+    if data_args.cache_vision_features:
+        images = [c.image for c in [*train_records, *eval_records] if c.image is not None]
+        start = time.perf_counter()
+        store = cache_vision_features(model, processor, images, data_args.feature_cache_dir,
+                                      batch_size=data_args.feature_cache_batch_size,
+                                      shard_size=data_args.feature_cache_shard_size, device=training_args.device,
+                                      num_workers=training_args.dataloader_num_workers)
+        logger.info("vision features ready in %.1f s (%s)", time.perf_counter() - start, store.directory)
+    with training_args.main_process_first(desc="tokenising"):  # the others then load the main process's cache
+        train, evaluation = encode_train_eval(train_records, eval_records, processor, max_length,
+                                              data_args.preprocessing_num_workers)
+    collator = MMPhiDataCollator(processor, vision_features=store, skip_bad_records=data_args.skip_bad_records)
+    return train, evaluation, collator
 
 
 # ---------------------------------------------------------------------------------------------------------- batches

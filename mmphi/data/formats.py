@@ -513,6 +513,18 @@ class MultimodalDataArguments(DataSourceArguments):
         default=False, metadata={"help": "skip bad records/images (counted and reported) instead of failing"}
     )
     validate_data: bool = field(default=False, metadata={"help": "scan the data (records + images) and exit"})
+    cache_vision_features: bool = field(
+        default=False, metadata={"help": "run the frozen tower once, store its features, train from them"}
+    )
+    feature_cache_dir: str | None = field(
+        default=None, metadata={"help": "where cached features live (default: $MMPHI_CACHE or ~/.cache/mmphi/"
+                                        "vision_features/<tower>-<images>, outside output_dir: never uploaded); "
+                                        "stage 2 given stage 1's folder reuses its features"}
+    )
+    feature_cache_batch_size: int = field(default=64, metadata={"help": "images per tower forward while caching"})
+    feature_cache_shard_size: int = field(
+        default=1024, metadata={"help": "images per cache file; under DDP each process computes every N-th file"}
+    )
 
     def __post_init__(self):
         super().__post_init__()

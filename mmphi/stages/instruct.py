@@ -32,14 +32,13 @@ import shutil
 from dataclasses import dataclass, field
 
 import torch
-from transformers import set_seed
+from transformers import Trainer, set_seed
 from trl import SFTConfig, SFTTrainer
 
 from mmphi.build import save_mmphi
 from mmphi.data import (
-    MMPhiDataCollator,
     MMPhiTrainerMixin,
-    encode_train_eval,
+    build_datasets,
     load_train_eval,
     validate_data,
 )
@@ -98,7 +97,7 @@ class ModelArguments:
     merged_output_dir: str | None = field(default=None, metadata={"help": "default: <output_dir>/merged"})
 
     def __post_init__(self):
-        # at parse time: at real size, load_model comes after minutes of reading and tokenising LLaVA-Instruct
+        # at parse time: at real size, load_model comes after reading LLaVA-Instruct (minutes), on every rank
         if self.full_finetune and self.quantization != "none":
             raise ValueError("--full_finetune trains the language model's own weights: use it with --quantization none")
         if self.full_finetune and self.merge:  # else output_dir/merged, which a script may read, never appears
@@ -191,7 +190,14 @@ def keep_trainable_in_fp32(model) -> None:
 
 
 class InstructTrainer(MMPhiTrainerMixin, SFTTrainer):
-    pass
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """SFTTrainer's loss (its fused LM head, with entropy and token accuracy logged) where it scores only the
+        answer tokens: on CUDA/XPU, in Triton. Elsewhere (a CPU) it scores every position, image and prompt tokens
+        too, in fp32 tiles: there the model's own loss (the same mean over answer tokens, `Trainer.compute_loss`) is
+        15% less time per step of the tiny stage 2 (BENCHMARKS.md "Session 10")."""
+        if self.args.device.type in ("cuda", "xpu"):
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        return Trainer.compute_loss(self, model, {**inputs, "use_cache": False}, return_outputs, num_items_in_batch)
 
 
 # ----------------------------------------------------------------------------------------------------------- run
@@ -206,15 +212,12 @@ def build_trainer(model_args: ModelArguments, data_args: DataArguments, args: In
     set_seed(args.seed)
     processor = MMPhiProcessor.from_pretrained(model_args.model_name_or_path, trust_remote_code=True)
     train_records, eval_records, report = load_train_eval(data_args, args.seed)
-    with args.main_process_first(desc="tokenising"):  # the others then load the main process's cache files
-        train, evaluation = encode_train_eval(train_records, eval_records, processor, args.max_length,
-                                              data_args.preprocessing_num_workers)
+    model = apply_speed_options(load_model(model_args, args), args)
+    train, evaluation, collator = build_datasets(model, processor, data_args, args, train_records, eval_records,
+                                                 args.max_length)
     logger.info("%d training samples, %d eval samples", len(train), len(evaluation) if evaluation else 0)
     if evaluation is None:
         args.eval_strategy = "no"
-
-    model = apply_speed_options(load_model(model_args, args), args)
-    collator = MMPhiDataCollator(processor, skip_bad_records=data_args.skip_bad_records)
     trainer = InstructTrainer(
         model=model, args=args, train_dataset=train.dataset,
         eval_dataset=evaluation.dataset if evaluation else None, data_collator=collator,

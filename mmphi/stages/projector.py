@@ -37,7 +37,6 @@ The output folder is a complete MM-Phi checkpoint (loads with AutoModelForCausal
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass, field
 
 import torch
@@ -46,10 +45,8 @@ from transformers import Trainer, set_seed
 from mmphi.build import save_mmphi
 from mmphi.data import (
     CAPTION_PROMPT,
-    MMPhiDataCollator,
     MMPhiTrainerMixin,
-    cache_vision_features,
-    encode_train_eval,
+    build_datasets,
     load_train_eval,
     padding_fraction,
     validate_data,
@@ -98,17 +95,6 @@ class DataArguments(MultimodalDataArguments):
     max_train_images: int | None = field(default=None, metadata={"help": "use at most this many training images"})
     max_length: int = field(default=128, metadata={"help": "tokens per sample (image tokens included)"})
     caption_prompt: str = field(default=CAPTION_PROMPT, metadata={"help": "the user turn of COCO caption samples"})
-    cache_vision_features: bool = field(
-        default=False, metadata={"help": "run the frozen tower once, store its features, train from them"}
-    )
-    feature_cache_dir: str | None = field(
-        default=None, metadata={"help": "where cached features live (default: $MMPHI_CACHE or ~/.cache/mmphi/"
-                                        "vision_features/<tower>-<images>, outside output_dir: never uploaded)"}
-    )
-    feature_cache_batch_size: int = field(default=64, metadata={"help": "images per tower forward while caching"})
-    feature_cache_shard_size: int = field(
-        default=1024, metadata={"help": "images per cache file; under DDP each process computes every N-th file"}
-    )
 
 
 @dataclass
@@ -181,25 +167,6 @@ def load_model(model_args: ModelArguments, training_args) -> MMPhiForCausalLM:
     return model
 
 
-def build_datasets(model, processor, data_args: DataArguments, training_args, train_records, eval_records):
-    """(train, eval, collator): the tokenised samples and the collator that loads their images or, with
-    `--cache_vision_features`, the tower's cached features."""
-    store = None
-    if data_args.cache_vision_features:
-        images = [c.image for c in train_records + eval_records if c.image is not None]
-        start = time.perf_counter()
-        store = cache_vision_features(model, processor, images, data_args.feature_cache_dir,
-                                      batch_size=data_args.feature_cache_batch_size,
-                                      shard_size=data_args.feature_cache_shard_size, device=training_args.device,
-                                      num_workers=training_args.dataloader_num_workers)
-        logger.info("vision features ready in %.1f s (%s)", time.perf_counter() - start, store.directory)
-    with training_args.main_process_first(desc="tokenising"):  # the others then load the main process's cache
-        train, evaluation = encode_train_eval(train_records, eval_records, processor, data_args.max_length,
-                                              data_args.preprocessing_num_workers)
-    collator = MMPhiDataCollator(processor, vision_features=store, skip_bad_records=data_args.skip_bad_records)
-    return train, evaluation, collator
-
-
 def build_trainer(model_args: ModelArguments, data_args: DataArguments, training_args) -> BuiltStage:
     if data_args.cache_vision_features and model_args.train_vision_tower:
         raise ValueError("--cache_vision_features needs a frozen tower; drop --train_vision_tower")
@@ -215,7 +182,7 @@ def build_trainer(model_args: ModelArguments, data_args: DataArguments, training
 
     train_records, eval_records, report = load_train_eval(data_args, training_args.seed)
     train, evaluation, collator = build_datasets(model, processor, data_args, training_args, train_records,
-                                                 eval_records)
+                                                 eval_records, data_args.max_length)
     logger.info("%d training samples (%d images), %d eval samples (%d images)", len(train),
                 len({c.image for c in train_records}), len(evaluation) if evaluation else 0,
                 len({c.image for c in eval_records}))
