@@ -38,13 +38,15 @@ PROJECTOR = ("--train_language_model --cache_vision_features --max_steps 300 --p
 # (" yes<eos>" is a token longer than " no<eos>"): length-grouped batches of single-turn yes/no records were 42 of 60
 # all "yes" or all "no", and batches of the demo's mix skewed (yes share stdev 0.23, random 0.16). With random order
 # the same 600 steps took yes/no from 50.5% to 89.2%, position from 42.9% to 57.1% (BENCHMARKS.md "#16").
-# The synthetic data's short records (1-2 turns) took 0.31-0.45 s a step on this project's 2-core host, by the day.
-# 1500 steps instead of 900 (+3.4 minutes in `make demo` in session 8): with position 18% of the turns, every type
-# held-out >= 90% and overall 97.5 / 98.5% over two seeds; 900 steps left position at 72-87%, 1000 at 72.5 / 85.3%,
-# and 1500 steps on 13.6% position turns at 73-91% (BENCHMARKS.md "Session 8", "Session 9").
+# The synthetic data's short records (1-2 turns) took 0.31-0.55 s a step on this project's 2-core host, by the day;
+# from cached features and with the model's own loss on a CPU (session 10), 0.37 s on a day it took 0.55 s before.
+# 2000 steps: with position 18% of the turns, 1500 steps gave held-out position 86.3-97.1% by the run (90.2, 93.1,
+# 91.2, 86.3, 97.1), and 2000 steps 95.1% on the run that had 86.3% at 1500; at 0.37 s a step that is less time than
+# 1500 steps took before session 10. 900 steps left position at 72-87%, 1000 at 72.5 / 85.3% (BENCHMARKS.md
+# "Session 8", "Session 9", "Session 10").
 # `--cache_vision_features` (with the demo's stage-1 cache folder): the tower's features instead of decoding and
 # encoding 16 images at every step.
-INSTRUCT = ("--cache_vision_features --max_steps 1500 --train_sampling_strategy random "
+INSTRUCT = ("--cache_vision_features --max_steps 2000 --train_sampling_strategy random "
             "--per_device_train_batch_size 16 --gradient_accumulation_steps 1 --learning_rate 1e-3 "
             "--gradient_checkpointing false --optim adamw_torch --warmup_steps 10 --lr_scheduler_type cosine "
             "--logging_steps 10 --val_fraction 0 --lora_alpha 128 --lora_dropout 0 "
