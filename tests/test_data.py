@@ -455,6 +455,24 @@ def test_vision_feature_cache_round_trip_and_reuse(tiny, synthetic, tmp_path):
         store.get("/elsewhere/x.png")
 
 
+def test_vision_feature_cache_is_extended_not_rewritten_for_more_images(tiny, synthetic, tmp_path):
+    """Stage 2 given stage 1's folder with images stage 1 did not cover: stage 1's shards stay as written (it can still
+    read them) and only the new images are computed, into shards after them."""
+    model, processor = tiny
+    paths = sorted(i.image for i in md.load_coco_records(synthetic["captions_val"], synthetic["images"]))
+    first = md.cache_vision_features(model, processor, paths[:4], str(tmp_path / "cache"), shard_size=3)
+    shards = sorted((tmp_path / "cache").glob("*.safetensors"))
+    stamps = [shard.stat().st_mtime_ns for shard in shards]
+    store = md.cache_vision_features(model, processor, paths, str(tmp_path / "cache"), shard_size=3)
+    assert [shard.stat().st_mtime_ns for shard in shards] == stamps
+    assert len(store) == len(paths) and all(store.rows[p] == first.rows[p] for p in paths[:4])
+    assert {store.rows[p][0] for p in paths[4:]}.isdisjoint(s.name for s in shards)
+    for path in (paths[1], paths[-1]):
+        pixel_values = processor.image_processor([md.load_image(path)], return_tensors="pt")["pixel_values"]
+        with torch.no_grad():
+            torch.testing.assert_close(store.get(path), model.model.get_vision_features(pixel_values))
+
+
 def test_vision_feature_cache_names_unreadable_images_and_leaves_them_out(tiny, synthetic, tmp_path):
     model, processor = tiny
     paths = [i.image for i in md.load_coco_records(synthetic["captions_val"], synthetic["images"])][:4]

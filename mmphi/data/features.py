@@ -96,6 +96,13 @@ def _shard_name(index: int) -> str:
     return f"vision_features-{index:05d}.safetensors"
 
 
+def _next_shard_index(directory: str) -> int:
+    """One past the highest shard number in `directory` (an index may not list a shard whose images all failed)."""
+    numbers = [int(name[len("vision_features-"):-len(".safetensors")]) for name in os.listdir(directory)
+               if name.startswith("vision_features-") and name.endswith(".safetensors")]
+    return max(numbers, default=-1) + 1
+
+
 def _write_shard(tower_model, paths: list[str], directory: str, name: str, image_processor, device, batch_size: int,
                  num_workers: int, progress) -> dict[str, str]:
     """Features of `paths` into one safetensors file (rows in `paths` order; a bad image's row stays zero);
@@ -130,7 +137,7 @@ def cache_vision_features(model, processor, image_paths: Iterable[str], director
     workers, with a progress bar. Under DDP (`state`: accelerate's PartialState) each process computes every
     `num_processes`-th shard, so the work is shared and nobody waits in a barrier for the whole cache; the shards are
     the same whatever the process count. An existing cache with the same tower fingerprint that covers the images is
-    reused. Unreadable images are left out of the index (the collator then names or skips their samples)."""
+    reused; one that covers part of them is extended with the rest. Unreadable images are left out of the index (the collator then names or skips their samples)."""
     from accelerate import PartialState
     from tqdm.auto import tqdm
 
@@ -139,11 +146,16 @@ def cache_vision_features(model, processor, image_paths: Iterable[str], director
     fingerprint = tower_fingerprint(model, processor)
     directory = directory or default_cache_dir(fingerprint, paths)
     index_path = os.path.join(directory, VisionFeatureStore.INDEX)
-    if os.path.isfile(index_path):
-        store = VisionFeatureStore(directory)
-        if store.fingerprint == fingerprint and all(p in store.rows or p in store.unreadable for p in paths):
-            logger.info("reusing cached vision features in %s (%d images)", directory, len(store))
-            return store
+    kept = VisionFeatureStore(directory) if os.path.isfile(index_path) else None
+    if kept is not None and kept.fingerprint != fingerprint:
+        kept = None  # another tower or preprocessing: every image is computed again
+    if kept is not None and all(p in kept.rows or p in kept.unreadable for p in paths):
+        logger.info("reusing cached vision features in %s (%d images)", directory, len(kept))
+        return kept
+    # A folder with the same tower (another stage's, another image set) is extended: its shards stay as they are and
+    # only the images it lacks get new shards after them, so the stage that wrote it can still read it.
+    paths = [p for p in paths if p not in kept.rows and p not in kept.unreadable] if kept else paths
+    first = _next_shard_index(directory) if kept else 0
     state.wait_for_everyone()  # nobody may still be reading an old index in this folder
     os.makedirs(directory, exist_ok=True)
     backbone = model.model
@@ -158,8 +170,8 @@ def cache_vision_features(model, processor, image_paths: Iterable[str], director
                     disable=not state.is_local_main_process)
     bad: dict[str, str] = {}
     for k in mine:
-        bad.update(_write_shard(backbone, shards[k], directory, _shard_name(k), processor.image_processor, device,
-                                batch_size, num_workers, progress))
+        bad.update(_write_shard(backbone, shards[k], directory, _shard_name(first + k), processor.image_processor,
+                                device, batch_size, num_workers, progress))
     progress.close()
     _write_unreadable(directory, state.process_index, bad)
     backbone.vision_tower.to(tower_device)
@@ -167,8 +179,10 @@ def cache_vision_features(model, processor, image_paths: Iterable[str], director
     state.wait_for_everyone()  # every shard written: only the slowest process's share is waited for
     if state.is_main_process:
         unreadable = _read_unreadable(directory, state.num_processes)
-        rows = {p: (_shard_name(k), row) for k, shard in enumerate(shards) for row, p in enumerate(shard)
+        rows = {p: (_shard_name(first + k), row) for k, shard in enumerate(shards) for row, p in enumerate(shard)
                 if p not in unreadable}
+        if kept:
+            rows, unreadable = {**kept.rows, **rows}, {**kept.unreadable, **unreadable}
         with open(index_path + ".partial", "w") as handle:
             json.dump({"fingerprint": fingerprint, "rows": rows, "unreadable": unreadable}, handle)
         os.replace(index_path + ".partial", index_path)
