@@ -5,16 +5,19 @@
     + the tiny Phi; tower frozen) -> stage 2 (QLoRA) -> merge -> evaluate (held-out VQA)
     -> a question about an image asked by voice (flite-synthesized WAV -> Whisper tiny.en -> transcript -> answer)
 
-Each stage is the stage's own command line (`python -m mmphi.stages.<stage>`, the same `main` as scripts/) run as a
-subprocess with its tiny recipe from `mmphi.recipes` (so its progress bars show); a finished stage is reused on a
-re-run unless FORCE=1 (or --force). Each training stage gets a loss-curve PNG; a summary table ends the run and is
-saved as `training_summary.json` (with the evaluation JSON) in the final model folder, where push_to_hub.py's model
-card picks both up.
+Each stage is the stage's own command line (`python -m mmphi.stages.<stage>`, the same `main` as scripts/) with its
+tiny recipe from `mmphi.recipes`: printed, then run in this process (its `main(argv)`), which spares each stage the
+~10 s of importing torch, transformers, PEFT and TRL anew. Every stage seeds its own randomness, so it computes what
+its printed command computes. A finished stage is reused on a re-run unless FORCE=1 (or --force). Each training
+stage gets a loss-curve PNG; a summary table ends the run and is saved as `training_summary.json` (with the evaluation
+JSON) in the final model folder, where push_to_hub.py's model card picks both up.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
+import importlib
 import json
 import os
 import shlex
@@ -33,14 +36,26 @@ VOICE_QUESTION = "What colour are the shapes?"
 class Stage:
     name: str
     done_marker: str  # a file that exists only when the stage finished
-    command: list[str]
+    command: list[str]  # ["python", "-m", "mmphi.<module>", *args], or ["copy", source, destination]
     run_dir: str | None = None  # where trainer_state.json lands (training stages)
     result: dict = field(default_factory=dict)
 
 
 def python(module: str, *args: str) -> list[str]:
-    """Run an `mmphi` module's command line in its own process (so its progress bars show)."""
+    """An `mmphi` module's command line (what the demo prints, and runs in-process with `run_module`)."""
     return [sys.executable, "-m", f"mmphi.{module}", *args]
+
+
+def run_module(command: list[str]) -> None:
+    """Run a `python(...)` command line in this process: the module's `main(argv)`."""
+    module = command[2]
+    try:
+        importlib.import_module(module).main(command[3:])
+    except SystemExit as exit_:  # argparse errors and --validate_data exit; a clean exit (0/None) is success
+        if exit_.code not in (None, 0):
+            raise
+    finally:
+        gc.collect()  # the stage's model and data go before the next stage loads its own
 
 
 def plan(work: str, data: str, generator: str = "synthetic") -> list[Stage]:
@@ -130,10 +145,11 @@ def run_stage(stage: Stage, force: bool) -> None:
     if stage.command[0] == "copy":
         shutil.copytree(stage.command[1], stage.command[2], dirs_exist_ok=True)
     else:
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-        completed = subprocess.run(stage.command, env=env)
-        if completed.returncode != 0:
-            raise SystemExit(f"demo: stage '{stage.name}' failed (exit {completed.returncode}); see the output above")
+        try:
+            run_module(stage.command)
+        except BaseException:
+            print(f"\ndemo: stage '{stage.name}' failed; its command line is above", file=sys.stderr, flush=True)
+            raise
     stage.result.update(status="ran", time_s=round(time.time() - start, 1))
 
 
@@ -145,7 +161,7 @@ def training_facts(run_dir: str) -> dict:
     with open(state_path) as handle:
         state = json.load(handle)
     losses = [entry["loss"] for entry in state.get("log_history", []) if "loss" in entry]
-    subprocess.run(python("plots", run_dir), capture_output=True)
+    run_module(python("plots", run_dir))
     plot = os.path.join(run_dir, "loss_curve.png")
     return {
         "steps": state.get("global_step"),
@@ -182,8 +198,7 @@ def ask_by_voice(work: str, data: str, final: str) -> None:
     image, truth = held_out_image(os.path.join(data, "synthetic"))
     print(f"\n=== voice question about a held-out image\nimage: {image} (ground truth colour: {truth})\n"
           f"audio: {wav} (flite saying {VOICE_QUESTION!r})", flush=True)
-    command = python("chat", "--model", final, "--image", image, "--audio", wav, "--max_new_tokens", "8")
-    subprocess.run(command, check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    run_module(python("chat", "--model", final, "--image", image, "--audio", wav, "--max_new_tokens", "8"))
 
 
 def summarize(stages: list[Stage], evaluation_path: str) -> list[dict]:
@@ -222,6 +237,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--generator", choices=["synthetic", "synthetic_variant"], default="synthetic",
                         help="the shapes data: ours, or the variant the recipe was not tuned on (#16)")
     args = parser.parse_args(argv)
+    # Offline by design; set before the first stage imports huggingface_hub, which reads it once.
+    os.environ.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     os.makedirs(args.work_dir, exist_ok=True)
     start = time.time()
     stages = plan(args.work_dir, args.data_dir, args.generator)
