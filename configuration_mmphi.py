@@ -65,7 +65,9 @@ TINY_TEXT_CONFIG = dict(
     intermediate_size=1024,
     num_hidden_layers=4,
     num_attention_heads=8,
-    hidden_act="gelu_new",
+    # Phi-2's gelu_new (the tanh approximation) as one fused op: the same function, where gelu_new's eight
+    # elementwise ops took 10-16% of a tiny stage-1/2 step on a CPU (BENCHMARKS.md "Session 11 (#16)").
+    hidden_act="gelu_pytorch_tanh",
     max_position_embeddings=2048,
     partial_rotary_factor=0.5,
     resid_pdrop=0.0,
