@@ -55,6 +55,16 @@ def test_config_defaults_describe_tinyclip_and_phi2():
     assert config.vision_feature_select_strategy == "default" and config.image_seq_length == 49
 
 
+def test_tiny_phi_computes_phi2s_activation():
+    """The tiny Phi's fused tanh-GELU is Phi-2's gelu_new (the same function, one op instead of eight)."""
+    from transformers.activations import ACT2FN
+
+    assert MMPhiConfig().text_config.hidden_act == "gelu_new"
+    x = torch.linspace(-12, 12, 100_001)
+    tiny = ACT2FN[MMPhiConfig.tiny().text_config.hidden_act](x)
+    torch.testing.assert_close(tiny, ACT2FN["gelu_new"](x), rtol=1e-6, atol=1e-6)
+
+
 def test_config_accepts_dicts_and_objects_and_checks_fields():
     as_dicts = MMPhiConfig(vision_config=dict(TINY_VISION_CONFIG), text_config=dict(TINY_TEXT_CONFIG))
     as_objects = MMPhiConfig(
