@@ -39,7 +39,8 @@ PROJECTOR = ("--train_language_model --cache_vision_features --max_steps 300 --p
 # all "yes" or all "no", and batches of the demo's mix skewed (yes share stdev 0.23, random 0.16). With random order
 # the same 600 steps took yes/no from 50.5% to 89.2%, position from 42.9% to 57.1% (BENCHMARKS.md "#16").
 # The synthetic data's short records (1-2 turns) took 0.31-0.55 s a step on this project's 2-core host, by the day;
-# from cached features and with the model's own loss on a CPU (session 10), 0.37 s on a day it took 0.55 s before.
+# from cached features and with the model's own loss on a CPU (session 10), 0.37 s on a day it took 0.55 s before;
+# with the tiny Phi's fused GELU (session 11), 0.31 s on a day it took 0.41 s before.
 # 2000 steps: with position 18% of the turns, 1500 steps gave held-out position 86.3-97.1% by the run (90.2, 93.1,
 # 91.2, 86.3, 97.1), and 2000 steps 95.1% on the run that had 86.3% at 1500; at 0.37 s a step that is less time than
 # 1500 steps took before session 10. 900 steps left position at 72-87%, 1000 at 72.5 / 85.3% (BENCHMARKS.md
