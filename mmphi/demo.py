@@ -36,7 +36,7 @@ VOICE_QUESTION = "What colour are the shapes?"
 class Stage:
     name: str
     done_marker: str  # a file that exists only when the stage finished
-    command: list[str]  # ["python", "-m", "mmphi.<module>", *args], or ["copy", source, destination]
+    command: list[str]  # python(...): [sys.executable, "-m", "mmphi.<module>", *args]; or ["copy", source, dest]
     run_dir: str | None = None  # where trainer_state.json lands (training stages)
     result: dict = field(default_factory=dict)
 
