@@ -43,8 +43,8 @@ PROJECTOR = ("--train_language_model --cache_vision_features --max_steps 300 --p
 # with the tiny Phi's fused GELU (session 11), 0.31 s on a day it took 0.41 s before.
 # 2000 steps: with position 18% of the turns, 1500 steps gave held-out position 86.3-97.1% by the run (90.2, 93.1,
 # 91.2, 86.3, 97.1), and 2000 steps 95.1% on the run that had 86.3% at 1500; at 0.37 s a step that is less time than
-# 1500 steps took before session 10. 900 steps left position at 72-87%, 1000 at 72.5 / 85.3% (BENCHMARKS.md
-# "Session 8", "Session 9", "Session 10").
+# 1500 steps took before session 10. A second stage-2 seed at 2000 steps still gave 86.3-87.3% (session 11). 900
+# steps left position at 72-87%, 1000 at 72.5 / 85.3% (BENCHMARKS.md "Session 8" to "Session 11").
 # `--cache_vision_features` (with the demo's stage-1 cache folder): the tower's features instead of decoding and
 # encoding 16 images at every step.
 INSTRUCT = ("--cache_vision_features --max_steps 2000 --train_sampling_strategy random "
