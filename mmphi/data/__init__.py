@@ -28,8 +28,8 @@ from mmphi.data.encoding import (
 from mmphi.data.features import VisionFeatureStore, cache_vision_features
 from mmphi.data.formats import (
     FORMATS,
-    DataSource,
     DatasetFormat,
+    DataSource,
     ReadOptions,
     caption_conversations,
     detect_format,
@@ -52,8 +52,8 @@ from mmphi.errors import SCAN_HINT, BadRecordError, SkipReport, validation_exit
 __all__ = [
     "IGNORE_INDEX", "EncodedSamples", "MMPhiDataCollator", "MMPhiTrainerMixin", "TruncationReport", "build_datasets",
     "encode_conversation", "encode_conversations", "encode_train_eval", "encode_messages", "length_grouped_sampler",
-    "padding_fraction",
-    "VisionFeatureStore", "cache_vision_features", "FORMATS", "DataSource", "DatasetFormat", "ReadOptions", "caption_conversations",
+    "padding_fraction", "VisionFeatureStore", "cache_vision_features", "FORMATS", "DataSource", "DatasetFormat",
+    "ReadOptions", "caption_conversations",
     "detect_format", "load_coco_records", "load_llava_records", "load_train_eval", "read_conversations",
     "register_format", "validate_data", "validate_file", "check_image_file", "check_images", "image_problems",
     "load_image", "embedded_image_keys", "load_rows", "read_source", "training_sources", "validate_source",

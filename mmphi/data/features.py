@@ -137,7 +137,8 @@ def cache_vision_features(model, processor, image_paths: Iterable[str], director
     workers, with a progress bar. Under DDP (`state`: accelerate's PartialState) each process computes every
     `num_processes`-th shard, so the work is shared and nobody waits in a barrier for the whole cache; the shards are
     the same whatever the process count. An existing cache with the same tower fingerprint that covers the images is
-    reused; one that covers part of them is extended with the rest. Unreadable images are left out of the index (the collator then names or skips their samples)."""
+    reused; one that covers part of them is extended with the rest. Unreadable images are left out of the index (the
+    collator then names or skips their samples)."""
     from accelerate import PartialState
     from tqdm.auto import tqdm
 

@@ -560,8 +560,9 @@ def load_train_eval(data_args, seed: int) -> tuple[list[Conversation], list[Conv
         train, evaluation = records, read(eval_source, eval_folder)
         overlap = {c.image for c in train if c.image} & {c.image for c in evaluation if c.image}
         if overlap:
-            raise ValueError(f"{len(overlap)} image(s) are in both the training and the eval data ({train_source.label}, "
-                             f"{eval_source.label}), e.g. {sorted(overlap)[0]}: validation must be held out by image")
+            raise ValueError(f"{len(overlap)} image(s) are in both the training and the eval data "
+                             f"({train_source.label}, {eval_source.label}), e.g. {sorted(overlap)[0]}: validation "
+                             "must be held out by image")
     else:
         train, evaluation = split_by_image(records, data_args.val_fraction, seed)
     if getattr(data_args, "max_train_images", None) is not None:

@@ -20,7 +20,6 @@ from tqdm.auto import tqdm
 from mmphi.errors import BadRecordError, SkipReport
 from processing_mmphi import to_rgb
 
-
 EMBEDDED_ROW = "#row="
 
 

@@ -383,8 +383,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--val_fraction", type=float, default=0.1, help="held-out images (split by image)")
     parser.add_argument("--max_count", type=int, default=4, help="objects per image: 1..max_count")
     parser.add_argument("--records_per_image", type=int, default=2,
-                        help="LLaVA records (%d-%d turns each) per image; x%g (rounded up) for a single object"
-                        % (*TURNS_PER_RECORD, SINGLE_OBJECT_RECORDS_FACTOR))
+                        help=f"LLaVA records ({TURNS_PER_RECORD[0]}-{TURNS_PER_RECORD[1]} turns each) per image; "
+                             f"x{SINGLE_OBJECT_RECORDS_FACTOR:g} (rounded up) for a single object")
     parser.add_argument("--text_only_fraction", type=float, default=0.25,
                         help="extra text-only LLaVA records, as a share of the image records (BENCHMARKS.md #16: "
                              "0.25 gave held-out text 94-97%%, 0.15 83-89%%)")
