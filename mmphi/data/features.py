@@ -92,14 +92,18 @@ def default_cache_dir(fingerprint: str, paths: list[str]) -> str:
     return os.path.join(root, "vision_features", f"{fingerprint}-{images}")
 
 
+_SHARD_PREFIX, _SHARD_SUFFIX = "vision_features-", ".safetensors"
+
+
 def _shard_name(index: int) -> str:
-    return f"vision_features-{index:05d}.safetensors"
+    return f"{_SHARD_PREFIX}{index:05d}{_SHARD_SUFFIX}"
 
 
 def _next_shard_index(directory: str) -> int:
-    """One past the highest shard number in `directory` (an index may not list a shard whose images all failed)."""
-    numbers = [int(name[len("vision_features-"):-len(".safetensors")]) for name in os.listdir(directory)
-               if name.startswith("vision_features-") and name.endswith(".safetensors")]
+    """One past the highest shard number in `directory`: after the indexed shards, and after any that a run stopped
+    before its index was written left behind."""
+    numbers = [int(name[len(_SHARD_PREFIX):-len(_SHARD_SUFFIX)]) for name in os.listdir(directory)
+               if name.startswith(_SHARD_PREFIX) and name.endswith(_SHARD_SUFFIX)]
     return max(numbers, default=-1) + 1
 
 
