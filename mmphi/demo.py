@@ -147,7 +147,7 @@ def run_stage(stage: Stage, force: bool) -> None:
     else:
         try:
             run_module(stage.command)
-        except BaseException:
+        except (Exception, SystemExit):  # not KeyboardInterrupt: a stopped run did not fail
             print(f"\ndemo: stage '{stage.name}' failed; its command line is above", file=sys.stderr, flush=True)
             raise
     stage.result.update(status="ran", time_s=round(time.time() - start, 1))

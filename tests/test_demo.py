@@ -1,4 +1,4 @@
-"""`make demo` runs each stage's command line in its own process's place: the module's `main(argv)`, in-process."""
+"""`make demo` runs each stage's printed command line in the demo's own process: the module's `main(argv)`."""
 
 import importlib
 import inspect
