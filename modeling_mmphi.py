@@ -272,9 +272,13 @@ class MMPhiForCausalLM(MMPhiPreTrainedModel, GenerationMixin):
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         vision_features: torch.FloatTensor | None = None,
+        skip_logits: bool = False,
         **kwargs,
     ) -> MMPhiCausalLMOutputWithPast:
-        """`labels`: -100 where no loss is wanted (prompt, image and padding tokens); shifted inside the loss."""
+        """`labels`: -100 where no loss is wanted (prompt, image and padding tokens); shifted inside the loss.
+        `skip_logits=True` (with labels; Liger's name): the LM head runs on the labelled positions only and no logits
+        are returned. It is the same loss, for what a training step needs: the image and prompt tokens are most of a
+        sequence, and each would cost a `[hidden, vocab]` projection, forward and backward."""
         outputs = self.model(
             input_ids=input_ids,
             pixel_values=pixel_values,
@@ -287,14 +291,18 @@ class MMPhiForCausalLM(MMPhiPreTrainedModel, GenerationMixin):
             **kwargs,
         )
         hidden_states = outputs.last_hidden_state
-        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        logits = self.lm_head(hidden_states[:, keep, :])
-
-        loss = None
-        if labels is not None:
-            loss = self.loss_function(
-                logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size, **kwargs
-            )
+        loss = logits = None
+        if skip_logits:
+            if labels is None and kwargs.get("shift_labels") is None:
+                raise ValueError("skip_logits=True needs labels: it computes the loss without the logits")
+            loss = self._labelled_positions_loss(hidden_states, labels, **kwargs)
+        else:
+            keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+            logits = self.lm_head(hidden_states[:, keep, :])
+            if labels is not None:
+                loss = self.loss_function(
+                    logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size, **kwargs
+                )
         return MMPhiCausalLMOutputWithPast(
             loss=loss,
             logits=logits,
@@ -303,6 +311,17 @@ class MMPhiForCausalLM(MMPhiPreTrainedModel, GenerationMixin):
             attentions=outputs.attentions,
             image_hidden_states=outputs.image_hidden_states,
         )
+
+    def _labelled_positions_loss(self, hidden_states, labels, shift_labels=None, **kwargs) -> torch.Tensor:
+        """The causal LM loss (`self.loss_function`, the same reduction) from the LM head applied only where the
+        next-token label is not -100. `shift_labels` (already shifted, as under context parallelism) wins."""
+        if shift_labels is None:
+            shift_labels = nn.functional.pad(labels[:, 1:], (0, 1), value=-100)
+        shift_labels = shift_labels.to(hidden_states.device)  # the last device, when split by device_map
+        mask = shift_labels != -100
+        logits = self.lm_head(hidden_states[mask])
+        return self.loss_function(logits=logits, labels=None, shift_labels=shift_labels[mask],
+                                  vocab_size=self.config.text_config.vocab_size, **kwargs)
 
     @classmethod
     def from_components(

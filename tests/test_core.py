@@ -143,6 +143,34 @@ def test_loss_only_where_labels_are_set(tiny):
     assert keep.sum() == 3
 
 
+@pytest.mark.parametrize("num_items_in_batch", [None, 7])
+def test_skip_logits_gives_the_same_loss_and_gradients(num_items_in_batch):
+    """`skip_logits` runs the LM head on the labelled positions only: the loss and every gradient are the full
+    path's (the mean, or the sum over `num_items_in_batch` as Trainer passes it), and no logits come back."""
+    model, processor = build_tiny(seed=2)
+    model.train()
+    batch = processor(text=["<image>\nWhat colour is it? red", "<image>\nHow many shapes are there? 3 of them"],
+                      images=[[colour_image()], [colour_image((0, 0, 255))]])
+    labels = torch.full_like(batch["input_ids"], -100)
+    labels[0, -2:] = batch["input_ids"][0, -2:]
+    labels[1, -4:] = batch["input_ids"][1, -4:]
+    extra = {} if num_items_in_batch is None else {"num_items_in_batch": torch.tensor(num_items_in_batch)}
+    results = []
+    for skip in (False, True):
+        model.zero_grad()
+        out = model(**batch, labels=labels, skip_logits=skip, **extra)
+        out.loss.backward()
+        results.append((out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (full, full_grads), (skipped, skipped_grads) = results
+    assert skipped.logits is None and full.logits is not None
+    torch.testing.assert_close(skipped.loss, full.loss, atol=1e-6, rtol=1e-5)
+    assert full_grads.keys() == skipped_grads.keys() and "lm_head.weight" in full_grads
+    for name, grad in full_grads.items():
+        torch.testing.assert_close(skipped_grads[name], grad, atol=1e-6, rtol=1e-4, msg=name)
+    with pytest.raises(ValueError, match="needs labels"):
+        model(**batch, skip_logits=True)
+
+
 def test_greedy_generation_same_with_and_without_cache(tiny):
     model, processor = tiny
     batch = processor(text=["<image>\nWhat shape is this?"], images=[colour_image()])

@@ -128,6 +128,33 @@ def test_cached_and_uncached_features_give_the_same_losses(setup, tmp_path, monk
     assert list(cache.glob("*.safetensors")) and json.loads((cache / "index.json").read_text())["rows"]
 
 
+def test_training_loss_skips_the_logits_and_equals_the_full_loss(setup, tmp_path):
+    """A training step asks the model for its loss without logits (`skip_logits`): the LM head runs on the caption
+    tokens only, with the loss and gradients of the full logits. Evaluation still gets the logits."""
+    from transformers import Trainer
+
+    root, data = setup
+    trainer = build(root, data, tmp_path / "out", "--train_language_model").trainer
+    batch = next(iter(trainer.get_train_dataloader()))
+    assert (batch["labels"] != -100).sum() < batch["attention_mask"].sum()  # the image tokens carry no label
+    calls = []
+    hook = trainer.model.register_forward_pre_hook(lambda _, args, kwargs: calls.append(kwargs.get("skip_logits")),
+                                                   with_kwargs=True)
+    trained = [p for p in trainer.model.parameters() if p.requires_grad]
+    results = {}
+    for name, compute_loss in (("stage", type(trainer).compute_loss), ("full", Trainer.compute_loss)):
+        trainer.model.zero_grad()
+        loss = compute_loss(trainer, trainer.model, dict(batch))
+        loss.backward()
+        results[name] = (loss.detach(), [p.grad.clone() for p in trained])
+    _, outputs = type(trainer).compute_loss(trainer, trainer.model, dict(batch), return_outputs=True)
+    hook.remove()
+    assert calls == [True, None, None] and outputs.logits is not None
+    torch.testing.assert_close(results["stage"][0], results["full"][0], rtol=1e-5, atol=1e-6)
+    for ours, full in zip(results["stage"][1], results["full"][1], strict=True):
+        torch.testing.assert_close(ours, full, rtol=1e-4, atol=1e-6)
+
+
 def test_cached_features_with_a_trained_tower_is_an_error(setup, tmp_path):
     root, data = setup
     with pytest.raises(ValueError, match="needs a frozen tower"):

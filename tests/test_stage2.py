@@ -290,12 +290,17 @@ def test_cpu_loss_is_trls_loss_on_the_answer_tokens(tiny_folder, synthetic, tmp_
     batch = next(iter(trainer.get_train_dataloader()))
     assert (batch["labels"] != -100).sum() < batch["attention_mask"].sum() / 4  # mostly prompt and image tokens
     trained = [p for p in trainer.model.parameters() if p.requires_grad]
+    calls = []  # ours asks for the loss without logits: the LM head runs on the answer tokens only
+    hook = trainer.model.get_base_model().register_forward_pre_hook(
+        lambda _, args, kwargs: calls.append(kwargs.get("skip_logits")), with_kwargs=True)
     results = {}
     for name, compute_loss in (("ours", InstructTrainer.compute_loss), ("trl", SFTTrainer.compute_loss)):
         trainer.model.zero_grad()
         loss = compute_loss(trainer, trainer.model, dict(batch))
         loss.backward()
         results[name] = (loss.detach(), [p.grad.clone() for p in trained])
+    hook.remove()
+    assert calls[0] is True
     assert results["ours"][0] == pytest.approx(results["trl"][0].item(), rel=1e-5)
     for ours, trl in zip(results["ours"][1], results["trl"][1], strict=True):
         torch.testing.assert_close(ours, trl, rtol=1e-4, atol=1e-6)

@@ -337,6 +337,16 @@ class MMPhiTrainerMixin:
             return length_grouped_sampler(dataset["length"], self.args)
         return super()._get_train_sampler(train_dataset)
 
+    def loss_only_inputs(self, inputs: dict, return_outputs: bool) -> dict:
+        """The batch for the model's own loss (`Trainer.compute_loss`). A training step needs only the loss, so the
+        model scores the labelled positions alone (`skip_logits`): the same loss, without projecting every image and
+        prompt token through the LM head (BENCHMARKS.md "Session 12 (#16)"). Evaluation (`return_outputs`), label
+        smoothing and a `compute_loss_func` read the logits, so they get the batch as it is."""
+        if return_outputs or "labels" not in inputs or self.label_smoother is not None \
+                or self.compute_loss_func is not None:
+            return inputs
+        return {**inputs, "skip_logits": True}
+
     def evaluate(self, *args, **kwargs):
         self.data_collator.evaluating = True
         try:

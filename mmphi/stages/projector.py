@@ -110,7 +110,9 @@ class ProjectorTrainingArguments(StageTrainingArguments):
 
 
 class ProjectorTrainer(MMPhiTrainerMixin, Trainer):
-    pass
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        return super().compute_loss(model, self.loss_only_inputs(inputs, return_outputs), return_outputs,
+                                    num_items_in_batch)
 
 
 def parse_args(argv: list[str] | None = None):
