@@ -88,6 +88,7 @@ def use_fused_loss(model) -> torch.nn.Module:
             return original(*args, labels=labels, **kwargs)
         kwargs.pop("logits_to_keep", None)
         kwargs.pop("return_dict", None)
+        kwargs.pop("skip_logits", None)  # the trainers' request; this loss never builds the logits either
         outputs = self.model(**kwargs)
         loss = fused_linear_cross_entropy(outputs.last_hidden_state, self.lm_head.weight, self.lm_head.bias, labels,
                                           num_items_in_batch)

@@ -38,6 +38,23 @@ def test_fused_linear_cross_entropy_equals_the_causal_lm_loss_with_bias(num_item
         torch.testing.assert_close(got, want)
 
 
+def test_the_fused_loss_takes_the_trainers_skip_logits_request():
+    """Stages 1-2 ask the model for its loss without logits (`skip_logits`); the fused loss answers it and does not
+    hand the flag on to the decoder, with the loss of the model's own `skip_logits` path."""
+    model, processor = build_tiny(seed=0)
+    model.train()
+    batch = processor(text=["<image>\nWhat colour is it? red"], images=[torch.zeros(3, 224, 224)])
+    labels = torch.full_like(batch["input_ids"], -100)
+    labels[0, -3:] = batch["input_ids"][0, -3:]
+    expected = model(**batch, labels=labels, skip_logits=True).loss
+    apply_liger_kernel(model, device_is_cuda=False)
+    seen = []
+    model.model.register_forward_pre_hook(lambda _, args, kwargs: seen.append(set(kwargs)), with_kwargs=True)
+    outputs = model(**batch, labels=labels, skip_logits=True)
+    assert seen and "skip_logits" not in seen[0] and outputs.logits is None
+    torch.testing.assert_close(outputs.loss, expected)
+
+
 def test_the_layer_norms_swapped_are_the_language_models():
     """MM-Phi's vision tower keeps its own LayerNorms (frozen, run without autograd); Phi's decoder gets Liger's."""
     from mmphi.kernels import language_model_of
