@@ -3,7 +3,8 @@
 Parameter names match `LlavaForConditionalGeneration` (`model.vision_tower.*`, `model.multi_modal_projector.linear_1`
 [+ `linear_2`], `model.language_model.*`, `lm_head.*`), so Llava tooling, PEFT target names and TRL's trainer work.
 Differences from Llava: a `"linear"` projector (the seed's single Linear(640, 2560)), Phi's lm_head bias, and an
-optional `vision_features` input so training can reuse cached tower outputs when the tower is frozen.
+optional `vision_features` input so training can reuse cached tower outputs when the tower is frozen, and
+`skip_logits` (Liger's name) for a training step that needs only the loss: the LM head runs on the labelled positions.
 """
 
 from __future__ import annotations
