@@ -40,10 +40,12 @@ PROJECTOR = ("--train_language_model --cache_vision_features --max_steps 300 --p
 # the same 600 steps took yes/no from 50.5% to 89.2%, position from 42.9% to 57.1% (BENCHMARKS.md "#16").
 # The synthetic data's short records (1-2 turns) took 0.31-0.55 s a step on this project's 2-core host, by the day;
 # from cached features and with the model's own loss on a CPU (session 10), 0.37 s on a day it took 0.55 s before;
-# with the tiny Phi's fused GELU (session 11), 0.31 s on a day it took 0.41 s before.
+# with the tiny Phi's fused GELU (session 11), 0.31 s on a day it took 0.41 s before; scoring only the answer tokens
+# (`skip_logits`, session 12) 10-15% less again.
 # 2000 steps: with position 18% of the turns, 1500 steps gave held-out position 86.3-97.1% by the run (90.2, 93.1,
 # 91.2, 86.3, 97.1), and 2000 steps 95.1% on the run that had 86.3% at 1500; at 0.37 s a step that is less time than
-# 1500 steps took before session 10. A second stage-2 seed at 2000 steps still gave 86.3-87.3% (session 11). 900
+# 1500 steps took before session 10. Other stage-2 seeds at 2000 steps gave 82.4-98.0% (sessions 11-12: 3 of 5 seeds
+# >= 90% on one stage 1); the seeds that miss miss on their training images too (under-fitting left/right). 900
 # steps left position at 72-87%, 1000 at 72.5 / 85.3% (BENCHMARKS.md "Session 8" to "Session 11").
 # `--cache_vision_features` (with the demo's stage-1 cache folder): the tower's features instead of decoding and
 # encoding 16 images at every step.
