@@ -44,13 +44,15 @@ PROJECTOR = ("--train_language_model --cache_vision_features --max_steps 300 --p
 # (`skip_logits`, session 12) 10-15% less again.
 # 2000 steps: with position 18% of the turns, 1500 steps gave held-out position 86.3-97.1% by the run (90.2, 93.1,
 # 91.2, 86.3, 97.1), and 2000 steps 95.1% on the run that had 86.3% at 1500; at 0.37 s a step that is less time than
-# 1500 steps took before session 10. Other stage-2 seeds at 2000 steps gave 82.4-98.0% (sessions 11-12: 3 of 5 seeds
-# >= 90% on one stage 1); the seeds that miss miss on their training images too (under-fitting left/right). 900
-# steps left position at 72-87%, 1000 at 72.5 / 85.3% (BENCHMARKS.md "Session 8" to "Session 11").
+# 1500 steps took before session 10. 900 steps left position at 72-87%, 1000 at 72.5 / 85.3% (BENCHMARKS.md
+# "Session 8" to "Session 11").
+# `--learning_rate 5e-4` (session 12): at 1e-3, two of five stage-2 seeds under-fitted left/right (position 82.4 and
+# 85.3% held-out, 83.5% on their own training images); at 5e-4 the same two gave 97.1 and 93.1%, at half the
+# training loss (BENCHMARKS.md "Session 12 (#16)").
 # `--cache_vision_features` (with the demo's stage-1 cache folder): the tower's features instead of decoding and
 # encoding 16 images at every step.
 INSTRUCT = ("--cache_vision_features --max_steps 2000 --train_sampling_strategy random "
-            "--per_device_train_batch_size 16 --gradient_accumulation_steps 1 --learning_rate 1e-3 "
+            "--per_device_train_batch_size 16 --gradient_accumulation_steps 1 --learning_rate 5e-4 "
             "--gradient_checkpointing false --optim adamw_torch --warmup_steps 10 --lr_scheduler_type cosine "
             "--logging_steps 10 --val_fraction 0 --lora_alpha 128 --lora_dropout 0 "
             "--modules_to_save multi_modal_projector lm_head")
