@@ -47,8 +47,9 @@ PROJECTOR = ("--train_language_model --cache_vision_features --max_steps 300 --p
 # 1500 steps took before session 10. 900 steps left position at 72-87%, 1000 at 72.5 / 85.3% (BENCHMARKS.md
 # "Session 8" to "Session 11").
 # `--learning_rate 5e-4` (session 12): at 1e-3, two of five stage-2 seeds under-fitted left/right (position 82.4 and
-# 85.3% held-out, 83.5% on their own training images); at 5e-4 the same two gave 97.1 and 93.1%, at half the
-# training loss (BENCHMARKS.md "Session 12 (#16)").
+# 85.3% held-out, 83.5% on their own training images). At 5e-4 seeds 1-4 gave position 93.1-97.1% and 98.2-99.1%
+# overall, every type >= 93%; the logged loss at step 800 was 0.09-0.10 against 0.19-0.24, and 2e-3 was worse
+# (0.43) (BENCHMARKS.md "Session 12 (#16)").
 # `--cache_vision_features` (with the demo's stage-1 cache folder): the tower's features instead of decoding and
 # encoding 16 images at every step.
 INSTRUCT = ("--cache_vision_features --max_steps 2000 --train_sampling_strategy random "
