@@ -195,7 +195,7 @@ class InstructTrainer(MMPhiTrainerMixin, SFTTrainer):
         answer tokens: on CUDA/XPU, in Triton. Elsewhere (a CPU) it scores every position, image and prompt tokens
         too, in fp32 tiles: there the model's own loss (the same mean over answer tokens, `Trainer.compute_loss`) is
         15-25% less time per step of the tiny stage 2 (BENCHMARKS.md "Session 10 (#16)"), and from the answer
-        tokens only (`loss_only_inputs`) about 10% less again ("Session 12")."""
+        tokens only (`loss_only_inputs`) 10-15% less again ("Session 12")."""
         if self.args.device.type in ("cuda", "xpu"):
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         inputs = {**self.loss_only_inputs(inputs, return_outputs), "use_cache": False}
