@@ -153,6 +153,15 @@ def test_training_loss_skips_the_logits_and_equals_the_full_loss(setup, tmp_path
     torch.testing.assert_close(results["stage"][0], results["full"][0], rtol=1e-5, atol=1e-6)
     for ours, full in zip(results["stage"][1], results["full"][1], strict=True):
         torch.testing.assert_close(ours, full, rtol=1e-4, atol=1e-6)
+    # a loss-only evaluation step takes the same path: the loss of Trainer's step, no logits built
+    calls.clear()
+    hook = trainer.model.register_forward_pre_hook(lambda _, args, kwargs: calls.append(kwargs.get("skip_logits")),
+                                                   with_kwargs=True)
+    loss, logits, labels = type(trainer).prediction_step(trainer, trainer.model, dict(batch), True)
+    hook.remove()
+    expected = Trainer.prediction_step(trainer, trainer.model, dict(batch), True)[0]
+    assert calls == [True] and logits is None and labels is None
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
 
 
 def test_cached_features_with_a_trained_tower_is_an_error(setup, tmp_path):

@@ -114,6 +114,15 @@ class ProjectorTrainer(MMPhiTrainerMixin, Trainer):
         return super().compute_loss(model, self.loss_only_inputs(inputs, return_outputs), return_outputs,
                                     num_items_in_batch)
 
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        """A loss-only evaluation (`evaluate` without `compute_metrics`) takes the training step's loss, without the
+        logits, as TRL's SFTTrainer does for stage 2: Trainer would build `[batch, seq, vocab]` logits to drop them."""
+        if not prediction_loss_only or "labels" not in inputs:
+            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            return self.compute_loss(model, inputs).detach(), None, None
+
 
 def parse_args(argv: list[str] | None = None):
     return parse_stage_args((ModelArguments, DataArguments, ProjectorTrainingArguments), argv)
