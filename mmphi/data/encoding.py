@@ -340,8 +340,9 @@ class MMPhiTrainerMixin:
     def loss_only_inputs(self, inputs: dict, return_outputs: bool) -> dict:
         """The batch for the model's own loss (`Trainer.compute_loss`). A training step needs only the loss, so the
         model scores the labelled positions alone (`skip_logits`): the same loss, without projecting every image and
-        prompt token through the LM head (BENCHMARKS.md "Session 12 (#16)"). Evaluation (`return_outputs`), label
-        smoothing and a `compute_loss_func` read the logits, so they get the batch as it is."""
+        prompt token through the LM head (BENCHMARKS.md "Session 12 (#16)"). A caller that returns the outputs
+        (`return_outputs`, unless a loss-only evaluation step asked already), label smoothing and a `compute_loss_func`
+        read the logits, so they get the batch as it is."""
         if return_outputs or "labels" not in inputs or self.label_smoother is not None \
                 or self.compute_loss_func is not None:
             return inputs

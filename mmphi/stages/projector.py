@@ -115,13 +115,12 @@ class ProjectorTrainer(MMPhiTrainerMixin, Trainer):
                                     num_items_in_batch)
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-        """A loss-only evaluation (`evaluate` without `compute_metrics`) takes the training step's loss, without the
-        logits, as TRL's SFTTrainer does for stage 2: Trainer would build `[batch, seq, vocab]` logits to drop them."""
-        if not prediction_loss_only or "labels" not in inputs:
-            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
-        inputs = self._prepare_inputs(inputs)
-        with torch.no_grad(), self.compute_loss_context_manager():
-            return self.compute_loss(model, inputs).detach(), None, None
+        """A loss-only evaluation (`evaluate` without `compute_metrics`) asks the model for the loss alone, as Trainer
+        itself does under `--use_liger_kernel`: Trainer would build `[batch, seq, vocab]` logits to drop them. The rest
+        is Trainer's step (its token count for the loss, the mean over DataParallel replicas, context parallelism)."""
+        if prediction_loss_only:
+            inputs = self.loss_only_inputs(inputs, return_outputs=False)
+        return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
 
 
 def parse_args(argv: list[str] | None = None):
