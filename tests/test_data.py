@@ -16,7 +16,6 @@ from mmphi.data.synthetic import (
     CELL,
     COLOURS,
     GRID_SIZES,
-    SINGLE_OBJECT_RECORDS_FACTOR,
     TURNS_PER_RECORD,
     generate,
 )
@@ -112,18 +111,32 @@ def test_every_single_object_record_asks_where_it_is(synthetic):
         assert len(asked) == len(set(asked)) and TURNS_PER_RECORD[0] <= len(asked) <= TURNS_PER_RECORD[1]
 
 
-def test_single_objects_get_more_records_than_other_images(synthetic):
-    """Position, asked only of single objects, needs its share of the turns (#16): their images get
-    SINGLE_OBJECT_RECORDS_FACTOR times the records (3 instead of 2), in both splits."""
-    scenes = {s["file_name"]: s for s in json.loads(Path(synthetic["scenes"]).read_text())}
-    expected = {True: 3, False: 2}
-    assert SINGLE_OBJECT_RECORDS_FACTOR == 1.5
+def test_every_image_gets_its_records_per_image(synthetic):
+    """Every image, single object or not, gets --records_per_image records (2), in both splits: position gets its
+    share of the turns from how many images show a single object (SINGLE_OBJECT_SHARE), not from repeats (#16)."""
     records = {split: Counter(r["image"] for r in json.loads(Path(synthetic[split]).read_text()) if "image" in r)
                for split in ("llava_train", "llava_val")}
-    for split, per_image in records.items():
-        for image, n in per_image.items():
-            assert n == expected[scenes[image]["count"] == 1], (split, image)
-    assert set(records["llava_train"].values()) == {2, 3}
+    scenes = json.loads(Path(synthetic["scenes"]).read_text())
+    assert sum(records.values(), Counter()) == Counter({scene["file_name"]: 2 for scene in scenes})
+
+
+@pytest.mark.parametrize("share", [0.0, 0.4, 1.0])
+def test_single_object_share_sets_how_many_images_have_a_position(tmp_path, share):
+    """Single objects are the only scenes asked where they are (#16); --single_object_share sets how many there are,
+    and the other counts share the rest alike."""
+    paths = generate(str(tmp_path), num_images=300, val_fraction=0.1, seed=2, single_object_share=share)
+    counts = Counter(scene["count"] for scene in json.loads(Path(paths["scenes"]).read_text()))
+    assert abs(counts[1] / 300 - share) < 0.08, counts
+    if share < 1:
+        assert {2, 3, 4} <= set(counts) and max(counts[n] for n in (2, 3, 4)) < 2 * min(counts[n] for n in (2, 3, 4))
+    asked = {turn["question_type"] for record in json.loads(Path(paths["llava_train"]).read_text())
+             for turn in record["conversations"] if turn["from"] == "human"}
+    assert ("position" in asked) == (share > 0)
+
+
+def test_single_object_share_out_of_range_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="single_object_share must be between 0 and 1, got 1.5"):
+        generate(str(tmp_path), num_images=4, single_object_share=1.5)
 
 
 def test_yes_no_gets_the_largest_share_of_the_turns(tmp_path):

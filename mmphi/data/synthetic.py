@@ -12,8 +12,8 @@ question has one exact, short answer. Writes, under --output_dir:
   three captions per image.
 - `llava_instruct_train.json`, `llava_instruct_val.json`: LLaVA-Instruct format
   (`[{"id", "image", "conversations": [{"from": "human", "value", "question_type"}, {"from": "gpt", "value"}, ...]}]`),
-  two records per image (three per single object, see SINGLE_OBJECT_RECORDS_FACTOR) of 1-2 question/answer turns
-  (yes/no drawn most often, see TYPE_WEIGHTS), `<image>` at the start of the first human turn, plus text-only
+  two records per image of 1-2 question/answer turns (yes/no drawn most often, see TYPE_WEIGHTS; a third of the
+  images show a single object, see SINGLE_OBJECT_SHARE), `<image>` at the start of the first human turn, plus text-only
   records (no "image" key, question_type "text").
 - `scenes.json`: the ground truth of every image (shape, colour, count, size, position, boxes) and its split.
 
@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import os
 import random
 from dataclasses import asdict, dataclass
@@ -61,6 +60,13 @@ GRID_SIZES = {"small": (1, (40, 44)), "large": (2, (92, 96))}  # (block side in 
 QUADRANTS = ("top left", "top right", "bottom left", "bottom right")
 NUMBER_WORDS = {1: "one", 2: "two", 3: "three", 4: "four", 5: "five", 6: "six"}
 QUESTION_TYPES = ("colour", "count", "shape", "size", "position", "yes/no", "text")
+# The share of images with a single object, the only scenes with a position (the other counts share the rest alike).
+# The tiny Phi tells left from right only from the object token's content (top/bottom from where the token sits), so
+# position needs many distinct single objects: at a quarter of the images (and three records each, position 18% of
+# the turns) held-out position ranged 89.2-97.1% by the stage-2 draw; at a third (two records each, the same 18%)
+# 96.5% on two draws. Two fifths (23% of the turns) leaked quadrant answers into colour and count questions
+# (BENCHMARKS.md "Session 14 (#16)").
+SINGLE_OBJECT_SHARE = 0.33
 
 
 @dataclass
@@ -163,8 +169,16 @@ def draw_scene(rng: random.Random, scene: Scene) -> Image.Image:
     return image
 
 
-def random_scene(rng: random.Random, image_id: int, max_count: int, layout: str = "grid") -> Scene:
-    count = rng.randint(1, max_count)
+def draw_count(rng: random.Random, max_count: int, single_object_share: float) -> int:
+    """1 with probability `single_object_share`, else uniform over 2..max_count."""
+    if max_count == 1 or rng.random() < single_object_share:
+        return 1
+    return rng.randint(2, max_count)
+
+
+def random_scene(rng: random.Random, image_id: int, max_count: int, layout: str = "grid",
+                 single_object_share: float = SINGLE_OBJECT_SHARE) -> Scene:
+    count = draw_count(rng, max_count, single_object_share)
     size = rng.choice(list(SIZES))
     quadrant = rng.choice(QUADRANTS) if count == 1 else None
     boxes = (place_grid_boxes if layout == "grid" else place_boxes)(rng, count, size, quadrant)
@@ -263,11 +277,6 @@ def conversation(turns: list[tuple[str, str, str]], with_image: bool) -> list[di
 # (the asked colour vs the seen one) was a coin flip at 17% of the turns and is 99% at ~40% (BENCHMARKS.md "#16").
 TURNS_PER_RECORD = (1, 2)
 TYPE_WEIGHTS = {"yes/no": 20}
-# Single objects, the only scenes with a position (a quarter of the images), get this many times the records (rounded
-# up): position 18% of the turns instead of 13.6%. The tiny Phi tells left from right only from the object token's
-# content (top/bottom from where the token sits), and learned it reliably only with this share and 1500 steps
-# (BENCHMARKS.md "Session 8").
-SINGLE_OBJECT_RECORDS_FACTOR = 1.5
 
 
 def pick_types(rng: random.Random, available: list[str], k: int) -> list[str]:
@@ -293,12 +302,6 @@ def llava_records(rng: random.Random, scene: Scene, n_records: int) -> list[dict
         records.append({"id": f"{scene.image_id:06d}-{index}", "image": scene.file_name,
                         "conversations": conversation(turns, with_image=True)})
     return records
-
-
-def records_for(scene: Scene, records_per_image: int) -> int:
-    """How many records an image gets: SINGLE_OBJECT_RECORDS_FACTOR times records_per_image, rounded up, for a single
-    object."""
-    return math.ceil(records_per_image * SINGLE_OBJECT_RECORDS_FACTOR) if scene.position else records_per_image
 
 
 def text_only_record(rng: random.Random, record_id: str) -> dict:
@@ -345,7 +348,7 @@ def read_scenes(data_dir: str) -> list[dict]:
 
 def generate(output_dir: str, num_images: int = 2000, val_fraction: float = 0.1, max_count: int = 4,
              records_per_image: int = 2, text_only_fraction: float = 0.25, seed: int = 0,
-             layout: str = "grid") -> dict[str, str]:
+             layout: str = "grid", single_object_share: float = SINGLE_OBJECT_SHARE) -> dict[str, str]:
     """Write the dataset; returns the paths of the files written (keys: images, captions_train, captions_val,
     llava_train, llava_val, scenes)."""
     if not 1 <= max_count <= max(NUMBER_WORDS):
@@ -356,14 +359,17 @@ def generate(output_dir: str, num_images: int = 2000, val_fraction: float = 0.1,
     if layout == "grid" and max_count > capacity:
         raise ValueError(f"the grid layout fits at most {capacity} objects of every size, got max_count {max_count}")
     rng = random.Random(seed)
-    scenes = [random_scene(rng, image_id, max_count, layout) for image_id in range(1, num_images + 1)]
+    if not 0 <= single_object_share <= 1:
+        raise ValueError(f"single_object_share must be between 0 and 1, got {single_object_share}")
+    scenes = [random_scene(rng, image_id, max_count, layout, single_object_share)
+              for image_id in range(1, num_images + 1)]
     image_dir = hold_out_and_draw(rng, scenes, val_fraction, output_dir, draw_scene)
 
     paths = {"images": image_dir, "scenes": os.path.join(output_dir, "scenes.json")}
     for split in ("train", "val"):
         split_scenes = [s for s in scenes if s.split == split]
         records = [r for scene in split_scenes
-                   for r in llava_records(rng, scene, records_for(scene, records_per_image))]
+                   for r in llava_records(rng, scene, records_per_image)]
         n_text = round(len(records) * text_only_fraction)
         records += [text_only_record(rng, f"text-{split}-{i}") for i in range(n_text)]
         rng.shuffle(records)
@@ -383,8 +389,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--val_fraction", type=float, default=0.1, help="held-out images (split by image)")
     parser.add_argument("--max_count", type=int, default=4, help="objects per image: 1..max_count")
     parser.add_argument("--records_per_image", type=int, default=2,
-                        help=f"LLaVA records ({TURNS_PER_RECORD[0]}-{TURNS_PER_RECORD[1]} turns each) per image; "
-                             f"x{SINGLE_OBJECT_RECORDS_FACTOR:g} (rounded up) for a single object")
+                        help=f"LLaVA records ({TURNS_PER_RECORD[0]}-{TURNS_PER_RECORD[1]} turns each) per image")
     parser.add_argument("--text_only_fraction", type=float, default=0.25,
                         help="extra text-only LLaVA records, as a share of the image records (BENCHMARKS.md #16: "
                              "0.25 gave held-out text 94-97%%, 0.15 83-89%%)")
@@ -392,10 +397,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--layout", choices=["grid", "free"], default="grid",
                         help="grid: objects on the tiny tower's 4x4 patch grid (learnable in minutes); "
                              "free: anywhere, not overlapping")
+    parser.add_argument("--single_object_share", type=float, default=SINGLE_OBJECT_SHARE,
+                        help="share of the images with one object (the only ones asked where it is); the other "
+                             "counts share the rest alike")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     paths = generate(args.output_dir, args.num_images, args.val_fraction, args.max_count, args.records_per_image,
-                     args.text_only_fraction, args.seed, args.layout)
+                     args.text_only_fraction, args.seed, args.layout, args.single_object_share)
     for name, path in paths.items():
         print(f"{name}: {path}")
 
