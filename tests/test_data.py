@@ -140,14 +140,16 @@ def test_single_object_share_out_of_range_is_refused(tmp_path):
 
 
 def test_yes_no_gets_the_largest_share_of_the_turns(tmp_path):
-    """yes/no's comparison needs the most examples (#16): it is drawn TYPE_WEIGHTS times as often as a plain type."""
+    """yes/no's comparison needs the most examples (#16): it is drawn TYPE_WEIGHTS times as often as a plain type, and
+    count (off by one now and then) twice as often."""
     paths = generate(str(tmp_path), num_images=400, val_fraction=0.1, seed=1)
     asked = Counter(turn["question_type"] for record in json.loads(Path(paths["llava_train"]).read_text())
                     for turn in record["conversations"] if turn["from"] == "human")
     share = {question_type: n / sum(asked.values()) for question_type, n in asked.items()}
     assert max(share, key=share.get) == "yes/no" and share["yes/no"] > 0.3
-    for plain in ("colour", "count", "shape", "size"):
-        assert 0.05 < share[plain] < share["yes/no"] / 2
+    plain = [share[question_type] for question_type in ("colour", "shape", "size")]
+    assert all(0.03 < one < share["yes/no"] / 4 for one in plain), share
+    assert 1.5 < share["count"] / (sum(plain) / 3) < 2.5, share
 
 
 def test_synthetic_split_is_by_image_in_both_formats(synthetic):
