@@ -64,7 +64,7 @@ QUESTION_TYPES = ("colour", "count", "shape", "size", "position", "yes/no", "tex
 # The tiny Phi tells left from right only from the object token's content (top/bottom from where the token sits), so
 # position needs many distinct single objects: at a quarter of the images (and three records each, position 18% of
 # the turns) held-out position ranged 89.2-97.1% by the stage-2 draw; at a third (two records each, the same 18%)
-# 96.5% on two draws. Two fifths (23% of the turns) leaked quadrant answers into colour and count questions
+# 90.3-97.9% over ten draws. Two fifths (23% of the turns) leaked quadrant answers into colour and count questions
 # (BENCHMARKS.md "Session 14 (#16)").
 SINGLE_OBJECT_SHARE = 0.33
 
@@ -276,7 +276,7 @@ def conversation(turns: list[tuple[str, str, str]], with_image: bool) -> list[di
 # context, so a type that relates the question to the image is learned in stage 2 only from many examples: yes/no
 # (the asked colour vs the seen one) was a coin flip at 17% of the turns and is 99% at ~40% (BENCHMARKS.md "#16").
 # Count, off by one now and then (91.1-97.8% at 6% of the turns), gets twice a plain type's draws: 10% of the turns,
-# 98.7-100% (BENCHMARKS.md "Session 14 (#16)").
+# 97.4-100% over five draws (BENCHMARKS.md "Session 14 (#16)").
 TURNS_PER_RECORD = (1, 2)
 TYPE_WEIGHTS = {"yes/no": 20, "count": 2}
 
