@@ -64,7 +64,7 @@ QUESTION_TYPES = ("colour", "count", "shape", "size", "position", "yes/no", "tex
 # The tiny Phi tells left from right only from the object token's content (top/bottom from where the token sits), so
 # position needs many distinct single objects: at a quarter of the images (and three records each, position 18% of
 # the turns) held-out position ranged 89.2-97.1% by the stage-2 draw; at a third (two records each, the same 18%)
-# 90.3-97.9% over ten draws. Two fifths (23% of the turns) leaked quadrant answers into colour and count questions
+# 90.3-97.9% over twelve draws. Two fifths (23% of the turns) leaked quadrant answers into colour and count questions
 # (BENCHMARKS.md "Session 14 (#16)").
 SINGLE_OBJECT_SHARE = 0.33
 
