@@ -19,6 +19,7 @@ from mmphi.data.synthetic import (
     TURNS_PER_RECORD,
     generate,
 )
+from mmphi.data.synthetic import main as synthetic_main
 
 
 @pytest.fixture(scope="module")
@@ -134,9 +135,13 @@ def test_single_object_share_sets_how_many_images_have_a_position(tmp_path, shar
     assert ("position" in asked) == (share > 0)
 
 
-def test_single_object_share_out_of_range_is_refused(tmp_path):
+def test_single_object_share_out_of_range_is_refused(tmp_path, capsys):
     with pytest.raises(ValueError, match="single_object_share must be between 0 and 1, got 1.5"):
         generate(str(tmp_path), num_images=4, single_object_share=1.5)
+    with pytest.raises(SystemExit) as exit_:  # the command line says so as a usage error, before writing anything
+        synthetic_main(["--output_dir", str(tmp_path / "cli"), "--single_object_share", "1.5"])
+    assert exit_.value.code == 2 and not (tmp_path / "cli").exists()
+    assert "single_object_share must be between 0 and 1, got 1.5" in capsys.readouterr().err
 
 
 def test_yes_no_gets_the_largest_share_of_the_turns(tmp_path):

@@ -357,12 +357,12 @@ def generate(output_dir: str, num_images: int = 2000, val_fraction: float = 0.1,
         raise ValueError(f"max_count must be between 1 and {max(NUMBER_WORDS)}, got {max_count}")
     if layout not in ("grid", "free"):
         raise ValueError(f"layout must be 'grid' or 'free', got {layout!r}")
+    if not 0 <= single_object_share <= 1:
+        raise ValueError(f"single_object_share must be between 0 and 1, got {single_object_share}")
     capacity = min((GRID // block) ** 2 for block, _ in GRID_SIZES.values())
     if layout == "grid" and max_count > capacity:
         raise ValueError(f"the grid layout fits at most {capacity} objects of every size, got max_count {max_count}")
     rng = random.Random(seed)
-    if not 0 <= single_object_share <= 1:
-        raise ValueError(f"single_object_share must be between 0 and 1, got {single_object_share}")
     scenes = [random_scene(rng, image_id, max_count, layout, single_object_share)
               for image_id in range(1, num_images + 1)]
     image_dir = hold_out_and_draw(rng, scenes, val_fraction, output_dir, draw_scene)
@@ -404,8 +404,11 @@ def main(argv: list[str] | None = None) -> None:
                              "counts share the rest alike")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    paths = generate(args.output_dir, args.num_images, args.val_fraction, args.max_count, args.records_per_image,
-                     args.text_only_fraction, args.seed, args.layout, args.single_object_share)
+    try:
+        paths = generate(args.output_dir, args.num_images, args.val_fraction, args.max_count, args.records_per_image,
+                         args.text_only_fraction, args.seed, args.layout, args.single_object_share)
+    except ValueError as error:  # an argument out of range: a usage error, not a traceback
+        parser.error(str(error))
     for name, path in paths.items():
         print(f"{name}: {path}")
 
