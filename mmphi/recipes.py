@@ -20,9 +20,10 @@ PRETRAIN = ("--config_name tiny --block_size 128 --per_device_train_batch_size 1
             "--gradient_checkpointing false --optim adamw_torch --learning_rate 2e-3 --warmup_steps 0.05 "
             "--logging_steps 25 --disable_tqdm true")
 
-# The tiny CLIP (the offline stand-in for TinyCLIP): ~11 epochs of the 1,766 synthetic training images, ~90 s. A
-# linear probe finds count in the tower's features for 96.5% of held-out images after 300 steps (two seeds); 200
-# steps gave 92.5-94%, and held-out VQA count followed (87.5-95.8%).
+# The tiny CLIP (the offline stand-in for TinyCLIP): ~7 epochs of the 2,700 synthetic training images, ~70 s. On
+# 1,800 images (11 epochs) a linear probe found count in the tower's features for 96.5% of held-out images after 300
+# steps (two seeds); 200 steps gave 92.5-94%, and held-out VQA count followed (87.5-95.8%). On 2,700, held-out VQA
+# count is 98-99% (BENCHMARKS.md "Session 15 (#16)").
 CLIP = ("--max_steps 300 --per_device_train_batch_size 64 --learning_rate 1e-3 --weight_decay 0.1 "
         "--warmup_steps 15 --lr_scheduler_type cosine --logging_steps 25")
 

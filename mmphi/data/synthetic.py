@@ -1,6 +1,6 @@
 """Synthetic images with exact ground truth, in the two formats the stages read (offline stand-in for COCO / LLaVA).
 
-    python scripts/make_synthetic_data.py --output_dir data/synthetic --num_images 2000 --seed 0
+    python scripts/make_synthetic_data.py --output_dir data/synthetic --num_images 3000 --seed 0
 
 Each image (224 x 224 PNG, near-white background) shows `count` copies (1..--max_count) of ONE shape (circle, square,
 triangle) in ONE colour and ONE size (small/large), not overlapping; a single object sits inside one quadrant. So every
@@ -64,9 +64,15 @@ QUESTION_TYPES = ("colour", "count", "shape", "size", "position", "yes/no", "tex
 # The tiny Phi tells left from right only from the object token's content (top/bottom from where the token sits), so
 # position needs many distinct single objects: at a quarter of the images (and three records each, position 18% of
 # the turns) held-out position ranged 89.2-97.1% by the stage-2 draw; at a third (two records each, the same 18%)
-# 90.3-97.9% over twelve draws. Two fifths (23% of the turns) leaked quadrant answers into colour and count questions
-# (BENCHMARKS.md "Session 14 (#16)").
+# 90.3-97.9% over twelve draws (of 2000 images). Two fifths (23% of the turns) leaked quadrant answers into colour
+# and count questions (BENCHMARKS.md "Session 14 (#16)").
 SINGLE_OBJECT_SHARE = 0.33
+# Images per dataset (`make demo` uses the default). Stage 2 runs a fixed number of steps, so more images cost only
+# their drawing, caching and scoring (seconds), and give left/right more distinct single objects: at 2000 images the
+# held-out position misses fell again and again on the same few images (one was answered wrong in 10 of its 12
+# questions over six stage-2 draws), and colour, shape and size had 28-40 held-out questions each, where one miss is
+# 2.5-3.6 points (BENCHMARKS.md "Session 15 (#16)").
+NUM_IMAGES = 3000
 
 
 @dataclass
@@ -348,7 +354,7 @@ def read_scenes(data_dir: str) -> list[dict]:
         return json.load(handle)
 
 
-def generate(output_dir: str, num_images: int = 2000, val_fraction: float = 0.1, max_count: int = 4,
+def generate(output_dir: str, num_images: int = NUM_IMAGES, val_fraction: float = 0.1, max_count: int = 4,
              records_per_image: int = 2, text_only_fraction: float = 0.25, seed: int = 0,
              layout: str = "grid", single_object_share: float = SINGLE_OBJECT_SHARE) -> dict[str, str]:
     """Write the dataset; returns the paths of the files written (keys: images, captions_train, captions_val,
@@ -387,7 +393,7 @@ def generate(output_dir: str, num_images: int = 2000, val_fraction: float = 0.1,
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output_dir", default="data/synthetic")
-    parser.add_argument("--num_images", type=int, default=2000)
+    parser.add_argument("--num_images", type=int, default=NUM_IMAGES)
     parser.add_argument("--val_fraction", type=float, default=0.1, help="held-out images (split by image)")
     parser.add_argument("--max_count", type=int, default=4, help="objects per image: 1..max_count")
     parser.add_argument("--records_per_image", type=int, default=2,

@@ -1,7 +1,7 @@
 """A second shapes generator, deliberately unlike `mmphi.data.synthetic` (#16): the tiny recipe is run on it unchanged
 to see whether it is fitted to our data.
 
-    python -m mmphi.data.synthetic_variant --output_dir data/variant --num_images 2000 --seed 0
+    python -m mmphi.data.synthetic_variant --output_dir data/variant --num_images 3000 --seed 0
 
 Differences from `synthetic`: 64 x 64 images (the processor upscales them to the tower's 224), free placement
 anywhere (no patch grid), other shapes (diamond, cross, ring) and colours (pink, cyan, brown, black, lime), a
@@ -21,6 +21,7 @@ from dataclasses import asdict
 from PIL import Image, ImageDraw
 
 from mmphi.data.synthetic import (
+    NUM_IMAGES,
     NUMBER_WORDS,
     Scene,
     conversation,
@@ -118,7 +119,7 @@ def questions(rng: random.Random, scene: Scene) -> dict[str, tuple[str, str]]:
     return found
 
 
-def generate(output_dir: str, num_images: int = 2000, val_fraction: float = 0.1, max_count: int = 4,
+def generate(output_dir: str, num_images: int = NUM_IMAGES, val_fraction: float = 0.1, max_count: int = 4,
              text_only_fraction: float = 0.05, seed: int = 0) -> dict[str, str]:
     rng = random.Random(seed)
     scenes = [random_scene(rng, image_id, max_count) for image_id in range(1, num_images + 1)]
@@ -151,7 +152,7 @@ def generate(output_dir: str, num_images: int = 2000, val_fraction: float = 0.1,
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output_dir", default="data/variant")
-    parser.add_argument("--num_images", type=int, default=2000)
+    parser.add_argument("--num_images", type=int, default=NUM_IMAGES)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
