@@ -47,12 +47,13 @@ PROJECTOR = ("--train_language_model --cache_vision_features --max_steps 300 --p
 # 91.2, 86.3, 97.1), and 2000 steps 95.1% on the run that had 86.3% at 1500; at 0.37 s a step that is less time than
 # 1500 steps took before session 10. 900 steps left position at 72-87%, 1000 at 72.5 / 85.3% (BENCHMARKS.md
 # "Session 8" to "Session 11").
-# `--learning_rate 5e-4` (sessions 12-14): at 1e-3 two of five stage-2 seeds under-fitted left/right (position 82.4
-# and 85.3% held-out, 83.5% on their own training images), and 2e-3 was worse. On the generator's data now, 5e-4
-# gave every type >= 95.1% over four seeds. It costs the variant generator 3-6 points against 1e-3 (70.8 / 71.6% vs
-# 76.9 / 75.0%): a trade, kept for our data's pass criteria. 7e-4, between the two on the variant (76.3 / 72.7%),
-# took the demo's own position to 89.2% on the earlier data and count to 91.1% on one of two seeds on today's
-# (BENCHMARKS.md "Session 12 (#16)" to "Session 14 (#16)").
+# `--learning_rate 5e-4` (sessions 12-15): at 1e-3 two of five stage-2 seeds under-fitted left/right (position 82.4
+# and 85.3% held-out, 83.5% on their own training images), and 2e-3 was worse. On 2000 of the generator's images,
+# 5e-4 gave every type >= 95.1% over four seeds; on 3000 (the default now), position 91.7-100% over five and the rest
+# >= 95.6%. On 2000 images it cost the variant generator 3-6 points against 1e-3 (70.8 / 71.6% vs 76.9 / 75.0%;
+# 76.4% at 5e-4 on 3000): a trade, kept for our data's pass criteria. 7e-4, between the two on the variant (76.3 /
+# 72.7%), took the demo's own position to 89.2% on the earlier data and count to 91.1% on one of two seeds on
+# session 14's (BENCHMARKS.md "Session 12 (#16)" to "Session 15 (#16)").
 # `--cache_vision_features` (with the demo's stage-1 cache folder): the tower's features instead of decoding and
 # encoding 16 images at every step.
 INSTRUCT = ("--cache_vision_features --max_steps 2000 --train_sampling_strategy random "
