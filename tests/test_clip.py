@@ -2,6 +2,7 @@
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -84,6 +85,29 @@ def test_a_missing_image_names_its_record_or_is_counted_when_skipping(data, tmp_
     skipping = ImageCaptionDataset(images, processor, skip_bad_records=True)
     assert skipping[1]["caption"] in images[2].captions and skipping.skipped.total == 1
     assert os.path.basename(str(missing)) in skipping.skipped.examples[0]
+
+
+def test_cached_pixels_are_served_from_memory_after_the_first_epoch(data, tmp_path):
+    images = load_coco_records(data["captions_train"], data["images"])[:2]
+    copy = tmp_path / "copy.png"
+    copy.write_bytes(Path(images[0].image).read_bytes())
+    images[0].image = str(copy)
+    processor = new_tiny_clip(seed=0)[2]
+    cached, plain = ImageCaptionDataset(images, processor, cache_pixels=True), ImageCaptionDataset(images, processor)
+    first = cached[0]["pixel_values"]
+    torch.testing.assert_close(first, plain[0]["pixel_values"], rtol=0, atol=0)
+    copy.write_bytes(Path(images[1].image).read_bytes())  # the file changes on disk after the first epoch
+    assert torch.equal(cached[0]["pixel_values"], first)  # served from memory
+    assert not torch.equal(plain[0]["pixel_values"], first)  # read again
+
+
+def test_caching_pixels_trains_the_same_tiny_clip(data, tmp_path):
+    # 18 training images, batch 8: 12 steps are four epochs, three of them from the cache
+    argv = ["--max_steps", "12", "--logging_steps", "4"]
+    main(clip_argv(data, tmp_path / "plain", *argv))
+    main(clip_argv(data, tmp_path / "cached", *argv, "--cache_pixels"))
+    plain = (tmp_path / "plain" / "model.safetensors").read_bytes()
+    assert (tmp_path / "cached" / "model.safetensors").read_bytes() == plain
 
 
 def closest_patches_apart(tower) -> float:
