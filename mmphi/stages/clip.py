@@ -103,7 +103,7 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
     """One item per image: its pixels and one of its captions, drawn at random each time the image is served. A bad
     image raises an error naming its record, or with `skip_bad_records` is counted and the next image served (a
     contrastive batch wants its full size). With `cache_pixels` an image is decoded and processed once, then served
-    from memory (per dataloader worker)."""
+    from memory; each process and dataloader worker keeps its own copy of what it served."""
 
     def __init__(self, images: list[CaptionedImage], image_processor, skip_bad_records: bool = False,
                  cache_pixels: bool = False):
