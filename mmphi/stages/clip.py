@@ -80,7 +80,9 @@ class DataArguments(DataSourceArguments):
         default=False,
         metadata={"help": "keep each image's processed pixels in memory after its first epoch (0.6 MB an image at "
                           "224 px: 1.6 GB for the demo's 2,700 images, ~70 GB for COCO's 118K, so off by default). "
-                          "The image processor is about half of the tiny CLIP's step on a 2-core CPU"},
+                          "The image processor is about half of the tiny CLIP's step on a 2-core CPU. Each process and "
+                          "dataloader worker keeps its own cache (with workers, add --dataloader_persistent_workers "
+                          "so they keep it across epochs)"},
     )
 
 
