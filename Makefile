@@ -9,12 +9,6 @@ CONSTRAINTS := -c constraints.txt $(if $(shell command -v nvidia-smi 2>/dev/null
 PIP_INSTALL = $(PY) -m pip install --quiet --no-compile $(CONSTRAINTS)
 # command[:Debian package]
 SYSTEM_PACKAGES := ffmpeg flite espeak-ng sox chromium npm java:default-jre-headless
-# shared library[:Debian package]
-SYSTEM_LIBRARIES := libtcmalloc_minimal.so.4:libtcmalloc-minimal4
-# tcmalloc instead of glibc's malloc under the demo (PyTorch's CPU tuning guide recommends it): the same computation,
-# ~14% less time a tiny stage-2 step on a 2-core CPU (BENCHMARKS.md "Session 16"). Looked up when the demo runs, after
-# `install` may have just installed it; without it the demo runs on glibc's malloc.
-TCMALLOC = $$(/sbin/ldconfig -p 2>/dev/null | awk '/libtcmalloc_minimal\.so\.4 /{print $$NF; exit}')
 PYTEST_ARGS ?=
 
 .PHONY: install system-packages lmms-eval bytecode test test-fast demo lint bench clean
@@ -44,11 +38,9 @@ lmms-eval:
 	$(PIP_INSTALL) loguru tenacity pytablewriter sacrebleu filelock
 
 # Audio decoding (ffmpeg), speech synthesis for tests (flite, espeak-ng, sox), the browser for the app test
-# (chromium), npm (the demo corpus), Java (pycocoevalcap's PTB tokenizer for caption metrics) and tcmalloc (the demo's
-# allocator). Installed only when missing, and only where we may (root).
+# (chromium), npm (the demo corpus) and Java (pycocoevalcap's PTB tokenizer for caption metrics). Installed only when missing, and only where we may (root).
 system-packages:
 	@missing=""; for p in $(SYSTEM_PACKAGES); do command -v $${p%%:*} >/dev/null 2>&1 || missing="$$missing $${p#*:}"; done; \
-	for l in $(SYSTEM_LIBRARIES); do /sbin/ldconfig -p 2>/dev/null | grep -q "$${l%%:*} " || missing="$$missing $${l#*:}"; done; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
 	  else echo "Please install:$$missing (e.g. sudo apt-get install$$missing)"; fi; \
@@ -61,7 +53,7 @@ test-fast: install
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not slow" tests
 
 demo: install
-	LD_PRELOAD=$(TCMALLOC) HF_HUB_OFFLINE=1 $(PY) scripts/demo.py
+	HF_HUB_OFFLINE=1 $(PY) scripts/demo.py
 
 lint: install
 	$(VENV)/bin/ruff check .
