@@ -144,6 +144,16 @@ def test_single_object_share_out_of_range_is_refused(tmp_path, capsys):
     assert "single_object_share must be between 0 and 1, got 1.5" in capsys.readouterr().err
 
 
+def test_zero_images_is_a_usage_error_before_anything_is_written(tmp_path, capsys):
+    with pytest.raises(ValueError, match="num_images must be at least 1, got 0"):
+        generate(str(tmp_path / "api"), num_images=0)
+    with pytest.raises(SystemExit) as exit_:
+        synthetic_main(["--output_dir", str(tmp_path / "cli"), "--num_images", "0"])
+    assert exit_.value.code == 2
+    assert not (tmp_path / "api").exists() and not (tmp_path / "cli").exists()
+    assert "num_images must be at least 1, got 0" in capsys.readouterr().err
+
+
 def test_yes_no_gets_the_largest_share_of_the_turns(tmp_path):
     """yes/no's comparison needs the most examples (#16): it is drawn TYPE_WEIGHTS times as often as a plain type, and
     count (off by one now and then) twice as often."""

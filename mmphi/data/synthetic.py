@@ -354,11 +354,10 @@ def read_scenes(data_dir: str) -> list[dict]:
         return json.load(handle)
 
 
-def generate(output_dir: str, num_images: int = NUM_IMAGES, val_fraction: float = 0.1, max_count: int = 4,
-             records_per_image: int = 2, text_only_fraction: float = 0.25, seed: int = 0,
-             layout: str = "grid", single_object_share: float = SINGLE_OBJECT_SHARE) -> dict[str, str]:
-    """Write the dataset; returns the paths of the files written (keys: images, captions_train, captions_val,
-    llava_train, llava_val, scenes)."""
+def check_arguments(num_images: int, max_count: int, layout: str, single_object_share: float) -> None:
+    """Raise ValueError, naming the argument, for what `generate` cannot draw (before anything is written)."""
+    if num_images < 1:
+        raise ValueError(f"num_images must be at least 1, got {num_images}")
     if not 1 <= max_count <= max(NUMBER_WORDS):
         raise ValueError(f"max_count must be between 1 and {max(NUMBER_WORDS)}, got {max_count}")
     if layout not in ("grid", "free"):
@@ -368,6 +367,14 @@ def generate(output_dir: str, num_images: int = NUM_IMAGES, val_fraction: float 
     capacity = min((GRID // block) ** 2 for block, _ in GRID_SIZES.values())
     if layout == "grid" and max_count > capacity:
         raise ValueError(f"the grid layout fits at most {capacity} objects of every size, got max_count {max_count}")
+
+
+def generate(output_dir: str, num_images: int = NUM_IMAGES, val_fraction: float = 0.1, max_count: int = 4,
+             records_per_image: int = 2, text_only_fraction: float = 0.25, seed: int = 0,
+             layout: str = "grid", single_object_share: float = SINGLE_OBJECT_SHARE) -> dict[str, str]:
+    """Write the dataset; returns the paths of the files written (keys: images, captions_train, captions_val,
+    llava_train, llava_val, scenes)."""
+    check_arguments(num_images, max_count, layout, single_object_share)
     rng = random.Random(seed)
     scenes = [random_scene(rng, image_id, max_count, layout, single_object_share)
               for image_id in range(1, num_images + 1)]
@@ -411,10 +418,11 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        paths = generate(args.output_dir, args.num_images, args.val_fraction, args.max_count, args.records_per_image,
-                         args.text_only_fraction, args.seed, args.layout, args.single_object_share)
+        check_arguments(args.num_images, args.max_count, args.layout, args.single_object_share)
     except ValueError as error:  # an argument out of range: a usage error, not a traceback
         parser.error(str(error))
+    paths = generate(args.output_dir, args.num_images, args.val_fraction, args.max_count, args.records_per_image,
+                     args.text_only_fraction, args.seed, args.layout, args.single_object_share)
     for name, path in paths.items():
         print(f"{name}: {path}")
 
