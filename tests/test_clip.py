@@ -13,7 +13,7 @@ from mmphi.build import build_tiny, init_tower_positions, sincos_position_embedd
 from mmphi.build import main as build_main
 from mmphi.data import BadRecordError, load_coco_records
 from mmphi.data.synthetic import generate
-from mmphi.stages.clip import ClipCollator, ImageCaptionDataset, main, new_tiny_clip
+from mmphi.stages.clip import ClipCollator, ImageCaptionDataset, build_trainer, main, new_tiny_clip, parse_args
 from modeling_mmphi import MMPhiForCausalLM
 
 
@@ -108,6 +108,15 @@ def test_caching_pixels_trains_the_same_tiny_clip(data, tmp_path):
     main(clip_argv(data, tmp_path / "cached", *argv, "--cache_pixels"))
     plain = (tmp_path / "plain" / "model.safetensors").read_bytes()
     assert (tmp_path / "cached" / "model.safetensors").read_bytes() == plain
+
+
+@pytest.mark.parametrize("persistent", [False, True])
+def test_caching_pixels_in_workers_that_restart_each_epoch_is_warned(data, tmp_path, caplog, persistent):
+    argv = clip_argv(data, tmp_path / "clip", "--cache_pixels", "--dataloader_num_workers", "2",
+                     "--dataloader_persistent_workers", str(persistent).lower())
+    with caplog.at_level("WARNING"):
+        build_trainer(*parse_args(argv))
+    assert ("dropped at the end of every epoch" in caplog.text) == (not persistent)
 
 
 def closest_patches_apart(tower) -> float:

@@ -206,6 +206,11 @@ def build_trainer(model_args: ModelArguments, data_args: DataArguments, training
                   if eval_images else None)
     if evaluation is None:
         training_args.eval_strategy = "no"
+    workers = training_args.dataloader_num_workers
+    if data_args.cache_pixels and workers and not training_args.dataloader_persistent_workers:
+        logger.warning("--cache_pixels with %d dataloader workers that are not persistent: each worker's cache is "
+                       "dropped at the end of every epoch, so nothing is served from it (add "
+                       "--dataloader_persistent_workers true)", workers)
     logger.info("%d training images, %d held out; %.2fM parameters", len(train), len(eval_images),
                 sum(p.numel() for p in model.parameters()) / 1e6)
     collator = ClipCollator(tokenizer, model.config.text_config.max_position_embeddings)
