@@ -59,7 +59,7 @@ lint: install
 	$(VENV)/bin/ruff check .
 
 bench: install
-	HF_HUB_OFFLINE=1 $(PY) benchmarks/benchmark.py
+	HF_HUB_OFFLINE=1 $(PY) -m benchmarks.benchmark
 
 clean:
 	rm -rf outputs demo_runs .pytest_cache

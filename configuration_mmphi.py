@@ -66,7 +66,7 @@ TINY_TEXT_CONFIG = dict(
     num_hidden_layers=4,
     num_attention_heads=8,
     # Phi-2's gelu_new (the tanh approximation) as one fused op: the same function, where gelu_new's eight
-    # elementwise ops took 10-16% of a tiny stage-1/2 step on a CPU (BENCHMARKS.md "Session 11 (#16)").
+    # elementwise ops took 10-16% of a tiny training step on a CPU.
     hidden_act="gelu_pytorch_tanh",
     max_position_embeddings=2048,
     partial_rotary_factor=0.5,
@@ -148,8 +148,8 @@ class MMPhiConfig(PretrainedConfig):
             text_config=PhiConfig(**TINY_TEXT_CONFIG),
             image_token_index=4000,
             # keep CLS: a tiny tower gathers the image there (CLIP's contrastive loss reads CLS; a random tower
-            # trained in stage 1 learns to), held-out colour went from 13% to 95% with it (BENCHMARKS.md "Stages 1-2
-            # tiny run")
+            # trained in the projector stage learns to); held-out colour is ~13% without it, up to 95% with it
+            # (BENCHMARKS.md "Tiny CLIP")
             vision_feature_select_strategy="full",
         )
         kwargs.update(overrides)

@@ -1,25 +1,25 @@
 #!/usr/bin/env bash
 # GPU check: the three stages at real size with random weights, one training step loop each through the stage's
-# Trainer and through a bare PyTorch loop (benchmarks/benchmark.py): Phi-2 2.7B pretraining (block 2048, micro-batch 4,
-# paged_adamw_8bit, bf16, gradient checkpointing), stage 1 (TinyCLIP-size tower + Phi-2, projector from cached
-# features, batch 32 x 128) and stage 2 QLoRA (4-bit Phi-2 + LoRA r=64, max_length 2048, micro-batch 4). Memory,
-# throughput and MFU go to $OUT as JSON, with the goal verdicts and a Markdown table for BENCHMARKS.md.
+# Trainer and through a bare PyTorch loop (python -m benchmarks.benchmark): Phi-2 2.7B pretraining (block 2048,
+# micro-batch 4, paged_adamw_8bit, bf16, gradient checkpointing), projector (TinyCLIP-size tower + Phi-2, projector
+# from cached features, batch 32 x 128) and instruct QLoRA (4-bit Phi-2 + LoRA r=64, max_length 2048, micro-batch 4).
+# Memory, throughput and MFU go to $OUT as JSON, with the goal verdicts and a Markdown table for BENCHMARKS.md.
 # Made for ONE call on a machine with an H100 and no internet; about 3-5 minutes (every stage is capped).
 #
 #   bash benchmarks/gpu_check.sh           # on the GPU machine, from the repository root
 #   bash benchmarks/gpu_check.sh --tiny    # tiny sizes on the CPU: runs the same path end to end here (~1-2 min)
-#   bash benchmarks/gpu_check.sh --variants          # only stage 0's speed-option A/B (#13), one table
+#   bash benchmarks/gpu_check.sh --variants          # only pretrain's speed-option A/B, one table
 #   STAGES="" VARIANTS="liger compile" bash benchmarks/gpu_check.sh   # choose what runs
 #
-# Speed options A/B (#13): after the stages, stage 0 runs once per variant in VARIANTS (default: baseline liger
+# Speed options A/B: after the stages, pretrain runs once per variant in VARIANTS (default: baseline liger
 # compile no_ckpt flash_attn) with the same data and seed, each through its standard flag; the table in
 # $OUT/variants.md gives step time, tokens/s, MFU, peak memory and the training loss (a speed option must not change
 # it beyond float noise). flash_attn is skipped with a note when flash-attn is not installed.
 #
 # Packages the GPU image lacks (or has in other versions) travel as wheels in .whl/ (build them here with
 # benchmarks/gpu_wheelhouse.sh, carry ".whl"); they are installed into /tmp/site first. Files written to $OUT
-# (default outputs/gpu_check; STAGES="pretrain instruct" runs a subset): environment.txt, pretrain.json, projector.json, instruct.json, goals.json,
-# gpu_check.md, gpu_check.log.
+# (default outputs/gpu_check; STAGES="pretrain instruct" runs a subset): environment.txt, pretrain.json,
+# projector.json, instruct.json, goals.json, gpu_check.md, gpu_check.log.
 set -uo pipefail
 
 REPO_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -50,12 +50,12 @@ else
       .whl/*.whl || { echo "gpu_check.sh: installing the wheels failed" >&2; exit 3; }
     export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
   fi
-  export PYTHONPATH=$REPO_ROOT${PYTHONPATH:+:$PYTHONPATH}  # the mmphi package, not pip-installed on a bare GPU box
+  export PYTHONPATH=$REPO_ROOT${PYTHONPATH:+:$PYTHONPATH}  # mmphi (not pip-installed on a bare GPU box) and benchmarks
   DEVICE_ARGS=(--device cuda --size real --warmup 3 --steps 8)
-  # seconds for pretrain (stage 0's build_trainer initialises Phi-2 2.7B on the CPU), projector (builds + saves the
+  # seconds for pretrain (its build_trainer initialises Phi-2 2.7B on the CPU), projector (builds + saves the
   # random 2.8B MM-Phi, caches the tower features), instruct: < 9 min in all
   LIMITS=(180 160 180)
-  VARIANT_LIMIT=110  # each stage-0 variant: build Phi-2 2.7B, 3 + 8 steps
+  VARIANT_LIMIT=110  # each pretrain variant: build Phi-2 2.7B, 3 + 8 steps
 fi
 if [[ "$ONLY_VARIANTS" == 1 ]]; then STAGES=${STAGES-}; else STAGES=${STAGES-pretrain projector instruct}; fi
 VARIANTS=${VARIANTS-baseline liger compile no_ckpt flash_attn}
@@ -98,7 +98,7 @@ for stage in $STAGES; do
   case "$stage" in pretrain) limit=${LIMITS[0]} ;; projector) limit=${LIMITS[1]} ;; instruct) limit=${LIMITS[2]} ;;
     *) echo "gpu_check.sh: unknown stage $stage" >&2; exit 2 ;; esac
   echo "== $stage (limit ${limit} s)"
-  timeout --kill-after=10 "$limit" "$PYTHON" benchmarks/benchmark.py "${DEVICE_ARGS[@]}" --stages "$stage" \
+  timeout --kill-after=10 "$limit" "$PYTHON" -m benchmarks.benchmark "${DEVICE_ARGS[@]}" --stages "$stage" \
     --keep_going --model_dir "$MODEL_DIR" --json "$OUT/$stage.json" --markdown "$OUT/gpu_check.md" \
     >> "$OUT/gpu_check.log" 2>&1
   code=$?
@@ -114,13 +114,13 @@ for variant in $VARIANTS; do
     echo "== variant flash_attn: skipped (flash-attn is not installed)"; continue
   fi
   echo "== variant $variant ($flags; limit ${VARIANT_LIMIT} s)"
-  timeout --kill-after=10 "$VARIANT_LIMIT" "$PYTHON" benchmarks/benchmark.py "${DEVICE_ARGS[@]}" --stages pretrain \
+  timeout --kill-after=10 "$VARIANT_LIMIT" "$PYTHON" -m benchmarks.benchmark "${DEVICE_ARGS[@]}" --stages pretrain \
     --keep_going --no_markdown --variant "$variant" --variant_flags "$flags" --json "$OUT/pretrain-$variant.json" \
     >> "$OUT/gpu_check.log" 2>&1 || { echo "variant $variant: failed (see gpu_check.log)"; status=1; }
   [[ -f "$OUT/pretrain-$variant.json" ]] && variant_reports+=("$OUT/pretrain-$variant.json")
 done
 if [[ ${#variant_reports[@]} -gt 0 ]]; then
-  "$PYTHON" -m mmphi.bench.report --variants "${variant_reports[@]}" > "$OUT/variants.md" 2>> "$OUT/gpu_check.log" \
+  "$PYTHON" -m benchmarks.report --variants "${variant_reports[@]}" > "$OUT/variants.md" 2>> "$OUT/gpu_check.log" \
     || status=1
   cat "$OUT/variants.md"
 fi
@@ -128,7 +128,7 @@ fi
 reports=()
 for stage in pretrain projector instruct; do [[ -f "$OUT/$stage.json" ]] && reports+=("$OUT/$stage.json"); done
 if [[ ${#reports[@]} -gt 0 ]]; then
-  "$PYTHON" benchmarks/benchmark.py --goals "${reports[@]}" --json "$OUT/goals.json" > /dev/null 2>> "$OUT/gpu_check.log" \
+  "$PYTHON" -m benchmarks.benchmark --goals "${reports[@]}" --json "$OUT/goals.json" > /dev/null 2>> "$OUT/gpu_check.log" \
     || status=1
 fi
 echo "== results ($OUT)"

@@ -16,7 +16,7 @@ cd "$REPO_ROOT"
 PYTHON=${PYTHON:-$( [[ -x .venv/bin/python ]] && echo .venv/bin/python || echo python3 )}
 PYTHON_VERSION=${PYTHON_VERSION:-3.12}
 PACKAGES=(transformers==5.24.0 trl==1.16.0 peft==0.21.2 datasets==5.2.0 bitsandbytes==0.50.2 dill==0.4.1
-          multiprocess==0.70.19 fsspec==2026.9.0 liger-kernel==0.8.5)  # liger: the --use_liger_kernel A/B (#13)
+          multiprocess==0.70.19 fsspec==2026.9.0 liger-kernel==0.8.5)  # liger: the --use_liger_kernel A/B
 
 grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude
 mkdir -p .whl

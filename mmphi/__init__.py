@@ -6,7 +6,7 @@ level of the repository because they travel with the weights (`trust_remote_code
 | module | job |
 | --- | --- |
 | `errors` | bad input: `BadRecordError`, counted skips (`SkipReport`), the `--validate_data` exit |
-| `data` | dataset formats (one registry), images, encoding + collator, feature cache, stage-0 corpus, synthetic data |
+| `data` | dataset formats (one registry), images, encoding + collator, feature cache, pretrain corpus, synthetic data |
 | `training` | stage defaults on top of `TrainingArguments`, argument parsing, end-of-run records |
 | `stages` | one module per stage: argument dataclasses, `build_trainer(...)`, `main` |
 | `recipes` | the tiny recipes and benchmark sizes, as data |

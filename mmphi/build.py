@@ -3,11 +3,11 @@
     python scripts/build_model.py --vision_model wkcn/TinyCLIP-ViT-61M-32-Text-29M-LAION400M \
         --text_model microsoft/phi-2 --output_dir outputs/mmphi-base
     python scripts/build_model.py --preset tiny --output_dir outputs/mmphi-tiny
-    python scripts/build_model.py --vision_model tiny --text_model outputs/stage0 --output_dir outputs/mmphi
+    python scripts/build_model.py --vision_model tiny --text_model outputs/pretrain --output_dir outputs/mmphi
 
-`--vision_model tiny` is a random tiny CLIP tower; offline, `scripts/pretrain_clip.py` trains a tiny CLIP whose folder
+`--vision_model tiny` is a random tiny CLIP tower; offline, `scripts/clip.py` trains a tiny CLIP whose folder
 is a `--vision_model` like any CLIP checkpoint (the demo's, with `--vision_feature_select_strategy full`).
-`--text_model` may be the stage-0 output. The result loads with `AutoModelForCausalLM`/`AutoProcessor` and
+`--text_model` may be the pretrain output. The result loads with `AutoModelForCausalLM`/`AutoProcessor` and
 `trust_remote_code=True`.
 """
 
@@ -26,7 +26,7 @@ from mmphi import TINY_TOKENIZER
 from modeling_mmphi import MMPhiForCausalLM
 from processing_mmphi import MMPhiProcessor, add_mmphi_tokens
 
-logger = logging.getLogger("build_model")
+logger = logging.getLogger(__name__)
 
 
 def save_mmphi(model: MMPhiForCausalLM, processor: MMPhiProcessor, output_dir: str) -> None:
@@ -73,7 +73,7 @@ def init_tower_positions(tower, scale: float = 16.0) -> None:
     do; `scale` 16 puts them near the tiny tower's patch embeddings (std ~20 on the synthetic images). CLIP's random
     init (std 0.02) is a thousand times smaller, so the tiny tower's patch tokens said nothing of where they lie (a
     linear probe found a patch's grid index 8-17% of the time, chance 6%) and "Where is the circle?" stayed at chance
-    (BENCHMARKS.md "#16"). A pretrained tower (TinyCLIP) keeps its own."""
+    (BENCHMARKS.md "Tiny CLIP"). A pretrained tower (TinyCLIP) keeps its own."""
     embeddings = getattr(tower, "vision_model", tower).embeddings  # a CLIPModel or a CLIPVisionModel
     grid = embeddings.image_size // embeddings.patch_size
     with torch.no_grad():

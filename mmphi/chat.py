@@ -5,7 +5,7 @@
     python scripts/chat.py --model outputs/mmphi --image shapes.png --interactive
     python scripts/chat.py --model outputs/mmphi --batch requests.jsonl --output answers.jsonl
     python scripts/chat.py --model you/mmphi --image https://example.com/a.jpg --image b.png "Which is bigger?"
-    python scripts/chat.py --model outputs/stage1 --adapter outputs/stage2 --question_file questions.jsonl \
+    python scripts/chat.py --model outputs/projector --adapter outputs/instruct --question_file questions.jsonl \
         --image_folder coco/val2014 --answers_file answers.jsonl
 
 The answer streams as it is generated. With audio, the spoken question is transcribed (Whisper; `--speech_model`) and
@@ -15,7 +15,7 @@ prompt or audio is needed); answers are written as JSONL (each request's fields 
 --output or stdout, generated --batch_size at a time with left-padded batched generation.
 `--question_file`: LLaVA's question format (`{"question_id", "image", "text"}` per line, images under
 --image_folder), answered into --answers_file as LLaVA's `model_vqa` writes it (`{"question_id", "prompt", "text",
-"answer_id", "model_id", "metadata"}`). `--model` is a folder or a hub id; `--adapter` runs a stage-2 LoRA adapter on
+"answer_id", "model_id", "metadata"}`). `--model` is a folder or a hub id; `--adapter` runs an instruct LoRA adapter on
 top of it unmerged; images are paths or URLs, several per question in order (one `<image>` each).
 """
 

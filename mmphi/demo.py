@@ -1,16 +1,17 @@
 """`make demo`: the seed's whole pipeline at tiny scale, offline, on CPU.
 
-    prepare corpus -> stage 0 (pretrain a tiny Phi) -> synthetic data -> tiny CLIP (contrastive, on the synthetic
-    captions: the offline stand-in for TinyCLIP) -> build MM-Phi (that CLIP's tower + that Phi) -> stage 1 (projector
-    + the tiny Phi; tower frozen) -> stage 2 (QLoRA) -> merge -> evaluate (held-out VQA)
+    prepare corpus -> pretrain (a tiny Phi) -> synthetic data -> clip (a tiny CLIP, contrastive on the synthetic
+    captions: the offline stand-in for TinyCLIP) -> build MM-Phi (that CLIP's tower + that Phi) -> projector
+    (+ the tiny Phi; tower frozen) -> instruct (QLoRA) -> merge -> evaluate (held-out VQA)
     -> a question about an image asked by voice (flite-synthesized WAV -> Whisper tiny.en -> transcript -> answer)
 
 Each stage is the stage's own command line (`python -m mmphi.stages.<stage>`, the same `main` as scripts/) with its
-tiny recipe from `mmphi.recipes`: printed, then run in this process (its `main(argv)`), which spares each stage the
-~10 s of importing torch, transformers, PEFT and TRL anew. Every stage seeds its own randomness, so it computes what
-its printed command computes. A finished stage is reused on a re-run unless FORCE=1 (or --force). Each training
-stage gets a loss-curve PNG; a summary table ends the run and is saved as `training_summary.json` (with the evaluation
-JSON) in the final model folder, where push_to_hub.py's model card picks both up.
+tiny recipe (`--config recipes/tiny/<stage>.yaml`): printed, then run in this process (its `main(argv)`), which
+spares each stage the ~10 s of importing torch, transformers, PEFT and TRL anew. Every stage seeds its own
+randomness, so it computes what its printed command computes. A finished stage is reused on a re-run unless FORCE=1
+(or --force). Each training stage writes a loss-curve PNG; a summary table ends the run and is saved as
+`training_summary.json` (with the evaluation JSON) in the final model folder, where push_to_hub.py's model card picks
+both up.
 """
 
 from __future__ import annotations
@@ -27,13 +28,13 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from mmphi.recipes import tiny_flags, tiny_pretrain_args
+from mmphi.recipes import recipe_args
 
 VOICE_QUESTION = "What colour are the shapes?"
 
 
 @dataclass
-class Stage:
+class Step:
     name: str
     done_marker: str  # a file that exists only when the stage finished
     command: list[str]  # python(...): [sys.executable, "-m", "mmphi.<module>", *args]; or ["copy", source, dest]
@@ -58,84 +59,83 @@ def run_module(command: list[str]) -> None:
         gc.collect()  # the stage's model and data go before the next stage loads its own
 
 
-def plan(work: str, data: str, generator: str = "synthetic") -> list[Stage]:
+def plan(work: str, data: str, generator: str = "synthetic") -> list[Step]:
     """The stages; `generator` names the shapes generator module (`synthetic`, or `synthetic_variant` to try the
     unchanged recipe on data it was not tuned on)."""
     corpus, synthetic = os.path.join(data, "corpus"), os.path.join(data, "synthetic")
-    stage0, clip, base = os.path.join(work, "stage0"), os.path.join(work, "tiny-clip"), os.path.join(work, "mmphi-base")
-    stage1, stage2 = os.path.join(work, "stage1"), os.path.join(work, "stage2")
+    pretrain, clip, base = os.path.join(work, "pretrain"), os.path.join(work, "clip"), os.path.join(work, "mmphi-base")
+    projector, instruct = os.path.join(work, "projector"), os.path.join(work, "instruct")
+    features = os.path.join(work, "vision_features")
     final, evaluation = os.path.join(work, "mmphi-final"), os.path.join(work, "eval_vqa.json")
     images = os.path.join(synthetic, "images")
     return [
-        Stage("corpus", os.path.join(corpus, "c4.jsonl"), python("data.npm_corpus", "--output_dir", corpus)),
-        Stage(
-            "stage 0: pretrain tiny Phi",
-            os.path.join(stage0, "model.safetensors"),
+        Step("corpus", os.path.join(corpus, "c4.jsonl"), python("data.npm_corpus", "--output_dir", corpus)),
+        Step(
+            "pretrain: a tiny Phi",
+            os.path.join(pretrain, "model.safetensors"),
             python(
-                "stages.pretrain",
-                *tiny_pretrain_args(stage0, (os.path.join(corpus, "cc.jsonl"), os.path.join(corpus, "c4.jsonl"))),
-                "--disable_tqdm", "false",
+                "stages.pretrain", *recipe_args("tiny", "pretrain"),
+                "--train_files", os.path.join(corpus, "cc.jsonl"), os.path.join(corpus, "c4.jsonl"),
+                "--output_dir", pretrain, "--disable_tqdm", "false",
             ),
-            run_dir=stage0,
+            run_dir=pretrain,
         ),
-        Stage(
+        Step(
             "synthetic data",
             os.path.join(synthetic, "llava_instruct_val.json"),
             python(f"data.{generator}", "--output_dir", synthetic),
         ),
-        Stage(
-            "tiny CLIP (contrastive on the captions; stand-in for TinyCLIP)",
+        Step(
+            "clip: a tiny CLIP (stand-in for TinyCLIP)",
             os.path.join(clip, "model.safetensors"),
             python(
-                "stages.clip", "--data_path", os.path.join(synthetic, "captions_train.json"),
-                "--image_folder", images, "--output_dir", clip, *tiny_flags("clip"),
+                "stages.clip", *recipe_args("tiny", "clip"), "--data_path",
+                os.path.join(synthetic, "captions_train.json"), "--image_folder", images, "--output_dir", clip,
             ),
             run_dir=clip,
         ),
-        Stage(
-            "build MM-Phi (tiny CLIP tower + stage-0 Phi)",
+        Step(
+            "build MM-Phi (tiny CLIP tower + tiny Phi)",
             os.path.join(base, "model.safetensors"),
             # full: keep CLS, where CLIP's contrastive loss put what the tiny tower learned
-            python("build", "--vision_model", clip, "--text_model", stage0,
+            python("build", "--vision_model", clip, "--text_model", pretrain,
                    "--vision_feature_select_strategy", "full", "--output_dir", base),
         ),
-        Stage(
-            "stage 1: projector (+ tiny Phi)",
-            os.path.join(stage1, "model.safetensors"),
+        Step(
+            "projector (+ tiny Phi)",
+            os.path.join(projector, "model.safetensors"),
             python(
-                "stages.projector", "--model_name_or_path", base,
+                "stages.projector", *recipe_args("tiny", "projector"), "--model_name_or_path", base,
                 "--data_path", os.path.join(synthetic, "captions_train.json"), "--image_folder", images,
-                "--output_dir", stage1, "--feature_cache_dir", os.path.join(work, "vision_features"),
-                *tiny_flags("projector"),
+                "--output_dir", projector, "--feature_cache_dir", features,
             ),
-            run_dir=stage1,
+            run_dir=projector,
         ),
-        Stage(
-            "stage 2: QLoRA instruct + merge",
-            os.path.join(stage2, "merged", "model.safetensors"),
+        Step(
+            "instruct: QLoRA + merge",
+            os.path.join(instruct, "merged", "model.safetensors"),
             python(
-                "stages.instruct", "--model_name_or_path", stage1,
+                "stages.instruct", *recipe_args("tiny", "instruct"), "--model_name_or_path", projector,
                 "--data_path", os.path.join(synthetic, "llava_instruct_train.json"), "--image_folder", images,
-                "--output_dir", stage2, "--feature_cache_dir", os.path.join(work, "vision_features"), "--merge",
-                *tiny_flags("instruct"),
+                "--output_dir", instruct, "--feature_cache_dir", features, "--merge",
             ),
-            run_dir=stage2,
+            run_dir=instruct,
         ),
-        Stage(
+        Step(
             "evaluate: held-out VQA",
             evaluation,
             python(
-                "evaluation", "--task", "vqa", "--model_name_or_path", os.path.join(stage2, "merged"),
+                "evaluation", "--task", "vqa", "--model_name_or_path", os.path.join(instruct, "merged"),
                 "--data_path", os.path.join(synthetic, "llava_instruct_val.json"), "--image_folder", images,
                 "--output_file", evaluation,
             ),
         ),
-        Stage("final model folder", os.path.join(final, "model.safetensors"), ["copy", os.path.join(stage2, "merged"),
+        Step("final model folder", os.path.join(final, "model.safetensors"), ["copy", os.path.join(instruct, "merged"),
               final]),
     ]
 
 
-def run_stage(stage: Stage, force: bool) -> None:
+def run_stage(stage: Step, force: bool) -> None:
     if os.path.exists(stage.done_marker) and not force:
         stage.result["status"] = "reused"
         print(f"\n=== {stage.name}: reused ({stage.done_marker} exists; FORCE=1 to redo)", flush=True)
@@ -154,17 +154,13 @@ def run_stage(stage: Stage, force: bool) -> None:
 
 
 def training_facts(run_dir: str) -> dict:
-    """Steps and final training loss from trainer_state.json, and a loss-curve PNG beside it."""
+    """Steps and final training loss from trainer_state.json, and the stage's loss-curve PNG."""
     state_path = os.path.join(run_dir, "trainer_state.json")
     if not os.path.exists(state_path):
         return {}
     with open(state_path) as handle:
         state = json.load(handle)
     losses = [entry["loss"] for entry in state.get("log_history", []) if "loss" in entry]
-    try:
-        run_module(python("plots", run_dir))
-    except Exception as error:  # a missing plot must not stop the summary of a finished run
-        print(f"demo: no loss curve for {run_dir} ({type(error).__name__}: {error})", file=sys.stderr)
     plot = os.path.join(run_dir, "loss_curve.png")
     return {
         "steps": state.get("global_step"),
@@ -204,7 +200,7 @@ def ask_by_voice(work: str, data: str, final: str) -> None:
     run_module(python("chat", "--model", final, "--image", image, "--audio", wav, "--max_new_tokens", "8"))
 
 
-def summarize(stages: list[Stage], evaluation_path: str) -> list[dict]:
+def summarize(stages: list[Step], evaluation_path: str) -> list[dict]:
     with open(evaluation_path) as handle:
         evaluation = json.load(handle)
     rows = []
@@ -238,7 +234,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data_dir", default="data")
     parser.add_argument("--force", action="store_true", default=os.environ.get("FORCE") == "1")
     parser.add_argument("--generator", choices=["synthetic", "synthetic_variant"], default="synthetic",
-                        help="the shapes data: ours, or the variant the recipe was not tuned on (#16)")
+                        help="the shapes data: ours, or the variant the recipe was not tuned on")
     args = parser.parse_args(argv)
     # Offline by design; set before the first stage imports huggingface_hub, which reads it once.
     os.environ.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")

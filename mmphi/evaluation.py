@@ -1,21 +1,21 @@
 """Evaluate an MM-Phi folder (or a base + PEFT adapter) offline; scores go to a JSON file and stdout.
 
-    python scripts/evaluate_mmphi.py --task vqa --model_name_or_path outputs/stage2/merged \
+    python scripts/evaluate_mmphi.py --task vqa --model_name_or_path outputs/instruct/merged \
         --data_path data/synthetic/llava_heldout.json --image_folder data/synthetic/images --output_file vqa.json
-    python scripts/evaluate_mmphi.py --task caption --model_name_or_path outputs/stage1 \
+    python scripts/evaluate_mmphi.py --task caption --model_name_or_path outputs/projector \
         --data_path data/synthetic/captions_val.json --image_folder data/synthetic/images --output_file cap.json
-    python scripts/evaluate_mmphi.py --task pope --model_name_or_path outputs/stage2/merged \
+    python scripts/evaluate_mmphi.py --task pope --model_name_or_path outputs/instruct/merged \
         --data_path pope/coco_pope_adversarial.json --image_folder coco/val2014 --output_file pope.json
-    python scripts/evaluate_mmphi.py --task perplexity --model_name_or_path outputs/stage0 \
+    python scripts/evaluate_mmphi.py --task perplexity --model_name_or_path outputs/pretrain \
         --data_path data/corpus/c4.jsonl
 
 - vqa: a LLaVA-format file. Each human turn is a question and the next gpt turn its answer; earlier turns of the
   same conversation (with their reference answers) are the context, the image comes with the first turn. Greedy,
   batched, left-padded generation; normalized exact match as the VQA evaluation normalizes answers (lowercase,
   punctuation, articles, number words); overall and per question type (the record's type field, else inferred).
-- caption: a COCO captions file; one caption per image with the stage-1 captioning prompt; BLEU-4 and CIDEr-D with
-  pycocoevalcap's scorers against all references of each image (PTB tokenizer through Java, else its Python rules;
-  the scores name the tokenizer).
+- caption: a COCO captions file; one caption per image with the projector stage's captioning prompt; BLEU-4 and
+  CIDEr-D with pycocoevalcap's scorers against all references of each image (PTB tokenizer through Java, else its
+  Python rules; the scores name the tokenizer).
 - pope: a POPE question file (JSON lines `{"question_id", "image", "text", "label": "yes"|"no"}`); accuracy,
   precision, recall, F1 and yes-ratio, answers parsed as POPE's script does.
 - perplexity: JSONL (`{"text": ...}`, also .gz/.zst/.zip) or plain-text files; token-weighted, sliding windows.
@@ -51,7 +51,7 @@ from mmphi.metrics import (
     vqa_exact_match,
 )
 
-logger = logging.getLogger("evaluate")
+logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_NEW_TOKENS = {"vqa": 16, "caption": 40, "pope": 16}
 TASKS = ["vqa", "caption", "pope", "perplexity"]
@@ -66,13 +66,13 @@ class EvaluationArguments:
         metadata={"help": "vqa: LLaVA JSON; caption: COCO captions JSON; perplexity: JSONL/.txt files (several ok)"},
     )
     image_folder: str | None = field(default=None, metadata={"help": "where the data's image paths are relative to"})
-    adapter: str | None = field(default=None, metadata={"help": "a PEFT adapter (stage 2) applied on the model"})
+    adapter: str | None = field(default=None, metadata={"help": "a PEFT adapter (instruct) applied on the model"})
     output_file: str | None = field(default=None, metadata={"help": "write the scores here as JSON"})
     predictions_file: str | None = field(default=None, metadata={"help": "write every prediction here as JSONL"})
     batch_size: int = field(default=16, metadata={"help": "prompts (or perplexity windows) per forward"})
     max_new_tokens: int | None = field(default=None, metadata={"help": "default: 16 for vqa, 40 for caption"})
     max_samples: int | None = field(default=None, metadata={"help": "evaluate at most this many questions/images"})
-    caption_prompt: str | None = field(default=None, metadata={"help": "default: stage 1's captioning prompt"})
+    caption_prompt: str | None = field(default=None, metadata={"help": "default: the projector's captioning prompt"})
     caption_tokenizer: str = field(default="auto", metadata={
         "help": "caption: tokenizer before BLEU/CIDEr-D", "choices": ["auto", "ptb-java", "ptb-python"]})
     max_length: int | None = field(
@@ -142,7 +142,7 @@ def vqa_items(conversations: list[mmphi_data.Conversation]) -> list[EvalItem]:
 
 
 def caption_items(images: list[mmphi_data.CaptionedImage], prompt: str) -> list[EvalItem]:
-    """One item per image: stage 1's captioning prompt with the image; all its captions are the references."""
+    """One item per image: the projector's captioning prompt with the image; all its captions are the references."""
     items = []
     for image in images:
         conversation = mmphi_data.Conversation(id=str(image.image_id), image=image.image,
@@ -371,7 +371,7 @@ def run_evaluation(args: EvaluationArguments) -> dict:
     if not args.data_path:
         raise ValueError("--data_path is required")
     started = time.perf_counter()
-    if args.task == "perplexity":  # any causal LM (a stage-0 Phi too): no processor needed
+    if args.task == "perplexity":  # any causal LM (a pretrained Phi too): no processor needed
         model = load_causal_lm(args.model_name_or_path, adapter=args.adapter, device=args.device, dtype=args.dtype)
         tokenizer = AutoTokenizer.from_pretrained(args.adapter or args.model_name_or_path)
         scores, predictions = evaluate_perplexity(args, model, tokenizer)

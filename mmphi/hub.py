@@ -1,7 +1,7 @@
 """Share an MM-Phi folder on the Hugging Face Hub with a generated model card.
 
-    python scripts/push_to_hub.py --model outputs/stage2/merged --repo_id you/mmphi --private
-    python scripts/push_to_hub.py --model outputs/stage2/merged --repo_id you/mmphi --metrics vqa.json \
+    python scripts/push_to_hub.py --model outputs/instruct/merged --repo_id you/mmphi --private
+    python scripts/push_to_hub.py --model outputs/instruct/merged --repo_id you/mmphi --metrics vqa.json \
         --dry_run --output_dir outputs/to-upload
 
 What is uploaded: the folder's top-level model files (config, safetensors weights, tokenizer/processor files, chat
@@ -35,7 +35,7 @@ import tempfile
 
 from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
 
-logger = logging.getLogger("push_to_hub")
+logger = logging.getLogger(__name__)
 UPLOAD_SUFFIXES = (".json", ".safetensors", ".py", ".jinja", ".txt", ".model", ".png", ".md")
 NEVER_UPLOAD = ("*.bin", "*.pt", "*.pth", "*.pkl", "*.ckpt", "*.msgpack", "*.h5", "README.md")
 CODE_FILES = ("configuration_mmphi.py", "modeling_mmphi.py", "processing_mmphi.py", "speech_mmphi.py")
@@ -74,7 +74,7 @@ def is_adapter_folder(model_dir: str) -> bool:
 
 
 def check_model_folder(model_dir: str) -> dict:
-    """The folder's config after checking it: a complete model, or a stage-2 LoRA adapter with its processor (then
+    """The folder's config after checking it: a complete model, or an instruct LoRA adapter with its processor (then
     the adapter config); never pickled weights only."""
     config_path = os.path.join(model_dir, "config.json")
     if not os.path.isdir(model_dir):
@@ -85,7 +85,7 @@ def check_model_folder(model_dir: str) -> dict:
             raise ValueError(f"{model_dir}: an adapter without adapter_model.safetensors; only safetensors are "
                              "uploaded")
         if "processor_config.json" not in names:
-            raise ValueError(f"{model_dir}: an adapter without its processor (stage 2 saves one next to it); push "
+            raise ValueError(f"{model_dir}: an adapter without its processor (instruct saves one next to it); push "
                              "the merged folder, or save the processor here")
         return load_json(os.path.join(model_dir, ADAPTER_CONFIG))
     if not os.path.isfile(config_path):
@@ -451,7 +451,7 @@ def build_card(model_dir: str, repo_id: str, evaluations, summary=None, license_
     if adapter:
         components, usage = adapter_components_section(adapter, model_dir), adapter_usage_section(repo_id,
                                                                                                   base_for_usage)
-    elif config.get("model_type") != "mmphi":  # a stage-0 Phi or the offline CLIP: one part of MM-Phi
+    elif config.get("model_type") != "mmphi":  # a pretrained Phi or the offline CLIP: one part of MM-Phi
         components, usage = part_section(config, model_dir), part_usage_section(repo_id, config)
     else:
         components, usage = components_section(config, count_parameters(model_dir)), usage_section(repo_id)

@@ -46,7 +46,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """The loading flags chat.py and app.py share."""
     parser.add_argument("--model", required=True,
                         help="an MM-Phi folder or hub id (whatever from_pretrained resolves, its cache included)")
-    parser.add_argument("--adapter", help="a stage-2 LoRA adapter folder run on top of --model, unmerged (LLaVA's "
+    parser.add_argument("--adapter", help="an instruct LoRA adapter folder run on top of --model, unmerged (LLaVA's "
                         "--model-base)")
     quantization = parser.add_mutually_exclusive_group()
     quantization.add_argument("--load_in_4bit", action="store_true", help="nf4 language model (bitsandbytes)")

@@ -53,7 +53,7 @@ def bnb_config(quantization: str | None, compute_dtype: torch.dtype):
 
 
 def processor_folder(adapter: str | None, path: str) -> str:
-    """Where the processor comes from: the adapter folder when stage 2 saved one there, else the model: a local
+    """Where the processor comes from: the adapter folder when instruct saved one there, else the model: a local
     folder (which must hold one) or a hub id, which `from_pretrained` resolves (its local cache included, offline
     too)."""
     if adapter and os.path.isfile(os.path.join(adapter, PROCESSOR_FILE)):
@@ -83,8 +83,8 @@ def load_processor(path: str, adapter: str | None = None):
 
 def load_causal_lm(path: str, adapter: str | None = None, quantization: str | None = None,
                    device: str | None = None, dtype: str | torch.dtype | None = "auto", **kwargs):
-    """A model through `AutoModelForCausalLM` (MM-Phi or any causal LM, e.g. a stage-0 Phi), in eval mode on
-    `device`. `adapter`: a stage-2 LoRA folder applied on top, unmerged (LLaVA's `--model-base`). `quantization`:
+    """A model through `AutoModelForCausalLM` (MM-Phi or any causal LM, e.g. a pretrained Phi), in eval mode on
+    `device`. `adapter`: an instruct LoRA folder applied on top, unmerged (LLaVA's `--model-base`). `quantization`:
     "4bit" / "8bit" (MM-Phi quantizes its language model only). Extra keyword arguments go to `from_pretrained`."""
     from transformers import AutoModelForCausalLM
 
@@ -118,9 +118,9 @@ MERGE_TARGETS = ("dequantized", "original")
 
 
 def nf4_roundtrip_(model, skip_prefixes, quantized_from: torch.dtype | None = None) -> int:
-    """Replace, in place, every weight that stage 2's 4-bit load quantizes (each nn.Linear outside `skip_prefixes`)
+    """Replace, in place, every weight that instruct's 4-bit load quantizes (each nn.Linear outside `skip_prefixes`)
     by its NF4 round trip (nf4, double quantization, bitsandbytes' block size): bit for bit the weights the adapter
-    was trained against, when `quantized_from` is the dtype stage 2 loaded the base in (bitsandbytes quantizes those
+    was trained against, when `quantized_from` is the dtype instruct loaded the base in (bitsandbytes quantizes those
     values). Returns how many weights were replaced."""
     import bitsandbytes as bnb
 
@@ -138,13 +138,13 @@ def nf4_roundtrip_(model, skip_prefixes, quantized_from: torch.dtype | None = No
 def merge_lora(model_name_or_path: str, adapter: str, output_dir: str | None = None,
                dtype: torch.dtype = torch.float32, merge_into: str = "dequantized", base_quantization: str = "4bit",
                quantized_from: torch.dtype | None = None):
-    """Base + stage-2 adapter as one full-precision MM-Phi (written to `output_dir` when given); returns the merged
+    """Base + instruct adapter as one full-precision MM-Phi (written to `output_dir` when given); returns the merged
     model. LoRA deltas are folded into the weights and the adapter's `modules_to_save` (the projector, ...) replace
     the base's. A QLoRA adapter was trained against the NF4-rounded base: `merge_into="dequantized"` (the default)
     folds it into those dequantized weights, so the merged model computes what was trained (BENCHMARKS.md "Merge
     target": much closer to 4-bit base + adapter than a merge into the original weights); "original" merges into the
     unquantized base weights. An 8-bit or unquantized base is always merged into its original weights.
-    `quantized_from`: the dtype stage 2 loaded the base in (bf16 on most GPUs; default `dtype`)."""
+    `quantized_from`: the dtype instruct loaded the base in (bf16 on most GPUs; default `dtype`)."""
     from peft import PeftModel
 
     from modeling_mmphi import QUANTIZATION_SKIP_MODULES, MMPhiForCausalLM
@@ -152,7 +152,7 @@ def merge_lora(model_name_or_path: str, adapter: str, output_dir: str | None = N
     if merge_into not in MERGE_TARGETS:
         raise ValueError(f"merge_into must be one of {MERGE_TARGETS}, got {merge_into!r}")
     if not os.path.exists(os.path.join(adapter, "adapter_config.json")):
-        raise FileNotFoundError(f"{adapter}: no adapter_config.json (is it a stage-2 LoRA output?)")
+        raise FileNotFoundError(f"{adapter}: no adapter_config.json (is it an instruct LoRA output?)")
     base = MMPhiForCausalLM.from_pretrained(model_name_or_path, dtype=dtype)
     if merge_into == "dequantized" and base_quantization == "4bit":
         replaced = nf4_roundtrip_(base, QUANTIZATION_SKIP_MODULES, quantized_from)

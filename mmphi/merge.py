@@ -1,10 +1,10 @@
-"""Merge a stage-2 LoRA adapter (with its trained projector) into its base: a full MM-Phi folder.
+"""Merge an instruct LoRA adapter (with its trained projector) into its base: a full MM-Phi folder.
 
-    python scripts/merge_lora.py --model_name_or_path outputs/stage1 --adapter outputs/stage2 \
-        --output_dir outputs/stage2-merged
+    python scripts/merge_lora.py --model_name_or_path outputs/projector --adapter outputs/instruct \
+        --output_dir outputs/instruct-merged
 
 The result is full precision. A QLoRA adapter was trained against the NF4-rounded base, so by default it is merged into
-those dequantized weights (`--merge_into dequantized`; BENCHMARKS.md "Merge target" measures how much closer that is to
+those dequantized weights (`--merge_into dequantized`; BENCHMARKS.md "Instruct" measures how much closer that is to
 the 4-bit base + adapter than `--merge_into original`, the unquantized weights). LoRA deltas are folded into the
 weights, and the adapter's copy of the projector (`modules_to_save`) replaces the base's. The folder holds
 safetensors weights, the config, the processor and the model code, and loads with
@@ -23,17 +23,18 @@ from mmphi.loading import MERGE_TARGETS, QUANTIZATION_CHOICES, merge_lora
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model_name_or_path", required=True, help="the base MM-Phi folder (stage 1 output)")
-    parser.add_argument("--adapter", required=True, help="the stage-2 adapter folder")
+    parser.add_argument("--model_name_or_path", required=True,
+                        help="the base MM-Phi folder (the projector stage's output)")
+    parser.add_argument("--adapter", required=True, help="the instruct adapter folder")
     parser.add_argument("--output_dir", required=True)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                        help="dtype of the merged weights (for --merge_into dequantized: the one stage 2 loaded with)")
+                        help="dtype of the merged weights (for --merge_into dequantized: the one instruct loaded with)")
     parser.add_argument("--merge_into", default="dequantized", choices=MERGE_TARGETS,
                         help="dequantized: the NF4 weights the adapter was trained on; original: the unquantized ones")
     parser.add_argument("--base_quantization", default="4bit", choices=QUANTIZATION_CHOICES,
-                        help="how stage 2 loaded the base (its --quantization)")
+                        help="how instruct loaded the base (its --quantization)")
     parser.add_argument("--quantized_from", default=None, choices=["float32", "bfloat16", "float16"],
-                        help="the dtype stage 2 loaded the base in before quantizing (bf16 on most GPUs; default "
+                        help="the dtype instruct loaded the base in before quantizing (bf16 on most GPUs; default "
                              "--dtype): the NF4 round trip then matches training bit for bit")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")

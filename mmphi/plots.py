@@ -1,8 +1,8 @@
 """Draw the loss curve of any stage's run from its `trainer_state.json` (HF Trainer's log history) into a PNG.
 
 Usage:
-    python scripts/plot_logs.py outputs/stage0                 # -> outputs/stage0/loss_curve.png
-    python scripts/plot_logs.py outputs/stage0/checkpoint-500/trainer_state.json --output curve.png
+    python scripts/plot_logs.py outputs/pretrain                 # -> outputs/pretrain/loss_curve.png
+    python scripts/plot_logs.py outputs/pretrain/checkpoint-500/trainer_state.json --output curve.png
 """
 
 from __future__ import annotations

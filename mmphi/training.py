@@ -1,8 +1,11 @@
-"""Shared bits of the training scripts: stage defaults on top of HF's argument dataclasses.
+"""The one stage skeleton (`Stage`) and what every stage shares: stage defaults on top of HF's argument dataclasses,
+the argument parser (`--config` recipe files), the Trainer mixin of the projector and instruct stages, the run record
+and the push.
 
-The seed trained with `paged_adamw_8bit`, fp16 on CUDA and gradient accumulation 4; we keep those defaults, add
-gradient checkpointing, and choose the precision by device (bf16 where the GPU supports it, fp32 on CPU) unless the
-user passes `--fp16`/`--bf16` explicitly.
+A stage module supplies its argument dataclasses and `build_trainer`; `Stage` runs it: `--validate_data`, resume,
+train, evaluate, skip report, the final save, record, loss curve, push. The seed trained with `paged_adamw_8bit`, fp16
+on CUDA and gradient accumulation 4; we keep those defaults, add gradient checkpointing, and choose the precision by
+device (bf16 where the GPU supports it, fp32 on CPU) unless the user passes `--fp16`/`--bf16` explicitly.
 """
 
 from __future__ import annotations
@@ -13,14 +16,17 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import datasets
 import torch
 import transformers
-from transformers import HfArgumentParser, TrainingArguments
+from transformers import TrainingArguments
+from transformers.trainer_utils import get_last_checkpoint
+from trl import TrlParser
 
-from mmphi.errors import warn_skipped
+from mmphi.errors import SkipReport, warn_skipped
 from mmphi.loading import check_model_path
 
 logger = logging.getLogger(__name__)
@@ -44,31 +50,10 @@ def resolve_precision(args) -> None:
         logger.warning("--fp16 without a CUDA device: the Trainer does not autocast to fp16 on a CPU (use --bf16)")
 
 
-def take_over_push(args) -> None:
-    """`--push_to_hub` pushes the stage's final folder once it is complete (`push_final`), with a model card built
-    from the run, instead of the Trainer's pushes of output_dir at every save (which would also upload stage 2's
-    merged/ sub-folder and a card that knows nothing of the run)."""
-    args.push_final_to_hub = bool(args.push_to_hub)
-    args.push_to_hub = False
-
-
-def take_over_liger(args) -> None:
-    """`--use_liger_kernel` is applied by the stage (`apply_speed_options`): Liger's own patches do not cover Phi."""
-    args.fused_kernels = bool(args.use_liger_kernel)
-    args.use_liger_kernel = False
-
-
-def resolve_stage_arguments(args) -> None:
-    """What every stage's training-arguments class does after parsing."""
-    resolve_precision(args)
-    take_over_push(args)
-    take_over_liger(args)
-
-
 def apply_speed_options(model, training_args) -> torch.nn.Module:
-    """The speed options a stage applies to its model itself (`--use_liger_kernel`); `--torch_compile` and
-    `--attn_implementation` go through the Trainer and `from_pretrained` as usual."""
-    if getattr(training_args, "fused_kernels", False):
+    """The speed options a stage applies to its model itself (`--use_liger_kernel`, as `fused_kernels`);
+    `--torch_compile` and `--attn_implementation` go through the Trainer and `from_pretrained` as usual."""
+    if training_args.fused_kernels:
         from mmphi.kernels import apply_liger_kernel
 
         apply_liger_kernel(model, device_is_cuda=torch.cuda.is_available() and not training_args.use_cpu)
@@ -76,7 +61,28 @@ def apply_speed_options(model, training_args) -> torch.nn.Module:
 
 
 @dataclass
-class StageTrainingArguments(TrainingArguments):
+class StageOptions:
+    """What every stage's training arguments add to HF's: precision chosen by device when unset, and two Trainer
+    flags that the stage ending carries out itself (declared here, set from the flags after parsing)."""
+
+    fp16: bool | None = field(default=None, metadata={"help": PRECISION_HELP})
+    bf16: bool | None = field(default=None, metadata={"help": PRECISION_HELP})
+    push_final_to_hub: bool = field(default=False, init=False, metadata={
+        "help": "from --push_to_hub: the stage pushes its final folder once, with a card built from the run, "
+                "instead of the Trainer's pushes of output_dir at every save"})
+    fused_kernels: bool = field(default=False, init=False, metadata={
+        "help": "from --use_liger_kernel: the stage applies the fused kernels itself (Liger's patches do not cover "
+                "Phi)"})
+
+    def __post_init__(self):
+        resolve_precision(self)
+        self.push_final_to_hub, self.push_to_hub = bool(self.push_to_hub), False
+        self.fused_kernels, self.use_liger_kernel = bool(self.use_liger_kernel), False
+        super().__post_init__()
+
+
+@dataclass
+class StageTrainingArguments(StageOptions, TrainingArguments):
     """`TrainingArguments` with the MM-Phi stage defaults; every Trainer flag still works."""
 
     output_dir: str = field(default="outputs/run")
@@ -88,12 +94,6 @@ class StageTrainingArguments(TrainingArguments):
     logging_steps: float = field(default=10)
     save_safetensors: bool = field(default=True)
     report_to: None | str | list[str] = field(default="none")
-    fp16: bool | None = field(default=None, metadata={"help": PRECISION_HELP})
-    bf16: bool | None = field(default=None, metadata={"help": PRECISION_HELP})
-
-    def __post_init__(self):
-        resolve_stage_arguments(self)
-        super().__post_init__()
 
 
 @dataclass
@@ -105,37 +105,156 @@ class BuiltStage:
     model: torch.nn.Module
     processor: object = None
     collator: object = None
-    train: object = None  # the training samples (stages 1-2: EncodedSamples; stage 0: the packed blocks)
+    train: object = None  # the training samples (projector, instruct: EncodedSamples; pretrain: packed blocks)
     evaluation: object = None
-    report: object = None  # records skipped while reading the data (SkipReport)
+    reports: list[SkipReport] = field(default_factory=list)  # skipped records, read again once training is done
     trainable: list[str] = field(default_factory=list)
+    data_metrics: Callable[[], dict] = dict  # what the data did during training (padding, truncation)
+    run_info: dict = field(default_factory=dict)  # stage-specific facts for run_info.json
 
 
 def parse_stage_args(dataclass_types: tuple, argv: list[str] | None = None):
-    """The stage's argument dataclasses from the command line, or from one `.json` file given as the only argument."""
-    parser = HfArgumentParser(dataclass_types)
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) == 1 and argv[0].endswith(".json"):
-        return parser.parse_json_file(argv[0])
-    return parser.parse_args_into_dataclasses(args=argv)
+    """The stage's argument dataclasses from the command line; `--config FILE` (YAML or JSON, e.g.
+    recipes/tiny/<stage>.yaml) sets defaults that later flags override (TRL's `TrlParser`). A config file given as
+    the only argument (HF's example scripts' form) is read the same way."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if len(argv) == 1 and argv[0].endswith((".json", ".yaml", ".yml")):
+        argv = ["--config", argv[0]]
+    return TrlParser(dataclass_types).parse_args_and_config(args=argv)
+
+
+def resolve_resume(training_args) -> str | bool | None:
+    """`--resume_from_checkpoint latest` (or `true`) means the newest checkpoint in output_dir."""
+    value = training_args.resume_from_checkpoint
+    if isinstance(value, str) and value.lower() in ("latest", "last", "true"):
+        last = get_last_checkpoint(training_args.output_dir) if os.path.isdir(training_args.output_dir) else None
+        if last is None:
+            raise FileNotFoundError(f"--resume_from_checkpoint {value}: no checkpoint in {training_args.output_dir}")
+        return last
+    return value
 
 
 def train_and_evaluate(stage: BuiltStage, resume_from_checkpoint=None) -> dict:
-    """Stages 1-2: train, then evaluate; the metrics with the wall time, the training batches' padding fraction
-    (read before evaluation adds its batches), the trainable size, what truncation did and the skipped records."""
+    """Train, then evaluate; the metrics with the wall time, what the data did during training (read before
+    evaluation adds its batches), the trainable size and the skipped records."""
     trainer = stage.trainer
     start = time.perf_counter()
     metrics = dict(trainer.train(resume_from_checkpoint=resume_from_checkpoint).metrics)
     metrics["train_wall_s"] = round(time.perf_counter() - start, 1)
-    metrics["padding_fraction"] = round(stage.collator.padding_fraction, 4)
+    metrics.update(stage.data_metrics())
     if stage.evaluation is not None:
         metrics.update(trainer.evaluate())
-    metrics.update(
-        trainable_parameters=sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
-        truncated=stage.train.truncation.truncated, dropped_too_long=stage.train.truncation.dropped,
-        skipped_bad_records=warn_skipped(logger, stage.report, stage.collator.skipped),
-    )
+    metrics["trainable_parameters"] = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+    metrics["skipped_bad_records"] = warn_skipped(logger, *stage.reports)
     return metrics
+
+
+def encoded_data_metrics(collator, train) -> dict:
+    """The projector and instruct stages' data during training: the training batches' padding fraction and what
+    truncation did."""
+    return {"padding_fraction": round(collator.padding_fraction, 4), "truncated": train.truncation.truncated,
+            "dropped_too_long": train.truncation.dropped}
+
+
+def draw_loss_curve(trainer) -> str | None:
+    """The run's loss curve beside its record (`loss_curve.png`); None when no loss was logged (a run shorter than
+    `--logging_steps`)."""
+    if not any("loss" in entry for entry in trainer.state.log_history):
+        return None
+    from mmphi.plots import plot_trainer_state  # matplotlib only when there is something to plot
+
+    return plot_trainer_state(trainer.args.output_dir)
+
+
+@dataclass(frozen=True)
+class Stage:
+    """The one skeleton every stage runs through. A stage module supplies its argument dataclasses and
+    `build_trainer`; the skeleton owns the rest: `--validate_data`, resume (`latest`), train, evaluate, skip report,
+    the final save, the run record, the loss curve and the push. `finish` (optional) runs on the main process after
+    the save and returns the folder to push (the instruct stage's merge)."""
+
+    name: str
+    arguments: tuple  # (ModelArguments, DataArguments, training arguments)
+    build_trainer: Callable
+    validate_data: Callable
+    finish: Callable | None = None
+
+    def parse_args(self, argv: list[str] | None = None):
+        return parse_stage_args(self.arguments, argv)
+
+    def main(self, argv: list[str] | None = None) -> dict | None:
+        """The command line: parse, then either scan the data (`--validate_data`; exits 0 when clean) or train,
+        printing the metrics."""
+        model_args, data_args, training_args = self.parse_args(argv)
+        if getattr(model_args, "model_name_or_path", None):  # before the data is read: minutes at real size
+            check_model_path(model_args.model_name_or_path)
+        configure_logging(training_args)
+        if data_args.validate_data:
+            sys.exit(self.validate_data(data_args))
+        metrics = self.run(model_args, data_args, training_args)
+        print(json.dumps({k: v for k, v in metrics.items() if isinstance(v, (int, float, str))}, indent=1))
+        return metrics
+
+    def run(self, model_args, data_args, training_args) -> dict:
+        """Train and save output_dir (every process takes part in the save, as sharded engines need); the record,
+        loss curve, `finish` and push on the main process. Returns the metrics."""
+        training_args.resume_from_checkpoint = resolve_resume(training_args)
+        stage = self.build_trainer(model_args, data_args, training_args)
+        metrics = train_and_evaluate(stage, training_args.resume_from_checkpoint)
+        trainer = stage.trainer
+        trainer.save_model(training_args.output_dir)  # weights (safetensors), config, processor / tokenizer
+        if not trainer.is_world_process_zero():
+            return metrics
+        run_info = describe_run(self.name, model_args, data_args, training_args, **stage.run_info)
+        record_run(trainer, metrics, run_info)
+        metrics["loss_curve"] = draw_loss_curve(trainer)
+        final = training_args.output_dir
+        if self.finish is not None:
+            final = self.finish(stage, model_args, training_args, metrics, run_info)
+        push_final(training_args, final)
+        return metrics
+
+
+class MMPhiTrainerMixin:
+    """Trainer mixin for the projector and instruct stages: `--train_sampling_strategy group_by_length` takes the
+    lengths from the dataset's `length` column (computed while tokenising) instead of loading every sample, images
+    included; and the collator counts evaluation batches apart, so the padding fraction is the training batches'."""
+
+    def _get_train_sampler(self, train_dataset=None):
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        if self.args.train_sampling_strategy == "group_by_length" and "length" in (
+                getattr(dataset, "column_names", None) or []):
+            return length_grouped_sampler(dataset["length"], self.args)
+        return super()._get_train_sampler(train_dataset)
+
+    def loss_only_inputs(self, inputs: dict, return_outputs: bool) -> dict:
+        """The batch for the model's own loss (`Trainer.compute_loss`). A training step needs only the loss, so the
+        model scores the labelled positions alone (`skip_logits`): the same loss, without projecting every image and
+        prompt token through the LM head (BENCHMARKS.md "Instruct (tiny)"). A caller that returns the outputs
+        (`return_outputs`, unless a loss-only evaluation step asked already), label smoothing and a `compute_loss_func`
+        read the logits, so they get the batch as it is."""
+        if return_outputs or "labels" not in inputs or self.label_smoother is not None \
+                or self.compute_loss_func is not None:
+            return inputs
+        return {**inputs, "skip_logits": True}
+
+    def evaluate(self, *args, **kwargs):
+        self.data_collator.evaluating = True
+        try:
+            return super().evaluate(*args, **kwargs)
+        finally:
+            self.data_collator.evaluating = False
+
+
+def length_grouped_sampler(lengths, args):
+    """Length-grouped order that is the same on every process and for every process count: groups are sized by the
+    global batch (per-device batch x processes x accumulation) and shuffled by a generator seeded from
+    `data_seed`/`seed`. Accelerate then deals the batches of this one order out to the processes."""
+    from transformers.trainer_pt_utils import LengthGroupedSampler
+
+    global_batch = args.per_device_train_batch_size * max(1, args.world_size) * args.gradient_accumulation_steps
+    generator = torch.Generator().manual_seed(args.data_seed if args.data_seed is not None else args.seed)
+    return LengthGroupedSampler(global_batch, lengths=list(lengths), generator=generator)
 
 
 RUN_INFO = "run_info.json"
@@ -185,7 +304,7 @@ def write_run_info(folder: str, run_info: dict) -> None:
 def push_final(training_args, folder: str) -> str | None:
     """With `--push_to_hub`: push the stage's final folder (a full model, or an adapter with its processor) to
     `--hub_model_id` (default: the output folder's name) with a card built from the run. Returns the repo id."""
-    if not getattr(training_args, "push_final_to_hub", False):
+    if not training_args.push_final_to_hub:
         return None
     from mmphi import hub
 
@@ -210,17 +329,3 @@ def configure_logging(training_args) -> None:
         transformers.utils.logging.set_verbosity(max(level, logging.WARNING))
         datasets.utils.logging.set_verbosity(max(level, logging.WARNING))
         datasets.utils.logging.disable_progress_bar()
-
-
-def stage_main(argv: list[str] | None, parse_args, validate, run) -> dict | None:
-    """A stage script's command line: parse, then either scan the data (`--validate_data`; exits 0 when clean) or
-    train, printing the metrics."""
-    model_args, data_args, training_args = parse_args(argv)
-    if getattr(model_args, "model_name_or_path", None):  # before the data is read: minutes at real size
-        check_model_path(model_args.model_name_or_path)
-    configure_logging(training_args)
-    if data_args.validate_data:
-        sys.exit(validate(data_args))
-    metrics = run(model_args, data_args, training_args)
-    print(json.dumps({k: v for k, v in metrics.items() if isinstance(v, (int, float, str))}, indent=1))
-    return metrics

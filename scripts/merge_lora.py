@@ -1,4 +1,4 @@
-"""Merge a stage-2 LoRA adapter (with its trained projector) into its base: a full MM-Phi folder.
+"""Merge an instruct LoRA adapter (with its trained projector) into its base: a full MM-Phi folder.
 
 Thin command line; the code is mmphi/merge.py (`--help` lists the flags).
 """

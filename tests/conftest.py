@@ -6,7 +6,7 @@ import tempfile
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-# stage 1's feature cache defaults to ~/.cache/mmphi: tests keep theirs in a temporary folder
+# the feature cache defaults to ~/.cache/mmphi: tests keep theirs in a temporary folder
 os.environ["MMPHI_CACHE"] = tempfile.mkdtemp(prefix="mmphi-test-cache-")
 # datasets caches what load_dataset reads: a fresh cache per run, like a new machine
 os.environ["HF_DATASETS_CACHE"] = tempfile.mkdtemp(prefix="mmphi-test-datasets-")

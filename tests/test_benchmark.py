@@ -1,4 +1,4 @@
-"""benchmarks/benchmark.py and benchmarks/gpu_check.sh: the FLOP and memory accounting, the Markdown section it appends
+"""benchmarks.benchmark and benchmarks/gpu_check.sh: the FLOP and memory accounting, the Markdown section it appends
 to, a real measured run on the CPU (Trainer vs bare loop on the same model and batch), and the GPU check's CPU dry
 run end to end."""
 
@@ -13,11 +13,11 @@ import pytest
 import torch
 from transformers import PhiConfig, PhiForCausalLM
 
+from benchmarks.benchmark import main
+from benchmarks.flops import attention_flops_per_token, linear_weights
+from benchmarks.measure import sample_lengths
+from benchmarks.report import append_to_markdown, estimate, goal_verdicts
 from configuration_mmphi import PHI2_TEXT_CONFIG
-from mmphi.bench.flops import attention_flops_per_token, linear_weights
-from mmphi.bench.measure import sample_lengths
-from mmphi.bench.report import append_to_markdown, estimate, goal_verdicts
-from mmphi.bench.stages import main
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -27,12 +27,12 @@ def test_estimate_counts_phi2_exactly_and_adds_up():
 
     result = estimate()
     assert result["phi2_parameters"] == count_parameters(build_config("phi-2"))  # the meta-device count
-    for stage in ("stage0_gib", "stage2_gib"):
+    for stage in ("pretrain_gib", "instruct_gib"):
         parts = {k: v for k, v in result[stage].items() if k != "total"}
         assert result[stage]["total"] == pytest.approx(sum(parts.values()))
     # fp32 weights + fp32 grads alone are 8 bytes per parameter; QLoRA's 4-bit weights are ~1/8 of fp32 ones
-    assert result["stage0_gib"]["weights_fp32"] * 2**30 == 4 * result["phi2_parameters"]
-    assert result["stage2_gib"]["weights_4bit"] < result["stage0_gib"]["weights_fp32"] / 7
+    assert result["pretrain_gib"]["weights_fp32"] * 2**30 == 4 * result["phi2_parameters"]
+    assert result["instruct_gib"]["weights_4bit"] < result["pretrain_gib"]["weights_fp32"] / 7
     assert result["kind"].startswith("ESTIMATE")
 
 
@@ -53,7 +53,7 @@ def test_tokens_are_counted_in_the_batch_that_runs():
     padded = {"input_ids": torch.zeros(2, 5, dtype=torch.long),
               "attention_mask": torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])}
     assert sample_lengths(padded) == [5, 3]  # padding is not a token the model was asked to learn
-    assert sample_lengths({"input_ids": torch.zeros(3, 4, dtype=torch.long)}) == [4, 4, 4]  # stage 0's full blocks
+    assert sample_lengths({"input_ids": torch.zeros(3, 4, dtype=torch.long)}) == [4, 4, 4]  # pretrain's full blocks
 
 
 def test_markdown_runs_go_at_the_end_of_the_harness_section(tmp_path):
@@ -84,7 +84,7 @@ def test_cpu_run_measures_trainer_and_bare_loop_on_the_same_batch(tmp_path):
         assert "mfu" not in phase  # no MFU without a GPU
     assert result["overhead_ratio"] == pytest.approx(result["trainer"]["median_step_s"] /
                                                      result["bare"]["median_step_s"])
-    # only the projector trains in stage 1; both loops train the same model from the same batch
+    # only the projector trains in the projector stage; both loops train the same model from the same batch
     assert 0 < result["trainable_parameters"] < result["total_parameters"] / 10
     assert all(0 < result[loop]["loss"] < 20 for loop in ("trainer", "bare"))  # both trained: finite losses
     with open(tmp_path / "run.json") as handle:
@@ -135,7 +135,7 @@ class Copier(torch.nn.Module):
 
 
 def test_in_context_copying_tells_a_copier_from_a_random_language_model():
-    from mmphi.bench.question_types import in_context_copying
+    from benchmarks.question_types import in_context_copying
     from mmphi.build import tiny_tokenizer
 
     tokenizer = tiny_tokenizer()
@@ -149,7 +149,7 @@ def test_in_context_copying_tells_a_copier_from_a_random_language_model():
 
 
 def test_caption_positions_scores_the_first_quadrant_a_caption_names(tmp_path):
-    from mmphi.bench.question_types import caption_positions
+    from benchmarks.question_types import caption_positions
 
     rows = [
         {"prediction": "A red circle in the top left.", "references": ["A red circle in the top left."]},
@@ -165,7 +165,7 @@ def test_caption_positions_scores_the_first_quadrant_a_caption_names(tmp_path):
 
 
 def test_position_halves_counts_each_axis_of_the_answers(tmp_path):
-    from mmphi.bench.question_types import position_halves, read_predictions
+    from benchmarks.question_types import position_halves, read_predictions
 
     rows = [
         {"type": "position", "answer": "top left", "prediction": "top left"},
@@ -182,8 +182,8 @@ def test_position_halves_counts_each_axis_of_the_answers(tmp_path):
 
 def test_tower_ceiling_learns_grid_shapes_but_not_the_variants(tmp_path):
     """The tiny tower, trained on the labels, learns our grid layout's count and shape in 300 steps; on the
-    variant's free-placed 64 px shapes the same budget stays far lower (BENCHMARKS.md "Session 9")."""
-    from mmphi.bench.tower_ceiling import supervised_ceiling
+    variant's free-placed 64 px shapes the same budget stays far lower (BENCHMARKS.md "Tiny CLIP", tower ceiling)."""
+    from benchmarks.tower_ceiling import supervised_ceiling
     from mmphi.data import synthetic, synthetic_variant
 
     small = dict(steps=300, batch_size=32, tower={"image_size": 64, "patch_size": 16}, eval_every=100)
@@ -198,7 +198,7 @@ def test_tower_ceiling_learns_grid_shapes_but_not_the_variants(tmp_path):
 
 
 def test_tower_ceiling_needs_held_out_images(tmp_path):
-    from mmphi.bench.tower_ceiling import supervised_ceiling
+    from benchmarks.tower_ceiling import supervised_ceiling
     from mmphi.data import synthetic
 
     paths = synthetic.generate(str(tmp_path / "grid"), num_images=20, seed=0)

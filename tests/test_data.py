@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from mmphi import data as md
+from mmphi import training
 from mmphi.build import build_tiny
 from mmphi.data.synthetic import (
     CELL,
@@ -101,7 +102,7 @@ def test_synthetic_answers_are_the_ground_truth(synthetic):
 
 
 def test_every_single_object_record_asks_where_it_is(synthetic):
-    """Position is the one type only single objects have, so it is asked in each of their records (#16)."""
+    """Position is the one type only single objects have, so it is asked in each of their records."""
     scenes = {s["file_name"]: s for s in json.loads(Path(synthetic["scenes"]).read_text())}
     records = [r for r in json.loads(Path(synthetic["llava_train"]).read_text()) if "image" in r]
     single = [r for r in records if scenes[r["image"]]["count"] == 1]
@@ -114,7 +115,7 @@ def test_every_single_object_record_asks_where_it_is(synthetic):
 
 def test_every_image_gets_its_records_per_image(synthetic):
     """Every image, single object or not, gets --records_per_image records (2), in both splits: position gets its
-    share of the turns from how many images show a single object (SINGLE_OBJECT_SHARE), not from repeats (#16)."""
+    share of the turns from how many images show a single object (SINGLE_OBJECT_SHARE), not from repeats."""
     records = {split: Counter(r["image"] for r in json.loads(Path(synthetic[split]).read_text()) if "image" in r)
                for split in ("llava_train", "llava_val")}
     scenes = json.loads(Path(synthetic["scenes"]).read_text())
@@ -123,7 +124,7 @@ def test_every_image_gets_its_records_per_image(synthetic):
 
 @pytest.mark.parametrize("share", [0.0, 0.4, 1.0])
 def test_single_object_share_sets_how_many_images_have_a_position(tmp_path, share):
-    """Single objects are the only scenes asked where they are (#16); --single_object_share sets how many there are,
+    """Single objects are the only scenes asked where they are; --single_object_share sets how many there are,
     and the other counts share the rest alike."""
     paths = generate(str(tmp_path), num_images=300, val_fraction=0.1, seed=2, single_object_share=share)
     counts = Counter(scene["count"] for scene in json.loads(Path(paths["scenes"]).read_text()))
@@ -155,7 +156,7 @@ def test_zero_images_is_a_usage_error_before_anything_is_written(tmp_path, capsy
 
 
 def test_yes_no_gets_the_largest_share_of_the_turns(tmp_path):
-    """yes/no's comparison needs the most examples (#16): it is drawn TYPE_WEIGHTS times as often as a plain type, and
+    """yes/no's comparison needs the most examples: it is drawn TYPE_WEIGHTS times as often as a plain type, and
     count (off by one now and then) twice as often."""
     paths = generate(str(tmp_path), num_images=400, val_fraction=0.1, seed=1)
     asked = Counter(turn["question_type"] for record in json.loads(Path(paths["llava_train"]).read_text())
@@ -325,7 +326,7 @@ def test_length_grouping_reduces_padding_without_loading_samples(tiny, synthetic
                            gradient_accumulation_steps=1, seed=42, data_seed=None)
     # the mixin only reads these two; the dataset holds image paths, so no image is decoded to measure lengths
     trainer = SimpleNamespace(args=args, train_dataset=dataset.dataset)
-    order = list(md.MMPhiTrainerMixin._get_train_sampler(trainer))
+    order = list(training.MMPhiTrainerMixin._get_train_sampler(trainer))
     assert sorted(order) == list(range(len(dataset)))
     random_order = random.Random(0).sample(range(len(dataset)), len(dataset))
     grouped = md.padding_fraction(dataset.lengths, 4, order)
@@ -341,7 +342,7 @@ def test_length_grouped_order_depends_on_the_seed_and_global_batch_not_the_proce
     def order(per_device, processes, accumulation, seed=42):
         args = SimpleNamespace(per_device_train_batch_size=per_device, world_size=processes,
                                gradient_accumulation_steps=accumulation, seed=seed, data_seed=None)
-        return list(md.length_grouped_sampler(lengths, args))
+        return list(training.length_grouped_sampler(lengths, args))
 
     one_process = order(8, 1, 2)
     assert one_process == order(4, 2, 2) == order(2, 4, 2) == order(8, 1, 2)  # global batch 16 each time
@@ -486,8 +487,8 @@ def test_vision_feature_cache_round_trip_and_reuse(tiny, synthetic, tmp_path):
 
 
 def test_vision_feature_cache_is_extended_not_rewritten_for_more_images(tiny, synthetic, tmp_path):
-    """Stage 2 given stage 1's folder with images stage 1 did not cover: stage 1's shards stay as written (it can still
-    read them) and only the new images are computed, into shards after them."""
+    """Instruct given the projector stage's folder with images it did not cover: the projector's shards stay as
+    written (it can still read them) and only the new images are computed, into shards after them."""
     model, processor = tiny
     paths = sorted(i.image for i in md.load_coco_records(synthetic["captions_val"], synthetic["images"]))
     first = md.cache_vision_features(model, processor, paths[:4], str(tmp_path / "cache"), shard_size=3)

@@ -1,5 +1,6 @@
-"""`--dataset_name`: stages 1 and 2 train from anything `datasets.load_dataset` reads (a hub id or a local dataset
-folder laid out as on the hub), in each of the three formats; TRL's format carries its images inside the parquet."""
+"""`--dataset_name`: projector and instruct train from anything `datasets.load_dataset` reads (a hub id or a local
+dataset folder laid out as on the hub), in each of the three formats; TRL's format carries its images inside the
+parquet."""
 
 import gzip
 import json
@@ -17,11 +18,11 @@ from mmphi.data.synthetic import generate
 from mmphi.stages import instruct, projector
 from processing_mmphi import MMPhiProcessor
 
-STAGE1_FLAGS = ["--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "8",
+PROJECTOR_FLAGS = ["--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "8",
                 "--gradient_accumulation_steps", "1", "--max_steps", "2", "--optim", "adamw_torch",
                 "--gradient_checkpointing", "false", "--save_strategy", "no", "--logging_steps", "1",
                 "--max_eval_samples", "8", "--seed", "0"]
-STAGE2_FLAGS = ["--quantization", "none", "--lora_r", "4", "--max_steps", "2", "--per_device_train_batch_size", "2",
+INSTRUCT_FLAGS = ["--quantization", "none", "--lora_r", "4", "--max_steps", "2", "--per_device_train_batch_size", "2",
                 "--gradient_accumulation_steps", "1", "--optim", "adamw_torch", "--warmup_steps", "0",
                 "--max_eval_samples", "4", "--save_strategy", "no", "--logging_steps", "1", "--max_length", "128"]
 
@@ -67,14 +68,14 @@ def write_trl_folder(folder: Path, splits: dict[str, list]) -> Path:
     return folder
 
 
-def test_coco_captions_folder_trains_stage1_like_the_file(base, synthetic, tmp_path):
+def test_coco_captions_folder_trains_the_projector_like_the_file(base, synthetic, tmp_path):
     """A folder holding COCO caption files (train + validation, as a hub repo would) is read by load_dataset; the
     samples are those of the file path, and the validation split is the held-out data."""
     folder = tmp_path / "coco"
     folder.mkdir()
     (folder / "captions_train.json").write_text(Path(synthetic["captions_train"]).read_text())
     (folder / "captions_validation.json").write_text(Path(synthetic["captions_val"]).read_text())
-    common = ["--model_name_or_path", str(base), "--image_folder", synthetic["images"], *STAGE1_FLAGS]
+    common = ["--model_name_or_path", str(base), "--image_folder", synthetic["images"], *PROJECTOR_FLAGS]
     from_folder = projector.build_trainer(*projector.parse_args(
         ["--dataset_name", str(folder), "--validation_split", "validation", "--output_dir", str(tmp_path / "a"),
          *common]))
@@ -87,7 +88,7 @@ def test_coco_captions_folder_trains_stage1_like_the_file(base, synthetic, tmp_p
     assert math.isfinite(metrics["train_loss"]) and from_folder.trainer.state.global_step == 2
 
 
-def test_llava_jsonl_folder_trains_stage2_and_compressed_files_read_the_same(base, synthetic, tmp_path):
+def test_llava_jsonl_folder_trains_instruct_and_compressed_files_read_the_same(base, synthetic, tmp_path):
     records = llava_records(synthetic)
     folder = tmp_path / "llava"
     folder.mkdir()
@@ -98,12 +99,12 @@ def test_llava_jsonl_folder_trains_stage2_and_compressed_files_read_the_same(bas
     assert [(c.image, c.turns) for c in from_gzip] == [(c.image, c.turns) for c in plain]
     metrics = instruct.main(["--model_name_or_path", str(base), "--dataset_name", str(folder), "--image_folder",
                              synthetic["images"], "--output_dir", str(tmp_path / "out"), "--val_fraction", "0.25",
-                             *STAGE2_FLAGS])
+                             *INSTRUCT_FLAGS])
     assert math.isfinite(metrics["train_loss"]) and math.isfinite(metrics["eval_loss"])
     assert json.loads((tmp_path / "out" / "trainer_state.json").read_text())["global_step"] == 2
 
 
-def test_trl_parquet_with_embedded_images_trains_stage2_without_an_image_folder(base, synthetic, tmp_path):
+def test_trl_parquet_with_embedded_images_trains_instruct_without_an_image_folder(base, synthetic, tmp_path):
     """Hub-style TRL data: `messages` + embedded `images` in parquet shards under data/. No image folder; the images
     stay in the arrow cache and decode to the same pixels as the original files."""
     train, val = llava_records(synthetic), llava_records(synthetic, "llava_val")
@@ -124,16 +125,16 @@ def test_trl_parquet_with_embedded_images_trains_stage2_without_an_image_folder(
         torch.testing.assert_close(*pixels)
 
     metrics = instruct.main(["--model_name_or_path", str(base), "--dataset_name", str(folder), "--validation_split",
-                             "validation", "--output_dir", str(tmp_path / "out"), *STAGE2_FLAGS])
+                             "validation", "--output_dir", str(tmp_path / "out"), *INSTRUCT_FLAGS])
     assert math.isfinite(metrics["train_loss"]) and math.isfinite(metrics["eval_loss"])
 
 
-def test_trl_data_trains_stage1_through_the_feature_cache(base, synthetic, tmp_path):
-    """Embedded images go through the stage-1 feature cache like files do (keys decode in the cache's workers)."""
+def test_trl_data_trains_the_projector_through_the_feature_cache(base, synthetic, tmp_path):
+    """Embedded images go through the projector's feature cache like files do (keys decode in the cache's workers)."""
     folder = write_trl_folder(tmp_path / "trl", {"train": to_trl_rows(llava_records(synthetic), synthetic["images"])})
     metrics = projector.main(["--model_name_or_path", str(base), "--dataset_name", str(folder), "--output_dir",
                               str(tmp_path / "out"), "--val_fraction", "0.25", "--cache_vision_features",
-                              *STAGE1_FLAGS])
+                              *PROJECTOR_FLAGS])
     assert math.isfinite(metrics["train_loss"]) and math.isfinite(metrics["eval_loss"])
 
 

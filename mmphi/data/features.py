@@ -1,5 +1,5 @@
-"""The stage-1 vision-feature cache: the frozen tower run once over every image, its outputs stored as safetensors
-shards and read back lazily (memory-mapped), so a COCO-size cache need not fit in RAM."""
+"""The vision-feature cache of the projector and instruct stages: the frozen tower run once over every image, its
+outputs stored as safetensors shards and read back lazily (memory-mapped), so a COCO-size cache need not fit in RAM."""
 
 from __future__ import annotations
 

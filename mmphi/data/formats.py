@@ -494,7 +494,7 @@ class DataSourceArguments:
 
 @dataclass
 class MultimodalDataArguments(DataSourceArguments):
-    """The data flags of stages 1 and 2 (each stage subclasses it for its own extras and defaults)."""
+    """The data flags of projector and instruct (each stage subclasses it for its own extras and defaults)."""
 
     validation_split: str | None = field(default=None, metadata={
         "help": "the --dataset_name split to evaluate on (default: --val_fraction of the training images)"})
@@ -519,7 +519,7 @@ class MultimodalDataArguments(DataSourceArguments):
     feature_cache_dir: str | None = field(
         default=None, metadata={"help": "where cached features live (default: $MMPHI_CACHE or ~/.cache/mmphi/"
                                         "vision_features/<tower>-<images>, outside output_dir: never uploaded); "
-                                        "stage 2 given stage 1's folder reuses its features"}
+                                        "instruct given the projector stage's folder reuses its features"}
     )
     feature_cache_batch_size: int = field(default=64, metadata={"help": "images per tower forward while caching"})
     feature_cache_shard_size: int = field(
@@ -628,7 +628,8 @@ def _parse_coco_annotation(annotation, images: dict) -> tuple:
 
 
 def caption_conversations(images: Iterable[CaptionedImage], prompt: str = CAPTION_PROMPT) -> list[Conversation]:
-    """Stage 1 samples: one per caption, the fixed prompt with the image as the question, the caption as the answer."""
+    """Projector samples: one per caption, the fixed prompt with the image as the question, the caption as the
+    answer."""
     return [
         Conversation(id=f"{image.image_id}-{k}", image=image.image, turns=[Turn(prompt, caption, "caption")],
                      location=f"{image.location} caption {k}")

@@ -38,7 +38,7 @@ from dataclasses import asdict, dataclass
 
 from PIL import Image, ImageDraw
 
-logger = logging.getLogger("make_synthetic_data")
+logger = logging.getLogger(__name__)
 
 IMAGE_SIZE = 224
 COLOURS = {
@@ -54,24 +54,18 @@ SIZES = {"small": (26, 36), "large": (56, 72)}  # side of the bounding box in pi
 # "grid" layout: the 4 x 4 grid of the tiny tower's 56-px patches; a small object fills most of one cell, a large one
 # most of a 2 x 2 block. A patch then never holds parts of two objects, so counting reduces to counting coloured
 # patches, and an object covers at least 1/16 of the image tokens: learnable within minutes by the offline pipeline's
-# tiny tower (pretrain_clip.py; a real pretrained CLIP needs no such help).
+# tiny tower (scripts/clip.py; a real pretrained CLIP needs no such help).
 GRID, CELL = 4, IMAGE_SIZE // 4
 GRID_SIZES = {"small": (1, (40, 44)), "large": (2, (92, 96))}  # (block side in cells, object side in pixels)
 QUADRANTS = ("top left", "top right", "bottom left", "bottom right")
 NUMBER_WORDS = {1: "one", 2: "two", 3: "three", 4: "four", 5: "five", 6: "six"}
 QUESTION_TYPES = ("colour", "count", "shape", "size", "position", "yes/no", "text")
 # The share of images with a single object, the only scenes with a position (the other counts share the rest alike).
-# The tiny Phi tells left from right only from the object token's content (top/bottom from where the token sits), so
-# position needs many distinct single objects: at a quarter of the images (and three records each, position 18% of
-# the turns) held-out position ranged 89.2-97.1% by the stage-2 draw; at a third (two records each, the same 18%)
-# 90.3-97.9% over twelve draws (of 2000 images). Two fifths (23% of the turns) leaked quadrant answers into colour
-# and count questions (BENCHMARKS.md "Session 14 (#16)").
+# The tiny Phi tells left from right only from the object token's content, so position needs many distinct single
+# objects; two fifths leaked quadrant answers into colour and count questions (BENCHMARKS.md "Synthetic data").
 SINGLE_OBJECT_SHARE = 0.33
-# Images per dataset (`make demo` uses the default). Stage 2 runs a fixed number of steps, so more images cost only
-# their drawing, caching and scoring (seconds), and give left/right more distinct single objects: at 2000 images the
-# held-out position misses fell again and again on the same few images (one was answered wrong in 10 of its 12
-# questions over six stage-2 draws), and colour, shape and size had 28-40 held-out questions each, where one miss is
-# 2.5-3.6 points (BENCHMARKS.md "Session 15 (#16)").
+# Images per dataset (`make demo` uses the default). The instruct stage runs a fixed number of steps, so more images
+# cost seconds, and give left/right more distinct single objects (BENCHMARKS.md "Synthetic data").
 NUM_IMAGES = 3000
 
 
@@ -279,10 +273,9 @@ def conversation(turns: list[tuple[str, str, str]], with_image: bool) -> list[di
 
 
 # Turns per image record, and how often each type is drawn into one (others 1). The tiny Phi cannot copy from its
-# context, so a type that relates the question to the image is learned in stage 2 only from many examples: yes/no
-# (the asked colour vs the seen one) was a coin flip at 17% of the turns and is 99% at ~40% (BENCHMARKS.md "#16").
-# Count, off by one now and then (91.1-97.8% at 6% of the turns), gets twice a plain type's draws: 10% of the turns,
-# 97.4-100% over five draws (BENCHMARKS.md "Session 14 (#16)").
+# context, so a type that relates the question to the image is learned only from many examples: yes/no (the asked
+# colour vs the seen one) needs ~40% of the turns, count (off by one now and then) twice a plain type's draws
+# (BENCHMARKS.md "Synthetic data").
 TURNS_PER_RECORD = (1, 2)
 TYPE_WEIGHTS = {"yes/no": 20, "count": 2}
 
@@ -406,8 +399,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--records_per_image", type=int, default=2,
                         help=f"LLaVA records ({TURNS_PER_RECORD[0]}-{TURNS_PER_RECORD[1]} turns each) per image")
     parser.add_argument("--text_only_fraction", type=float, default=0.25,
-                        help="extra text-only LLaVA records, as a share of the image records (BENCHMARKS.md #16: "
-                             "0.25 gave held-out text 94-97%%, 0.15 83-89%%)")
+                        help="extra text-only LLaVA records, as a share of the image records (0.25 kept held-out text "
+                             "answers at 94-97%%, 0.15 at 83-89%%)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--layout", choices=["grid", "free"], default="grid",
                         help="grid: objects on the tiny tower's 4x4 patch grid (learnable in minutes); "

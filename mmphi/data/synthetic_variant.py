@@ -1,4 +1,4 @@
-"""A second shapes generator, deliberately unlike `mmphi.data.synthetic` (#16): the tiny recipe is run on it unchanged
+"""A second shapes generator, deliberately unlike `mmphi.data.synthetic`: the tiny recipe is run on it unchanged
 to see whether it is fitted to our data.
 
     python -m mmphi.data.synthetic_variant --output_dir data/variant --num_images 3000 --seed 0

@@ -1,21 +1,23 @@
-"""Tiny CLIP: the offline stand-in for TinyCLIP, trained with CLIP's own contrastive loss on COCO-format captions.
+"""The clip stage: a tiny CLIP, the offline stand-in for TinyCLIP, trained with CLIP's own contrastive loss on
+COCO-format captions.
 
-No pretrained CLIP can be downloaded offline, and a random tower learns too slowly through stage 1's caption loss:
-after 600 stage-1 steps its features still held no count (a linear probe: 48% on held-out images, chance 25%), and
-the captions named the count 28% of the time. A tiny CLIPModel (the tiny MM-Phi tower + a tiny text encoder) trained
-contrastively on the same captions, as CLIP itself was trained, learns count, size, shape and colour in a few hundred
-steps (BENCHMARKS.md "Stages 1-2 tiny run"). MM-Phi is then built from it exactly as the real recipe builds from
-TinyCLIP, and stage 1 keeps the tower frozen:
+No pretrained CLIP can be downloaded offline, and a random tower learns too slowly through the projector stage's
+caption loss: after 600 steps its features still held no count (a linear probe: 48% on held-out images, chance
+25%), and the captions named the count 28% of the time. A tiny CLIPModel (the tiny MM-Phi tower + a tiny text
+encoder) trained contrastively on the same captions, as CLIP itself was trained, learns count, size, shape and colour
+in a few hundred steps (BENCHMARKS.md "Tiny CLIP"). MM-Phi is then built from it exactly as the real recipe builds
+from TinyCLIP, and the projector stage keeps the tower frozen:
 
-    python scripts/pretrain_clip.py --data_path data/synthetic/captions_train.json \
-        --image_folder data/synthetic/images --output_dir outputs/tiny-clip     (+ mmphi.recipes.CLIP)
-    python scripts/build_model.py --vision_model outputs/tiny-clip --text_model outputs/stage0 \
+    python scripts/clip.py --config recipes/tiny/clip.yaml --data_path data/synthetic/captions_train.json \
+        --image_folder data/synthetic/images --output_dir outputs/clip
+    python scripts/build_model.py --vision_model outputs/clip --text_model outputs/pretrain \
         --vision_feature_select_strategy full --output_dir outputs/mmphi-base
 
 `--model_name_or_path` continues from a CLIP checkpoint instead (its tokenizer and image processor come with it),
 e.g. to adapt TinyCLIP to a domain. Each training image is one sample per epoch, paired with one of its captions
 drawn at random (two captions of one image in a batch would be false negatives). Validation is split by image. Every
-`TrainingArguments` flag works. The output folder is a CLIPModel checkpoint with its tokenizer and image processor.
+`TrainingArguments` flag works. The output folder is a CLIPModel checkpoint with its processor (tokenizer and image
+processor).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import random
 from dataclasses import dataclass, field
 
 import torch
-from transformers import AutoTokenizer, CLIPConfig, CLIPImageProcessorPil, CLIPModel, Trainer, set_seed
+from transformers import CLIPConfig, CLIPModel, CLIPProcessor, Trainer, set_seed
 
 from configuration_mmphi import TINY_VISION_CONFIG
 from mmphi.build import init_tower_positions, tiny_image_processor, tiny_tokenizer
@@ -40,23 +42,14 @@ from mmphi.data import (
     validation_exit,
 )
 from mmphi.data.formats import DataSourceArguments
-from mmphi.errors import BadRecordError, handle_bad_record, warn_skipped
-from mmphi.training import (
-    BuiltStage,
-    StageTrainingArguments,
-    describe_run,
-    parse_stage_args,
-    push_final,
-    record_run,
-    stage_main,
-)
+from mmphi.errors import BadRecordError, handle_bad_record
+from mmphi.training import BuiltStage, Stage, StageTrainingArguments
 
-logger = logging.getLogger("pretrain_clip")
+logger = logging.getLogger(__name__)
 
 # The text half of the tiny CLIP (the vision half is MM-Phi's TINY_VISION_CONFIG); 77 positions as in CLIP.
 TINY_CLIP_TEXT_CONFIG = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
                              max_position_embeddings=77)
-
 
 
 @dataclass
@@ -91,7 +84,7 @@ class ClipTrainingArguments(StageTrainingArguments):
     """Contrastive defaults: every sample of a batch is a negative for the others, so no gradient accumulation
     (it would shrink the batch the loss sees) and a large batch; AdamW with CLIP's weight decay."""
 
-    output_dir: str = field(default="outputs/tiny-clip")
+    output_dir: str = field(default="outputs/clip")
     optim: str = field(default="adamw_torch")
     gradient_accumulation_steps: int = field(default=1)
     gradient_checkpointing: bool = field(default=False)
@@ -165,7 +158,7 @@ class ClipCollator:
                 "return_loss": True}
 
 
-def new_tiny_clip(seed: int) -> tuple[CLIPModel, object, CLIPImageProcessorPil]:
+def new_tiny_clip(seed: int) -> tuple[CLIPModel, CLIPProcessor]:
     """A random tiny CLIP whose vision half is MM-Phi's tiny tower, with the tiny tokenizer."""
     tokenizer = tiny_tokenizer()
     text_config = dict(TINY_CLIP_TEXT_CONFIG, vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id,
@@ -175,25 +168,22 @@ def new_tiny_clip(seed: int) -> tuple[CLIPModel, object, CLIPImageProcessorPil]:
     torch.manual_seed(seed)
     model = CLIPModel(config)
     init_tower_positions(model)
-    return model, tokenizer, tiny_image_processor(TINY_VISION_CONFIG["image_size"])
+    return model, CLIPProcessor(image_processor=tiny_image_processor(TINY_VISION_CONFIG["image_size"]),
+                                tokenizer=tokenizer)
 
 
-def load_clip(model_args: ModelArguments, seed: int) -> tuple[CLIPModel, object, CLIPImageProcessorPil]:
+def load_clip(model_args: ModelArguments, seed: int) -> tuple[CLIPModel, CLIPProcessor]:
     if model_args.model_name_or_path is None:
         return new_tiny_clip(seed)
     path = model_args.model_name_or_path
-    model = CLIPModel.from_pretrained(path)
-    return model, AutoTokenizer.from_pretrained(path), CLIPImageProcessorPil.from_pretrained(path)
-
-
-def parse_args(argv: list[str] | None = None):
-    return parse_stage_args((ModelArguments, DataArguments, ClipTrainingArguments), argv)
+    return CLIPModel.from_pretrained(path), CLIPProcessor.from_pretrained(path)
 
 
 def build_trainer(model_args: ModelArguments, data_args: DataArguments, training_args) -> BuiltStage:
     """The contrastive Trainer with its data: one sample per image and epoch, held out by image."""
     set_seed(training_args.seed)
-    model, tokenizer, image_processor = load_clip(model_args, training_args.seed)
+    model, processor = load_clip(model_args, training_args.seed)
+    image_processor = processor.image_processor
     report = SkipReport()
     source = data_args.source
     captions = read_source(source, data_args.image_folder, data_args.skip_bad_records, report)
@@ -213,38 +203,20 @@ def build_trainer(model_args: ModelArguments, data_args: DataArguments, training
                        "--dataloader_persistent_workers true)", workers)
     logger.info("%d training images, %d held out; %.2fM parameters", len(train), len(eval_images),
                 sum(p.numel() for p in model.parameters()) / 1e6)
-    collator = ClipCollator(tokenizer, model.config.text_config.max_position_embeddings)
+    collator = ClipCollator(processor.tokenizer, model.config.text_config.max_position_embeddings)
     trainer = Trainer(model=model, args=training_args, train_dataset=train, eval_dataset=evaluation,
-                      data_collator=collator)
-    processor = (tokenizer, image_processor)
-    return BuiltStage(trainer, model, processor, collator, train, evaluation, report)
-
-
-def run(model_args: ModelArguments, data_args: DataArguments, training_args) -> dict:
-    """Train, save the CLIP folder (model + tokenizer + image processor) to output_dir, return the metrics."""
-    stage = build_trainer(model_args, data_args, training_args)
-    trainer, train, evaluation = stage.trainer, stage.train, stage.evaluation
-    metrics = dict(trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint).metrics)
-    if evaluation is not None:
-        metrics.update(trainer.evaluate())
-    reports = [stage.report, train.skipped] + ([evaluation.skipped] if evaluation else [])
-    metrics["skipped_bad_records"] = warn_skipped(logger, *reports)
-    if trainer.is_world_process_zero():
-        trainer.save_model(training_args.output_dir)
-        for part in stage.processor:
-            part.save_pretrained(training_args.output_dir)
-        record_run(trainer, metrics, describe_run("clip-pretrain", model_args, data_args, training_args))
-        push_final(training_args, training_args.output_dir)
-    return metrics
+                      data_collator=collator, processing_class=processor)
+    reports = [report, train.skipped] + ([evaluation.skipped] if evaluation else [])
+    return BuiltStage(trainer, model, processor, collator, train, evaluation, reports)
 
 
 def validate(data_args: DataArguments) -> int:
     return validation_exit(data_args.source.label, *validate_source(data_args.source, data_args.image_folder))
 
 
-def main(argv: list[str] | None = None) -> dict | None:
-    return stage_main(argv, parse_args, validate, run)
-
+STAGE = Stage("clip", (ModelArguments, DataArguments, ClipTrainingArguments), build_trainer, validate)
+parse_args = STAGE.parse_args
+main = STAGE.main
 
 if __name__ == "__main__":
     main()

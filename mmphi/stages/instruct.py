@@ -1,4 +1,4 @@
-"""Stage 2: instruction tuning on LLaVA-Instruct conversations with TRL's SFTTrainer (QLoRA by default).
+"""The instruct stage: instruction tuning on LLaVA-Instruct conversations with TRL's SFTTrainer (QLoRA by default).
 
 The language model is loaded in 4-bit (nf4, double quantization, compute dtype by device) and trained through LoRA
 adapters on its q_proj/k_proj/v_proj/dense/fc1/fc2 (the vision tower's own q/k/v/fc layers are never wrapped); the
@@ -9,15 +9,14 @@ the EOS that ends each of them only (mmphi/data/); samples longer than `--max_le
 image (never inside it) or dropped, and counted; batches are grouped by length and the padding fraction is reported.
 Every `SFTConfig` flag works (`--resume_from_checkpoint`, `--report_to tensorboard`, `accelerate launch`).
 
-    # the real recipe (GPU): stage-1 output, LLaVA-Instruct-150K with COCO train2017 images
-    python scripts/finetune_instruct.py --model_name_or_path outputs/stage1 \
-        --data_path llava/llava_instruct_150k.json --image_folder coco/train2017 \
-        --per_device_train_batch_size 8 --output_dir outputs/stage2 --merge
+    # the real recipe (GPU): the projector stage's output, LLaVA-Instruct-150K with COCO train2017 images
+    python scripts/instruct.py --config recipes/real/instruct.yaml --model_name_or_path outputs/projector \
+        --data_path llava/llava_instruct_150k.json --image_folder coco/train2017 --output_dir outputs/instruct
 
-    # the offline tiny pipeline (2-core CPU), see BENCHMARKS.md "Stages 1-2 tiny run" (flags: mmphi.recipes.INSTRUCT)
-    python scripts/finetune_instruct.py --model_name_or_path outputs/stage1-tiny \
+    # the offline tiny pipeline (2-core CPU), see BENCHMARKS.md "Instruct (tiny)"
+    python scripts/instruct.py --config recipes/tiny/instruct.yaml --model_name_or_path outputs/projector-tiny \
         --data_path data/synthetic/llava_instruct_train.json --image_folder data/synthetic/images \
-        --output_dir outputs/stage2-tiny --merge ...
+        --output_dir outputs/instruct-tiny --merge
 
 The output folder holds the adapter (LoRA + projector, safetensors) and the processor; `--merge` (or
 scripts/merge_lora.py) also writes a full MM-Phi folder (`<output_dir>/merged` by default) that loads with
@@ -35,39 +34,29 @@ import torch
 from transformers import Trainer, set_seed
 from trl import SFTConfig, SFTTrainer
 
-from mmphi.build import save_mmphi
-from mmphi.data import (
-    MMPhiTrainerMixin,
-    build_datasets,
-    load_train_eval,
-    validate_data,
-)
+from mmphi.data import build_datasets, load_train_eval, validate_data
 from mmphi.data.formats import MultimodalDataArguments
 from mmphi.loading import MERGE_TARGETS, bnb_config, merge_lora, training_dtype
 from mmphi.training import (
-    PRECISION_HELP,
     BuiltStage,
+    MMPhiTrainerMixin,
+    Stage,
+    StageOptions,
     apply_speed_options,
-    describe_run,
-    parse_stage_args,
-    push_final,
-    record_run,
-    resolve_stage_arguments,
-    stage_main,
-    train_and_evaluate,
+    encoded_data_metrics,
     write_run_info,
 )
 from modeling_mmphi import MMPhiForCausalLM
 from processing_mmphi import MMPhiProcessor
 
-logger = logging.getLogger("finetune_instruct")
+logger = logging.getLogger(__name__)
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"]
 
 
 @dataclass
 class ModelArguments:
-    model_name_or_path: str = field(metadata={"help": "an MM-Phi folder (the stage-1 output)"})
+    model_name_or_path: str = field(metadata={"help": "an MM-Phi folder (the projector stage's output)"})
     quantization: str = field(
         default="4bit", metadata={"help": "precision of the frozen language model", "choices": ["4bit", "8bit", "none"]}
     )
@@ -85,7 +74,7 @@ class ModelArguments:
     modules_to_save: list[str] = field(
         default_factory=lambda: ["multi_modal_projector"],
         metadata={"help": "modules trained fully and saved with the adapter (the projector; the tiny pipeline adds "
-                          "lm_head, see mmphi.recipes)"},
+                          "lm_head, see recipes/tiny/instruct.yaml)"},
     )
     attn_implementation: str = field(default="sdpa", metadata={"help": "eager, sdpa, flash_attention_2, ..."})
     merge: bool = field(default=False, metadata={"help": "also write base + adapter as one full MM-Phi folder"})
@@ -111,11 +100,11 @@ class DataArguments(MultimodalDataArguments):
 
 
 @dataclass
-class InstructSFTConfig(SFTConfig):
+class InstructSFTConfig(StageOptions, SFTConfig):
     """SFTConfig with the stage defaults (the seed's paged 8-bit AdamW and accumulation 4; QLoRA's learning rate;
     length-grouped batches) and precision chosen by device unless given: SFTConfig's bf16=True would fail on a CPU."""
 
-    output_dir: str = field(default="outputs/stage2")
+    output_dir: str = field(default="outputs/instruct")
     optim: str = field(default="paged_adamw_8bit")
     gradient_accumulation_steps: int = field(default=4)
     learning_rate: float = field(default=2e-4)
@@ -126,19 +115,13 @@ class InstructSFTConfig(SFTConfig):
         metadata={"help": "group_by_length (less padding on long, varied conversations such as LLaVA-Instruct's) or "
                           "random. Use random for short-answer data: there a record's length gives its answer away "
                           "(\" yes\" is a token longer than \" no\"), so length-grouped batches lean to one answer "
-                          "and the model learns a prior (BENCHMARKS.md \"#16\")"},
+                          "and the model learns a prior (BENCHMARKS.md \"Instruct (tiny)\")"},
     )
     length_column_name: str = field(default="length")
     # Our data module tokenizes, masks and truncates; the collator loads the images.
     dataset_kwargs: dict | str | None = field(default_factory=lambda: {"skip_prepare_dataset": True})
     remove_unused_columns: bool = field(default=False)
     report_to: None | str | list[str] = field(default="none")  # typed so HfArgumentParser accepts it
-    fp16: bool | None = field(default=None, metadata={"help": PRECISION_HELP})
-    bf16: bool | None = field(default=None, metadata={"help": PRECISION_HELP})
-
-    def __post_init__(self):
-        resolve_stage_arguments(self)
-        super().__post_init__()
 
 
 # --------------------------------------------------------------------------------------------------------- model
@@ -194,8 +177,8 @@ class InstructTrainer(MMPhiTrainerMixin, SFTTrainer):
         """SFTTrainer's loss (its fused LM head, with entropy and token accuracy logged) where it scores only the
         answer tokens: on CUDA/XPU, in Triton. Elsewhere (a CPU) it scores every position, image and prompt tokens
         too, in fp32 tiles: there the model's own loss (the same mean over answer tokens, `Trainer.compute_loss`) is
-        15-25% less time per step of the tiny stage 2 (BENCHMARKS.md "Session 10 (#16)"), and from the answer
-        tokens only (`loss_only_inputs`) 10-15% less again ("Session 12")."""
+        less time per step of the tiny instruct stage, and less again from the answer tokens only
+        (`loss_only_inputs`; BENCHMARKS.md "Instruct (tiny)")."""
         if self.args.device.type in ("cuda", "xpu"):
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         inputs = {**self.loss_only_inputs(inputs, return_outputs), "use_cache": False}
@@ -205,12 +188,8 @@ class InstructTrainer(MMPhiTrainerMixin, SFTTrainer):
 # ----------------------------------------------------------------------------------------------------------- run
 
 
-def parse_args(argv: list[str] | None = None):
-    return parse_stage_args((ModelArguments, DataArguments, InstructSFTConfig), argv)
-
-
 def build_trainer(model_args: ModelArguments, data_args: DataArguments, args: InstructSFTConfig) -> BuiltStage:
-    """The SFTTrainer for stage 2 with its data (the same dataset and collator shape as stage 1's) and model."""
+    """The SFTTrainer with its data (the same dataset and collator as the projector stage's) and model."""
     set_seed(args.seed)
     processor = MMPhiProcessor.from_pretrained(model_args.model_name_or_path, trust_remote_code=True)
     train_records, eval_records, report = load_train_eval(data_args, args.seed)
@@ -231,44 +210,31 @@ def build_trainer(model_args: ModelArguments, data_args: DataArguments, args: In
                 sum(p.numel() for p in trainer.model.parameters() if p.requires_grad) / 1e6,
                 "language model + projector" if model_args.full_finetune
                 else "LoRA adapters + " + " + ".join(model_args.modules_to_save))
-    return BuiltStage(trainer, trainer.model, processor, collator, train, evaluation, report, trainable)
-
-
-def run_stage2(model_args: ModelArguments, data_args: DataArguments, args: InstructSFTConfig) -> dict:
-    """Train, save the adapter + processor (or the full model) to output_dir, optionally merge; returns metrics."""
-    stage = build_trainer(model_args, data_args, args)
-    metrics = train_and_evaluate(stage, args.resume_from_checkpoint)
-    if stage.trainer.is_world_process_zero():
-        save_outputs(stage.trainer, stage.processor, model_args, data_args, args, metrics)
-    return metrics
-
-
-def save_outputs(trainer, processor, model_args: ModelArguments, data_args, args, metrics: dict) -> None:
-    """The adapter + processor (or the full model) in output_dir, the run's record, the merged folder if asked, and
-    with --push_to_hub the final folder (merged if there is one) pushed with a card built from the run."""
-    if model_args.full_finetune:
-        save_mmphi(trainer.model, processor, args.output_dir)
-    else:
-        trainer.save_model(args.output_dir)  # adapter (LoRA + projector) and the processor
     lora = None if model_args.full_finetune else {
         key: getattr(model_args, key) for key in ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules",
                                                    "modules_to_save", "quantization")}
-    run_info = describe_run("stage2-instruct", model_args, data_args, args, lora=lora)
-    record_run(trainer, metrics, run_info)
-    final = args.output_dir
-    if model_args.merge and not model_args.full_finetune:
-        merged_dir = model_args.merged_output_dir or os.path.join(args.output_dir, "merged")
-        merge_lora(model_args.model_name_or_path, args.output_dir, merged_dir, merge_into=model_args.merge_into,
-                   base_quantization=model_args.quantization, quantized_from=training_dtype(args))
-        metrics["merged_output_dir"] = final = merged_dir
-        write_run_info(merged_dir, run_info | {"merged": True, "merge_into": model_args.merge_into})
-        shutil.copy2(os.path.join(args.output_dir, "trainer_state.json"), merged_dir)  # steps and losses
-    push_final(args, final)
+    return BuiltStage(trainer, trainer.model, processor, collator, train, evaluation, [report, collator.skipped],
+                      trainable, data_metrics=lambda: encoded_data_metrics(collator, train), run_info={"lora": lora})
 
 
-def main(argv: list[str] | None = None) -> dict | None:
-    return stage_main(argv, parse_args, validate_data, run_stage2)
+def merge_after_training(stage: BuiltStage, model_args: ModelArguments, args, metrics: dict, run_info: dict) -> str:
+    """With `--merge`: base + adapter as one full MM-Phi folder (default `<output_dir>/merged`), with the run's
+    record; returns the folder to push (the merged one when there is one)."""
+    if not model_args.merge:
+        return args.output_dir
+    merged_dir = model_args.merged_output_dir or os.path.join(args.output_dir, "merged")
+    merge_lora(model_args.model_name_or_path, args.output_dir, merged_dir, merge_into=model_args.merge_into,
+               base_quantization=model_args.quantization, quantized_from=training_dtype(args))
+    metrics["merged_output_dir"] = merged_dir
+    write_run_info(merged_dir, run_info | {"merged": True, "merge_into": model_args.merge_into})
+    shutil.copy2(os.path.join(args.output_dir, "trainer_state.json"), merged_dir)  # steps and losses
+    return merged_dir
 
+
+STAGE = Stage("instruct", (ModelArguments, DataArguments, InstructSFTConfig), build_trainer, validate_data,
+              finish=merge_after_training)
+parse_args = STAGE.parse_args
+main = STAGE.main
 
 if __name__ == "__main__":
     main()

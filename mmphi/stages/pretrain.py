@@ -1,19 +1,18 @@
-"""Stage 0: pretrain a Phi-2 language model (`PhiForCausalLM`) from random initialisation with HF Trainer.
+"""The pretrain stage: a Phi-2 language model (`PhiForCausalLM`) from random initialisation with HF Trainer.
 
 Data: RedPajama-style JSONL (`.jsonl`, `.jsonl.gz`, `.jsonl.zst`, `.zip` of them), split into train/validation by
 document, tokenized once (cached), packed into full blocks with EOS between documents, optionally mixed by source.
 Every `TrainingArguments` flag works (`--resume_from_checkpoint`, `--report_to tensorboard`, `accelerate launch`).
 
-Offline demo (the `tiny` preset; 200 steps = 410K tokens, about 3 minutes of CPU time, see BENCHMARKS.md):
+    # offline, tiny (about 3 minutes of a 2-core CPU; BENCHMARKS.md "Pretrain (tiny)")
     python scripts/prepare_corpus.py --output_dir data/corpus
-    python scripts/pretrain_phi2.py --config_name tiny --tokenizer_name mmphi/assets/tiny-tokenizer \
-        --train_files data/corpus/cc.jsonl data/corpus/c4.jsonl --output_dir outputs/stage0 \
-        --block_size 128 --per_device_train_batch_size 16 --gradient_accumulation_steps 1 --max_steps 200 \
-        --learning_rate 2e-3 --warmup_steps 0.05 --optim adamw_torch --gradient_checkpointing false \
-        --eval_steps 100 --max_eval_blocks 256
-(`mmphi.recipes.tiny_pretrain_args()` returns this recipe.)
-The real run (one 40 GB GPU): `--config_name phi-2 --tokenizer_name microsoft/phi-2 --block_size 2048
---per_device_train_batch_size 4`, see BENCHMARKS.md "Stage 0" for the memory plan.
+    python scripts/pretrain.py --config recipes/tiny/pretrain.yaml \
+        --train_files data/corpus/cc.jsonl data/corpus/c4.jsonl --output_dir outputs/pretrain
+    # real size (one 40 GB GPU; BENCHMARKS.md "Pretrain" for the memory plan)
+    python scripts/pretrain.py --config recipes/real/pretrain.yaml --tokenizer_name microsoft/phi-2 \
+        --train_files redpajama/c4*.jsonl redpajama/cc*.jsonl --output_dir outputs/pretrain
+
+`--validate_data` scans the corpus files (every record) and exits.
 """
 
 from __future__ import annotations
@@ -21,7 +20,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 from dataclasses import dataclass, field
 
 import datasets
@@ -34,24 +32,21 @@ from transformers import (
     Trainer,
     set_seed,
 )
-from transformers.trainer_utils import IntervalStrategy, get_last_checkpoint
+from transformers.trainer_utils import IntervalStrategy
 
 from configuration_mmphi import PHI2_TEXT_CONFIG, TINY_TEXT_CONFIG
 from mmphi import TINY_TOKENIZER
-from mmphi.data.corpus import CorpusDataset, build_lm_datasets, collate_blocks, parse_source_weights
-from mmphi.errors import warn_skipped
-from mmphi.training import (
-    BuiltStage,
-    StageTrainingArguments,
-    apply_speed_options,
-    configure_logging,
-    describe_run,
-    parse_stage_args,
-    push_final,
-    record_run,
+from mmphi.data.corpus import (
+    CorpusDataset,
+    build_lm_datasets,
+    collate_blocks,
+    iter_jsonl_records,
+    parse_source_weights,
 )
+from mmphi.errors import BadRecordError, SkipReport, validation_exit
+from mmphi.training import BuiltStage, Stage, StageTrainingArguments, apply_speed_options
 
-logger = logging.getLogger("pretrain_phi2")
+logger = logging.getLogger(__name__)
 
 CONFIG_PRESETS = {"phi-2": PHI2_TEXT_CONFIG, "tiny": TINY_TEXT_CONFIG}
 
@@ -112,6 +107,7 @@ class DataArguments:
         default=False, metadata={"help": "skip malformed records (counted and reported) instead of failing"}
     )
     data_cache_dir: str | None = field(default=None, metadata={"help": "where tokenized datasets are cached"})
+    validate_data: bool = field(default=False, metadata={"help": "scan the --train_files (every record) and exit"})
     max_eval_blocks: int | None = field(
         default=512, metadata={"help": "evaluate on at most this many held-out blocks, drawn evenly from every source "
                                        "(each reported as eval_<source>_loss); a stream needs a cap"},
@@ -134,7 +130,7 @@ class DataArguments:
 class PretrainTrainingArguments(StageTrainingArguments):
     """Stage defaults plus what from-scratch pretraining wants: periodic held-out loss, AdamW betas of LM practice."""
 
-    output_dir: str = field(default="outputs/stage0")
+    output_dir: str = field(default="outputs/pretrain")
     eval_strategy: str = field(default="steps")
     eval_steps: float | None = field(default=200)
     save_steps: float = field(default=500)
@@ -144,10 +140,6 @@ class PretrainTrainingArguments(StageTrainingArguments):
     include_num_input_tokens_seen: str | bool = field(default=True)  # -> "all": tokens/s in the logs
     # Same default as common's, but typed as TrainingArguments types it: HfArgumentParser rejects `str | list | None`.
     report_to: None | str | list[str] = field(default="none")
-
-
-def parse_args(argv: list[str] | None = None):
-    return parse_stage_args((ModelArguments, DataArguments, PretrainTrainingArguments), argv)
 
 
 def parse_overrides(overrides: str | None) -> dict:
@@ -174,7 +166,8 @@ def build_config(config_name: str, overrides: str | None = None) -> PhiConfig:
     else:
         loaded = AutoConfig.from_pretrained(config_name)
         if not isinstance(loaded, PhiConfig):
-            raise ValueError(f"{config_name}: a {type(loaded).__name__}; stage 0 trains PhiForCausalLM (a phi config)")
+            raise ValueError(f"{config_name}: a {type(loaded).__name__}; the pretrain stage trains PhiForCausalLM "
+                             "(a phi config)")
         base = loaded.to_dict()
     return PhiConfig(**{**base, **parse_overrides(overrides)})
 
@@ -240,17 +233,6 @@ def sample_eval_blocks(by_source: dict, max_blocks: int | None, streaming: bool)
     return sampled
 
 
-def resolve_resume(training_args) -> str | bool | None:
-    """`--resume_from_checkpoint latest` (or `true`) means the newest checkpoint in output_dir."""
-    value = training_args.resume_from_checkpoint
-    if isinstance(value, str) and value.lower() in ("latest", "last", "true"):
-        last = get_last_checkpoint(training_args.output_dir) if os.path.isdir(training_args.output_dir) else None
-        if last is None:
-            raise FileNotFoundError(f"--resume_from_checkpoint {value}: no checkpoint in {training_args.output_dir}")
-        return last
-    return value
-
-
 def build_trainer(model_args: ModelArguments, data_args: DataArguments,
                   training_args: PretrainTrainingArguments) -> BuiltStage:
     """A random-init PhiForCausalLM, the packed corpus blocks and the Trainer that pretrains it."""
@@ -289,36 +271,30 @@ def build_trainer(model_args: ModelArguments, data_args: DataArguments,
         model=model, args=training_args, train_dataset=data.train, eval_dataset=eval_dataset,
         data_collator=collate_blocks, processing_class=tokenizer, eval_by_source=eval_by_source,
     )
-    return BuiltStage(trainer, model, tokenizer, collate_blocks, data.train, eval_dataset, data.skip_report,
+    return BuiltStage(trainer, model, tokenizer, collate_blocks, data.train, eval_dataset, [data.skip_report],
                       [name for name, _ in model.named_parameters()])
 
 
-def run_pretraining(model_args: ModelArguments, data_args: DataArguments,
-                    training_args: PretrainTrainingArguments) -> dict:
-    """Train, evaluate, save model + tokenizer + loss curve to output_dir; returns the final metrics."""
-    stage = build_trainer(model_args, data_args, training_args)
-    trainer = stage.trainer
-    train_result = trainer.train(resume_from_checkpoint=resolve_resume(training_args))
-    trainer.save_model()  # safetensors weights + config + tokenizer: loads with AutoModelForCausalLM
-    metrics = dict(train_result.metrics)
-    if stage.evaluation is not None:
-        metrics.update(trainer.evaluate())
-    # counted when the corpus is read (streamed: by now)
-    metrics["skipped_bad_records"] = warn_skipped(logger, stage.report)
-    if trainer.is_world_process_zero():
-        record_run(trainer, metrics, describe_run("stage0-pretrain", model_args, data_args, training_args))
-        from mmphi.plots import plot_trainer_state  # matplotlib only when there is something to plot
-
-        metrics["loss_curve"] = plot_trainer_state(training_args.output_dir)
-        push_final(training_args, training_args.output_dir)
-    return metrics
+def validate_corpus(data_args: DataArguments) -> int:
+    """`--validate_data`: read every record of the training and validation files; exit status 0 when all are good."""
+    if data_args.dataset_name is not None:
+        raise ValueError("--validate_data scans --train_files; a --dataset_name is read by datasets itself")
+    status = 0
+    for path in [*data_args.train_files, *(data_args.validation_files or [])]:
+        report = SkipReport()
+        try:
+            good = sum(1 for _ in iter_jsonl_records(path, skip_bad_records=True, report=report))
+        except BadRecordError as error:  # a truncated or corrupt archive: nothing after it can be read
+            print(error)
+            status = 1
+            continue
+        status = max(status, validation_exit(path, good, report))
+    return status
 
 
-def main(argv: list[str] | None = None) -> dict:
-    model_args, data_args, training_args = parse_args(argv)
-    configure_logging(training_args)
-    return run_pretraining(model_args, data_args, training_args)
-
+STAGE = Stage("pretrain", (ModelArguments, DataArguments, PretrainTrainingArguments), build_trainer, validate_corpus)
+parse_args = STAGE.parse_args
+main = STAGE.main
 
 if __name__ == "__main__":
     main()

@@ -1,4 +1,4 @@
-"""Stage 1: pretrain the projector on image captions (COCO 2017 format) with HF Trainer.
+"""The projector stage: pretrain the projector on image captions (COCO 2017 format) with HF Trainer.
 
 The vision tower and the language model are frozen (`requires_grad_(False)`; the optimizer sees only the projector).
 Each caption is one teacher-forced sample: a fixed captioning prompt with the image as the user turn, the caption as
@@ -7,30 +7,26 @@ Validation is split by image (`--val_fraction`, or a separate `--eval_data_path`
 works (`--resume_from_checkpoint`, `--report_to tensorboard`, `accelerate launch`).
 
     # the real recipe (GPU): TinyCLIP + Phi-2 from scripts/build_model.py, COCO 2017 captions
-    python scripts/train_projector.py --model_name_or_path outputs/mmphi-base \
+    python scripts/projector.py --config recipes/real/projector.yaml --model_name_or_path outputs/mmphi-base \
         --data_path coco/annotations/captions_train2017.json --image_folder coco/train2017 \
         --eval_data_path coco/annotations/captions_val2017.json --eval_image_folder coco/val2017 \
-        --cache_vision_features --per_device_train_batch_size 32 --output_dir outputs/stage1
+        --output_dir outputs/projector
 
-    # the offline tiny pipeline (2-core CPU, a few minutes; scripts/demo.py runs it), see BENCHMARKS.md "Stage 1"
-    python scripts/make_synthetic_data.py --output_dir data/synthetic
-    python scripts/pretrain_clip.py --data_path data/synthetic/captions_train.json --output_dir outputs/tiny-clip ...
-    python scripts/build_model.py --vision_model outputs/tiny-clip --text_model outputs/stage0 \
-        --vision_feature_select_strategy full --output_dir outputs/mmphi-tiny
-    python scripts/train_projector.py --model_name_or_path outputs/mmphi-tiny \
+    # the offline tiny pipeline (2-core CPU, a few minutes; scripts/demo.py runs it), see BENCHMARKS.md
+    # "Projector (tiny)"
+    python scripts/projector.py --config recipes/tiny/projector.yaml --model_name_or_path outputs/mmphi-tiny \
         --data_path data/synthetic/captions_train.json --image_folder data/synthetic/images \
-        --output_dir outputs/stage1-tiny ...   (flags: mmphi.recipes.PROJECTOR)
+        --output_dir outputs/projector-tiny
 
 `--cache_vision_features` runs the frozen tower once over every image (on the training device, batched, images decoded
 in `--dataloader_num_workers` workers; under DDP each process computes its share of the shards), stores its features
 as memory-mapped safetensors outside output_dir (`--feature_cache_dir`, reused while the tower and images are
 unchanged) and trains from them. `--train_language_model` is for
-the tiny pipeline only: its Phi had a few minutes of stage 0, too weak for projected image tokens to steer while
-frozen (its caption loss stayed flat at 6.1 for 300 steps with only the tower and projector training); the real
-recipe keeps Phi-2 frozen. `--train_vision_tower` is for a random tower (`build_model.py --vision_model tiny`); it
-learns slowly through the caption loss, so the offline pipeline instead pretrains a tiny CLIP contrastively
-(`pretrain_clip.py`) and, like the real recipe with TinyCLIP, keeps it frozen here. `--validate_data` scans the data
-files (records and every image) and exits.
+the tiny pipeline only: its Phi had a few minutes of pretraining, too weak for projected image tokens to steer while
+frozen; the real recipe keeps Phi-2 frozen. `--train_vision_tower` is for a random tower (`build_model.py
+--vision_model tiny`); it learns slowly through the caption loss, so the offline pipeline instead pretrains a tiny
+CLIP contrastively (`scripts/clip.py`) and, like the real recipe with TinyCLIP, keeps it frozen here.
+`--validate_data` scans the data files (records and every image) and exits.
 The output folder is a complete MM-Phi checkpoint (loads with AutoModelForCausalLM, trust_remote_code=True).
 """
 
@@ -42,34 +38,21 @@ from dataclasses import dataclass, field
 import torch
 from transformers import Trainer, set_seed
 
-from mmphi.build import save_mmphi
-from mmphi.data import (
-    CAPTION_PROMPT,
-    MMPhiTrainerMixin,
-    build_datasets,
-    load_train_eval,
-    padding_fraction,
-    validate_data,
-)
+from mmphi.data import CAPTION_PROMPT, build_datasets, load_train_eval, padding_fraction, validate_data
 from mmphi.data.formats import MultimodalDataArguments
 from mmphi.loading import training_dtype
 from mmphi.training import (
     BuiltStage,
+    MMPhiTrainerMixin,
+    Stage,
     StageTrainingArguments,
     apply_speed_options,
-    describe_run,
-    parse_stage_args,
-    push_final,
-    record_run,
-    stage_main,
-    train_and_evaluate,
+    encoded_data_metrics,
 )
 from modeling_mmphi import MMPhiForCausalLM
 from processing_mmphi import MMPhiProcessor
 
-logger = logging.getLogger("train_projector")
-
-
+logger = logging.getLogger(__name__)
 
 @dataclass
 class ModelArguments:
@@ -77,12 +60,12 @@ class ModelArguments:
     train_vision_tower: bool = field(
         default=False,
         metadata={"help": "also train the vision tower: ONLY for a random tower (build_model.py --vision_model "
-                          "tiny); the real recipe keeps TinyCLIP frozen, the offline one its pretrain_clip.py CLIP"},
+                          "tiny); the real recipe keeps TinyCLIP frozen, the offline one its scripts/clip.py CLIP"},
     )
     train_language_model: bool = field(
         default=False,
-        metadata={"help": "also train the language model: ONLY for the tiny pipeline, whose few-minute stage-0 Phi "
-                          "is too weak for image tokens to steer while frozen; the real recipe keeps Phi-2 frozen"},
+        metadata={"help": "also train the language model: ONLY for the tiny pipeline, whose few-minute pretrained "
+                          "Phi is too weak for image tokens to steer while frozen; the real recipe keeps Phi-2 frozen"},
     )
     attn_implementation: str = field(default="sdpa", metadata={"help": "eager, sdpa, flash_attention_2, ..."})
 
@@ -102,7 +85,7 @@ class ProjectorTrainingArguments(StageTrainingArguments):
     """Stage defaults, with what projector pretraining wants: a high learning rate (LLaVA uses 1e-3), no weight
     decay, and the image tensors kept in the batches."""
 
-    output_dir: str = field(default="outputs/stage1")
+    output_dir: str = field(default="outputs/projector")
     learning_rate: float = field(default=1e-3)
     weight_decay: float = field(default=0.0)
     remove_unused_columns: bool = field(default=False)
@@ -123,17 +106,13 @@ class ProjectorTrainer(MMPhiTrainerMixin, Trainer):
         return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
 
 
-def parse_args(argv: list[str] | None = None):
-    return parse_stage_args((ModelArguments, DataArguments, ProjectorTrainingArguments), argv)
-
-
-def freeze_for_stage1(
+def freeze_for_training(
     model: MMPhiForCausalLM, train_vision_tower: bool = False, train_language_model: bool = False
 ) -> list[str]:
     """Everything frozen except the projector (and the tower / language model when asked: tiny pipeline only);
     returns the trainable parameter names."""
     model.requires_grad_(False)
-    for module in stage1_trained_modules(model, train_vision_tower, train_language_model):
+    for module in trained_modules(model, train_vision_tower, train_language_model):
         module.requires_grad_(True)
     if train_vision_tower:
         for module in tower_modules_after_feature_layer(model):
@@ -141,7 +120,7 @@ def freeze_for_stage1(
     return [name for name, param in model.named_parameters() if param.requires_grad]
 
 
-def stage1_trained_modules(
+def trained_modules(
     model: MMPhiForCausalLM, train_vision_tower: bool, train_language_model: bool
 ) -> list[torch.nn.Module]:
     """The projector, plus the tower and/or the language model for the tiny pipeline."""
@@ -172,7 +151,7 @@ def load_model(model_args: ModelArguments, training_args) -> MMPhiForCausalLM:
         model_args.model_name_or_path, dtype=training_dtype(training_args),
         attn_implementation=model_args.attn_implementation,
     )
-    for module in stage1_trained_modules(model, model_args.train_vision_tower, model_args.train_language_model):
+    for module in trained_modules(model, model_args.train_vision_tower, model_args.train_language_model):
         module.float()
     return model
 
@@ -184,7 +163,7 @@ def build_trainer(model_args: ModelArguments, data_args: DataArguments, training
     # Our own class; without trust_remote_code the tokenizer loader sees the folder's auto_map and prompts [y/N].
     processor = MMPhiProcessor.from_pretrained(model_args.model_name_or_path, trust_remote_code=True)
     model = apply_speed_options(load_model(model_args, training_args), training_args)
-    trainable = freeze_for_stage1(model, model_args.train_vision_tower, model_args.train_language_model)
+    trainable = freeze_for_training(model, model_args.train_vision_tower, model_args.train_language_model)
     parts = ["projector"] + ["vision tower"] * model_args.train_vision_tower
     parts += ["language model"] * model_args.train_language_model
     logger.info("training %d tensors (%.2fM parameters): %s", len(trainable),
@@ -199,26 +178,17 @@ def build_trainer(model_args: ModelArguments, data_args: DataArguments, training
     if evaluation is None:
         training_args.eval_strategy = "no"
     trainer = ProjectorTrainer(model=model, args=training_args, train_dataset=train.dataset,
-                               eval_dataset=evaluation.dataset if evaluation else None, data_collator=collator)
-    return BuiltStage(trainer, model, processor, collator, train, evaluation, report, trainable)
+                               eval_dataset=evaluation.dataset if evaluation else None, data_collator=collator,
+                               processing_class=processor)
+    return BuiltStage(trainer, model, processor, collator, train, evaluation, [report, collator.skipped], trainable,
+                      data_metrics=lambda: encoded_data_metrics(collator, train) | {
+                          "padding_fraction_random_order": round(
+                              padding_fraction(train.lengths, training_args.train_batch_size), 4)})
 
 
-def run_stage1(model_args: ModelArguments, data_args: DataArguments, training_args) -> dict:
-    """Train the projector, save a complete MM-Phi folder to output_dir, return the metrics."""
-    stage = build_trainer(model_args, data_args, training_args)
-    metrics = train_and_evaluate(stage, training_args.resume_from_checkpoint)
-    metrics["padding_fraction_random_order"] = round(
-        padding_fraction(stage.train.lengths, training_args.train_batch_size), 4)
-    if stage.trainer.is_world_process_zero():
-        save_mmphi(stage.model, stage.processor, training_args.output_dir)
-        record_run(stage.trainer, metrics, describe_run("stage1-projector", model_args, data_args, training_args))
-        push_final(training_args, training_args.output_dir)
-    return metrics
-
-
-def main(argv: list[str] | None = None) -> dict | None:
-    return stage_main(argv, parse_args, validate_data, run_stage1)
-
+STAGE = Stage("projector", (ModelArguments, DataArguments, ProjectorTrainingArguments), build_trainer, validate_data)
+parse_args = STAGE.parse_args
+main = STAGE.main
 
 if __name__ == "__main__":
     main()

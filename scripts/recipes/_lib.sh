@@ -1,11 +1,12 @@
-# Shared by the stage recipes (sourced, not run). Each recipe:
+# Shared by the stage launchers (sourced, not run); the values of each run are in recipes/<real|smoke>/<stage>.yaml.
+# Each launcher:
 #   - runs at real size by default: one GPU (the seed's budget: one 40 GB card);
 #   - NUM_GPUS=N (N > 1) runs data-parallel on N GPUs of one machine (scripts/configs/multi_gpu.yaml), or with
 #     ACCELERATE_CONFIG=scripts/configs/<fsdp|deepspeed_zero2|deepspeed_zero3>.yaml for sharded training;
 #   - SMOKE=1 (or --smoke) runs a tiny variant on the CPU with offline data made on the spot (seconds to a minute);
 #     with NUM_PROCESSES=2 it runs on two CPU processes (gloo, scripts/configs/cpu_multiprocess.yaml);
 #   - DRY_RUN=1 (or --dry-run) checks the data paths and prints the commands without running them;
-#   - passes any argument after the recipe's own flags to the stage script (a later flag overrides the recipe's).
+#   - passes any argument to the stage script after the recipe file (a flag overrides the recipe's value).
 # Everything runs from the repository root.
 
 set -euo pipefail
@@ -73,20 +74,39 @@ launcher() {
   fi
 }
 
-# Flags every CPU smoke run needs: the CPU (also under accelerate launch), no hub, quick logging, and the same
-# short schedule (MAX_STEPS steps, batch 4, evaluated and saved at the end).
-smoke_flags() {
-  local steps=${MAX_STEPS:-2}
-  echo --use_cpu true --logging_steps 1 --report_to none --disable_tqdm true \
-    --per_device_train_batch_size 4 --gradient_accumulation_steps 1 --max_steps "$steps" --warmup_steps 1 \
-    --eval_steps "$steps" --save_steps "$steps"
+# size_flags: the recipe values a user overrides through the environment (MAX_STEPS, MICRO_BATCH, GRAD_ACCUM,
+# EPOCHS, MAX_LENGTH), as flags after the recipe file; unset ones keep the recipe's.
+size_flags() {
+  local flags=()
+  [[ -n "${MAX_STEPS:-}" ]] && flags+=(--max_steps "$MAX_STEPS")
+  [[ -n "${MICRO_BATCH:-}" ]] && flags+=(--per_device_train_batch_size "$MICRO_BATCH")
+  [[ -n "${GRAD_ACCUM:-}" ]] && flags+=(--gradient_accumulation_steps "$GRAD_ACCUM")
+  [[ -n "${EPOCHS:-}" ]] && flags+=(--num_train_epochs "$EPOCHS")
+  [[ -n "${MAX_LENGTH:-}" ]] && flags+=(--max_length "$MAX_LENGTH")
+  echo "${flags[@]}"
+}
+
+# start_smoke WHAT: announce a smoke run and make its offline data under SMOKE_ROOT (OUTPUT_ROOT, default outputs/smoke).
+start_smoke() {
+  describe "$1"
+  SMOKE_ROOT=${OUTPUT_ROOT:-outputs/smoke}
+  make_smoke_data "$SMOKE_ROOT/data"
+}
+
+# run_multimodal_smoke STAGE MODEL TRAIN_JSON EVAL_JSON: the stage's smoke recipe from MODEL on the smoke data, then
+# exit.
+run_multimodal_smoke() {
+  read -ra LAUNCH <<< "$(launcher)"
+  read -ra DATA <<< "$(smoke_data_flags "$3" "$4")"
+  run "${LAUNCH[@]}" "scripts/$1.py" --config "recipes/smoke/$1.yaml" --model_name_or_path "$2" "${DATA[@]}" \
+    --output_dir "${OUTPUT_DIR:-$SMOKE_ROOT/$1}" "${EXTRA_ARGS[@]}"
+  exit 0
 }
 
 # smoke_data_flags TRAIN_JSON EVAL_JSON: the smoke data (synthetic, offline) with its held-out file.
 smoke_data_flags() {
   echo --data_path "$SMOKE_ROOT/data/$1" --image_folder "$SMOKE_ROOT/data/images" \
-    --eval_data_path "$SMOKE_ROOT/data/$2" --eval_image_folder "$SMOKE_ROOT/data/images" \
-    --eval_strategy steps --max_eval_samples 8
+    --eval_data_path "$SMOKE_ROOT/data/$2" --eval_image_folder "$SMOKE_ROOT/data/images"
 }
 
 # use_tiny_model VARIABLE: point VARIABLE at the smoke runs' tiny MM-Phi folder, building it on first use.
@@ -121,7 +141,7 @@ describe() {
 }
 
 # The offline tiny data shared by the smoke runs: synthetic shape images with COCO captions and LLaVA
-# conversations, and the captions again as a RedPajama-style JSONL corpus for stage 0.
+# conversations, and the captions again as a RedPajama-style JSONL corpus for pretrain.
 make_smoke_data() {
   local dir=$1
   if [[ ! -f "$dir/captions_train.json" ]]; then

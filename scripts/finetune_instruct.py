@@ -1,9 +1,0 @@
-"""Stage 2: instruction tuning on LLaVA-Instruct conversations with TRL's SFTTrainer (QLoRA by default).
-
-Thin command line; the code is mmphi/stages/instruct.py (`--help` lists the flags).
-"""
-
-from mmphi.stages.instruct import main
-
-if __name__ == "__main__":
-    main()

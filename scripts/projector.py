@@ -1,0 +1,9 @@
+"""Projector: pretrain the projector on image captions (COCO 2017 format) with HF Trainer.
+
+Thin command line; the code is mmphi/stages/projector.py (`--help` lists the flags).
+"""
+
+from mmphi.stages.projector import main
+
+if __name__ == "__main__":
+    main()
