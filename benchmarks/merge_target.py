@@ -17,7 +17,7 @@ import tempfile
 import torch
 
 from mmphi.build import build_tiny, save_mmphi
-from mmphi.data import MMPhiDataCollator, encode_conversations, read_conversations
+from mmphi.data import MMPhiDataCollator, encode_conversations, read_source
 from mmphi.loading import load_causal_lm, load_processor, merge_lora
 from mmphi.stages import instruct
 
@@ -32,7 +32,7 @@ def train_adapter(base: str, data: dict, output_dir: str, steps: int) -> None:
 
 def held_out_batch(base: str, data: dict, size: int) -> dict:
     processor = load_processor(base)
-    conversations = read_conversations(data["llava_val"], data["images"])[:size]
+    conversations = read_source(data["llava_val"], data["images"])[:size]
     rows = list(encode_conversations(conversations, processor).dataset)
     return MMPhiDataCollator(processor)(rows)
 

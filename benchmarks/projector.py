@@ -28,7 +28,7 @@ from transformers import CLIPVisionConfig
 
 from configuration_mmphi import TINYCLIP_VISION_CONFIG
 from mmphi.build import build_tiny
-from mmphi.data import MMPhiDataCollator, cache_vision_features, encode_conversations, read_conversations
+from mmphi.data import MMPhiDataCollator, cache_vision_features, encode_conversations, read_source
 from mmphi.data.synthetic import generate
 from mmphi.stages.projector import freeze_for_training
 
@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> dict:
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as root:
         data = generate(os.path.join(root, "data"), num_images=args.num_images, val_fraction=0.0, seed=0)
-        conversations = read_conversations(data["captions_train"], data["images"])
+        conversations = read_source(data["captions_train"], data["images"])
         results = [bench_tower(name, config, conversations, os.path.join(root, "cache"), args)
                    for name, config in TOWERS.items()]
     report = {

@@ -8,7 +8,7 @@ level of the repository because they travel with the weights (`trust_remote_code
 | `errors` | bad input: `BadRecordError`, counted skips (`SkipReport`), the `--validate_data` exit |
 | `data` | dataset formats (one registry), images, encoding + collator, feature cache, pretrain corpus, synthetic data |
 | `training` | stage defaults on top of `TrainingArguments`, argument parsing, end-of-run records |
-| `stages` | one module per stage: argument dataclasses, `build_trainer(...)`, `main` |
+| `stages` | one module per stage (argument dataclasses, `build_trainer`, `main`); `arguments`: their data flags |
 | `recipes` | the tiny recipes and benchmark sizes, as data |
 | `build`, `loading` | building an MM-Phi folder; loading one (dtype, quantization, adapter), merging an adapter |
 | `inference`, `chat`, `app` | generation, the command-line chat, the Gradio app |

@@ -200,8 +200,8 @@ def score_vqa(items: list[EvalItem]) -> dict:
 
 def evaluate_vqa(args: EvaluationArguments, model, processor) -> tuple[dict, list[dict]]:
     report = mmphi_data.SkipReport()
-    conversations = mmphi_data.load_llava_records(one_data_path(args), args.image_folder, args.skip_bad_records,
-                                                  report)
+    conversations = mmphi_data.read_source(one_data_path(args), args.image_folder, args.skip_bad_records, report,
+                                           data_format="llava")
     items = drop_unreadable_images(vqa_items(conversations)[: args.max_samples], args.skip_bad_records, report)
     if not items:
         raise ValueError(f"{one_data_path(args)}: no (question, answer) pairs to evaluate")
@@ -215,7 +215,8 @@ def evaluate_vqa(args: EvaluationArguments, model, processor) -> tuple[dict, lis
 
 def evaluate_caption(args: EvaluationArguments, model, processor) -> tuple[dict, list[dict]]:
     report = mmphi_data.SkipReport()
-    images = mmphi_data.load_coco_records(one_data_path(args), args.image_folder, args.skip_bad_records, report)
+    images = mmphi_data.captioned_images(mmphi_data.read_source(
+        one_data_path(args), args.image_folder, args.skip_bad_records, report, data_format="coco_captions"))
     items = caption_items(images[: args.max_samples], args.caption_prompt or mmphi_data.CAPTION_PROMPT)
     items = drop_unreadable_images(items, args.skip_bad_records, report)
     if not items:

@@ -41,6 +41,14 @@ def llava_file(tmp_path, records, name="llava.json"):
     return str(path)
 
 
+def read_llava(path, image_folder=None, **options):
+    return md.read_source(path, image_folder, data_format="llava", **options)
+
+
+def coco_images(path, image_folder=None, **options):
+    return md.captioned_images(md.read_source(path, image_folder, data_format="coco_captions", **options))
+
+
 def red_png(folder, name="red.png"):
     Image.new("RGB", (32, 32), (200, 20, 20)).save(os.path.join(folder, name))
     return name
@@ -81,7 +89,7 @@ def test_grid_layout_never_puts_two_objects_in_one_patch(synthetic):
 
 def test_synthetic_answers_are_the_ground_truth(synthetic):
     scenes = {s["file_name"]: s for s in json.loads(Path(synthetic["scenes"]).read_text())}
-    conversations = md.load_llava_records(synthetic["llava_train"], synthetic["images"])
+    conversations = read_llava(synthetic["llava_train"], synthetic["images"])
     seen_types = set()
     for conversation in conversations:
         for turn in conversation.turns:
@@ -215,7 +223,7 @@ def test_tokenised_samples_are_cached_by_content(tiny, synthetic):
     """A second encoding of the same records (a re-run, or another DDP process after the main one) loads the arrow
     file the first wrote; other records or another max_length get their own."""
     _, processor = tiny
-    conversations = md.load_llava_records(synthetic["llava_train"], synthetic["images"])[:20]
+    conversations = read_llava(synthetic["llava_train"], synthetic["images"])[:20]
     first = md.encode_conversations(conversations, processor, max_length=96)
     files = [entry["filename"] for entry in first.dataset.cache_files]
     assert files and all("mmphi-encoded" in name for name in files)
@@ -230,7 +238,7 @@ def test_tokenised_samples_are_cached_by_content(tiny, synthetic):
 
 def test_encoding_equals_the_processor_chat_template(tiny, synthetic):
     _, processor = tiny
-    for conversation in md.load_llava_records(synthetic["llava_val"], synthetic["images"])[:6]:
+    for conversation in read_llava(synthetic["llava_val"], synthetic["images"])[:6]:
         input_ids, labels = md.encode_conversation(processor, conversation)
         messages = conversation.messages()
         if conversation.image:
@@ -246,7 +254,7 @@ def test_image_placeholder_anywhere_in_the_first_turn(tiny, tmp_path):
     name = red_png(tmp_path)
     records = [{"id": "end", "image": name, "conversations": turns(("What colour?\n<image>", "red"))},
                {"id": "missing", "image": name, "conversations": turns(("What colour?", "red"))}]
-    conversations = md.load_llava_records(llava_file(tmp_path, records), str(tmp_path))
+    conversations = read_llava(llava_file(tmp_path, records), str(tmp_path))
     encoded = [md.encode_conversation(processor, c) for c in conversations]
     assert encoded[0] == encoded[1]
     assert processor.tokenizer.decode(encoded[0][0]).startswith(
@@ -283,7 +291,7 @@ def test_truncation_never_cuts_image_tokens(tiny, tmp_path):
 
 def test_collator_mixes_image_and_text_only_samples(tiny, synthetic):
     model, processor = tiny
-    conversations = md.load_llava_records(synthetic["llava_train"], synthetic["images"])
+    conversations = read_llava(synthetic["llava_train"], synthetic["images"])
     with_image = [c for c in conversations if c.image][:2]
     text_only = [c for c in conversations if c.image is None][:2]
     order = [with_image[0], text_only[0], text_only[1], with_image[1]]
@@ -320,7 +328,7 @@ def test_length_grouping_reduces_padding_without_loading_samples(tiny, synthetic
     from types import SimpleNamespace
 
     _, processor = tiny
-    conversations = md.load_llava_records(synthetic["llava_train"], synthetic["images"])
+    conversations = read_llava(synthetic["llava_train"], synthetic["images"])
     dataset = md.encode_conversations(conversations, processor)
     args = SimpleNamespace(train_sampling_strategy="group_by_length", per_device_train_batch_size=4, world_size=1,
                            gradient_accumulation_steps=1, seed=42, data_seed=None)
@@ -354,8 +362,7 @@ def test_length_grouped_order_depends_on_the_seed_and_global_batch_not_the_proce
 
 
 def test_split_by_image_keeps_every_image_on_one_side(synthetic):
-    images = md.load_coco_records(synthetic["captions_train"], synthetic["images"])
-    captions = md.caption_conversations(images)
+    captions = md.read_source(synthetic["captions_train"], synthetic["images"])
     train, val = md.split_by_image(captions, 0.3)
     assert not {c.image for c in train} & {c.image for c in val} and train and val
     shuffled = random.Random(1).sample(captions, len(captions))
@@ -384,11 +391,11 @@ def test_bad_llava_records_name_file_record_and_problem(tmp_path, record, proble
     good = {"id": "ok", "image": "red.png", "conversations": turns(("<image>\nWhat colour?", "red"))}
     path = llava_file(tmp_path, [good, record])
     with pytest.raises(md.BadRecordError) as caught:
-        md.load_llava_records(path, str(tmp_path))
+        read_llava(path, str(tmp_path))
     message = str(caught.value)
     assert path in message and "record 1 (id=r1)" in message and problem in message
     report = md.SkipReport()
-    kept = md.load_llava_records(path, str(tmp_path), skip_bad_records=True, report=report)
+    kept = read_llava(path, str(tmp_path), skip_bad_records=True, report=report)
     assert [c.id for c in kept] == ["ok"] and report.total == 1 and problem in report.summary()
 
 
@@ -407,9 +414,9 @@ def test_bad_coco_annotations(tmp_path, annotation, problem):
     path = tmp_path / "captions.json"
     path.write_text(json.dumps(data))
     with pytest.raises(md.BadRecordError, match=r"captions.json: annotations\[1\] \(id=7\): .*" + problem):
-        md.load_coco_records(str(path), str(tmp_path))
+        coco_images(str(path), str(tmp_path))
     report = md.SkipReport()
-    images = md.load_coco_records(str(path), str(tmp_path), skip_bad_records=True, report=report)
+    images = coco_images(str(path), str(tmp_path), skip_bad_records=True, report=report)
     assert report.total == 1 and images[0].captions == ["a red square"]
 
 
@@ -417,11 +424,22 @@ def test_malformed_files_are_clear_errors(tmp_path):
     broken = tmp_path / "broken.json"
     broken.write_text('[{"id": 1,')
     with pytest.raises(md.BadRecordError, match="broken.json: malformed JSON"):
-        md.load_llava_records(str(broken))
+        read_llava(str(broken))
     with pytest.raises(FileNotFoundError, match="missing.json"):
-        md.load_coco_records(str(tmp_path / "missing.json"))
-    with pytest.raises(md.BadRecordError, match="not a COCO captions file"):
-        md.load_coco_records(llava_file(tmp_path, []))
+        coco_images(str(tmp_path / "missing.json"))
+    with pytest.raises(md.BadRecordError, match=r"empty\.json: not a COCO captions file \(data_format "
+                                                r"'coco_captions' expects .*; found no records\)"):
+        coco_images(llava_file(tmp_path, [], "empty.json"))
+    red_png(tmp_path)
+    llava = llava_file(tmp_path, [{"id": "a", "image": "red.png", "conversations": turns(("<image>\nQ", "A"))}])
+    with pytest.raises(md.BadRecordError, match=r"llava\.json: not a COCO captions file .*"
+                                                r"found columns \['conversations', 'id', 'image'\]"):
+        coco_images(llava)
+    coco = tmp_path / "captions.json"
+    coco.write_text(json.dumps({"images": [{"id": 1, "file_name": "red.png"}], "annotations": []}))
+    with pytest.raises(md.BadRecordError, match=r"captions\.json: not a LLaVA file .*found columns \['annotations', "
+                                                r"'images'\]"):
+        read_llava(str(coco))
 
 
 def truncated_png(folder, name="truncated.png"):
@@ -439,11 +457,11 @@ def test_truncated_image_found_by_validation_and_named_at_load(tiny, tmp_path):
                {"id": "cut", "image": truncated_png(tmp_path), "conversations": turns(("<image>\nColour?", "red"))},
                {"id": "text", "conversations": turns(("Hi", "hello"))}]
     path = llava_file(tmp_path, records)
-    n_good, report = md.validate_file(path, str(tmp_path))
+    n_good, report = md.validate_source(path, str(tmp_path))
     assert n_good == 2 and report.total == 1 and "record 1 (id=cut)" in report.examples[0]
     assert "truncated" in report.examples[0]
 
-    conversations = md.load_llava_records(path, str(tmp_path))  # file exists: only a decode finds the problem
+    conversations = read_llava(path, str(tmp_path))  # file exists: only a decode finds the problem
     rows = list(md.encode_conversations(conversations, processor).dataset)
     with pytest.raises(md.BadRecordError, match=r"record 1 \(id=cut\): cannot read image .*truncated.png"):
         md.MMPhiDataCollator(processor)(rows)
@@ -455,9 +473,9 @@ def test_truncated_image_found_by_validation_and_named_at_load(tiny, tmp_path):
 def test_validation_exit_status(tmp_path, capsys):
     red_png(tmp_path)
     records = [{"id": "ok", "image": "red.png", "conversations": turns(("<image>\nColour?", "red"))}]
-    assert md.validation_exit("f.json", *md.validate_file(llava_file(tmp_path, records), str(tmp_path))) == 0
+    assert md.validation_exit("f.json", *md.validate_source(llava_file(tmp_path, records), str(tmp_path))) == 0
     records.append({"id": "bad", "conversations": turns(("Q", ""))})
-    assert md.validation_exit("f.json", *md.validate_file(llava_file(tmp_path, records), str(tmp_path))) == 1
+    assert md.validation_exit("f.json", *md.validate_source(llava_file(tmp_path, records), str(tmp_path))) == 1
     assert "1 bad" in capsys.readouterr().out
 
 
@@ -466,7 +484,7 @@ def test_validation_exit_status(tmp_path, capsys):
 
 def test_vision_feature_cache_round_trip_and_reuse(tiny, synthetic, tmp_path):
     model, processor = tiny
-    images = md.load_coco_records(synthetic["captions_val"], synthetic["images"])
+    images = coco_images(synthetic["captions_val"], synthetic["images"])
     paths = [i.image for i in images]
     store = md.cache_vision_features(model, processor, paths, str(tmp_path / "cache"), batch_size=4, shard_size=3)
     assert len(store) == len(paths) and len(list((tmp_path / "cache").glob("*.safetensors"))) == -(-len(paths) // 3)
@@ -490,7 +508,7 @@ def test_vision_feature_cache_is_extended_not_rewritten_for_more_images(tiny, sy
     """Instruct given the projector stage's folder with images it did not cover: the projector's shards stay as
     written (it can still read them) and only the new images are computed, into shards after them."""
     model, processor = tiny
-    paths = sorted(i.image for i in md.load_coco_records(synthetic["captions_val"], synthetic["images"]))
+    paths = sorted(i.image for i in coco_images(synthetic["captions_val"], synthetic["images"]))
     first = md.cache_vision_features(model, processor, paths[:4], str(tmp_path / "cache"), shard_size=3)
     shards = sorted((tmp_path / "cache").glob("*.safetensors"))
     stamps = [shard.stat().st_mtime_ns for shard in shards]
@@ -506,7 +524,7 @@ def test_vision_feature_cache_is_extended_not_rewritten_for_more_images(tiny, sy
 
 def test_vision_feature_cache_names_unreadable_images_and_leaves_them_out(tiny, synthetic, tmp_path):
     model, processor = tiny
-    paths = [i.image for i in md.load_coco_records(synthetic["captions_val"], synthetic["images"])][:4]
+    paths = [i.image for i in coco_images(synthetic["captions_val"], synthetic["images"])][:4]
     broken = tmp_path / "broken.png"
     broken.write_bytes(Path(paths[0]).read_bytes()[:100])
     store = md.cache_vision_features(model, processor, [*paths, str(broken)], str(tmp_path / "cache"), batch_size=2)

@@ -94,8 +94,8 @@ def test_llava_jsonl_folder_trains_instruct_and_compressed_files_read_the_same(b
     folder.mkdir()
     with gzip.open(folder / "train.jsonl.gz", "wt") as handle:
         handle.write("\n".join(json.dumps(r) for r in records))
-    plain = md.read_conversations(synthetic["llava_train"], synthetic["images"])
-    from_gzip = md.read_conversations(str(folder / "train.jsonl.gz"), synthetic["images"])
+    plain = md.read_source(synthetic["llava_train"], synthetic["images"])
+    from_gzip = md.read_source(str(folder / "train.jsonl.gz"), synthetic["images"])
     assert [(c.image, c.turns) for c in from_gzip] == [(c.image, c.turns) for c in plain]
     metrics = instruct.main(["--model_name_or_path", str(base), "--dataset_name", str(folder), "--image_folder",
                              synthetic["images"], "--output_dir", str(tmp_path / "out"), "--val_fraction", "0.25",
@@ -112,7 +112,7 @@ def test_trl_parquet_with_embedded_images_trains_instruct_without_an_image_folde
                                                  "validation": to_trl_rows(val, synthetic["images"])})
     conversations = md.read_source(md.DataSource(name=str(folder), split="train"))
     assert len(conversations) == len(train)
-    expected = md.read_conversations(synthetic["llava_train"], synthetic["images"])
+    expected = md.read_source(synthetic["llava_train"], synthetic["images"])
     def pairs(items):
         return [[(t.question, t.answer) for t in c.turns] for c in items]
 
@@ -173,7 +173,7 @@ def test_unknown_columns_and_missing_splits_are_clear_errors(tmp_path):
         instruct.parse_args(["--model_name_or_path", "x", "--output_dir", str(tmp_path / "o")])
     (tmp_path / "data.csv").write_text("image,caption\n")
     with pytest.raises(ValueError, match="unsupported data file type"):
-        md.read_conversations(str(tmp_path / "data.csv"))
+        md.read_source(str(tmp_path / "data.csv"))
 
 
 def test_json_lines_errors_name_the_line(tmp_path):
@@ -181,4 +181,4 @@ def test_json_lines_errors_name_the_line(tmp_path):
     good = {"id": 1, "conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}
     path.write_text(json.dumps(good) + "\n" + "{not json\n")
     with pytest.raises(md.BadRecordError, match=r"records\.jsonl: line 2: malformed JSON"):
-        md.read_conversations(str(path))
+        md.read_source(str(path))

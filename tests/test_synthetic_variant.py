@@ -16,8 +16,8 @@ def test_variant_data_is_readable_and_its_answers_follow_the_scenes(tmp_path):
     assert {s["shape"] for s in scenes.values()} <= set(variant.SHAPES)
     assert {s["colour"] for s in scenes.values()} <= set(variant.COLOURS)
     assert Image.open(Path(paths["images"]) / next(iter(scenes))).size == (64, 64)
-    conversations = md.read_conversations(paths["llava_train"], paths["images"])
-    assert len(md.load_coco_records(paths["captions_train"], paths["images"])) == 30
+    conversations = md.read_source(paths["llava_train"], paths["images"])
+    assert len(md.captioned_images(md.read_source(paths["captions_train"], paths["images"]))) == 30
     negated = 0
     for conversation in conversations:
         if conversation.image is None:

@@ -3,7 +3,7 @@
 | module | job |
 | --- | --- |
 | `records` | `Conversation` / `Turn` (what projector and instruct train on), `CaptionedImage`, the split by image |
-| `formats` | dataset formats, one registry (`register_format`); `read_conversations`, `load_train_eval` |
+| `formats` | dataset formats, one registry (`register_format`); `read_source`, `validate_source`, `load_train_eval` |
 | `images` | decoding images with errors that name the file; the threaded validation scan |
 | `encoding` | chat template -> tokens + label masks (`encode_conversations`), the one collator, length grouping |
 | `features` | the projector stage's vision-feature cache |
@@ -31,16 +31,12 @@ from mmphi.data.formats import (
     ReadOptions,
     caption_conversations,
     detect_format,
-    load_coco_records,
-    load_llava_records,
     load_rows,
     load_train_eval,
-    read_conversations,
     read_source,
     register_format,
     training_sources,
     validate_data,
-    validate_file,
     validate_source,
 )
 from mmphi.data.images import check_image_file, check_images, embedded_image_keys, image_problems, load_image
@@ -51,9 +47,8 @@ __all__ = [
     "IGNORE_INDEX", "EncodedSamples", "MMPhiDataCollator", "TruncationReport", "build_datasets",
     "encode_conversation", "encode_conversations", "encode_train_eval", "encode_messages",
     "padding_fraction", "VisionFeatureStore", "cache_vision_features", "FORMATS", "DataSource", "DatasetFormat",
-    "ReadOptions", "caption_conversations",
-    "detect_format", "load_coco_records", "load_llava_records", "load_train_eval", "read_conversations",
-    "register_format", "validate_data", "validate_file", "check_image_file", "check_images", "image_problems",
+    "ReadOptions", "caption_conversations", "detect_format", "load_train_eval", "register_format", "validate_data",
+    "check_image_file", "check_images", "image_problems",
     "load_image", "embedded_image_keys", "load_rows", "read_source", "training_sources", "validate_source",
     "CAPTION_PROMPT", "CaptionedImage", "Conversation", "Turn", "captioned_images", "split_by_image", "SCAN_HINT",
     "BadRecordError", "SkipReport", "validation_exit",

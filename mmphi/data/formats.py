@@ -1,6 +1,7 @@
 """Dataset formats, one registry: each format is one reader registered here, and every multimodal stage (and the
-evaluation) reads its data through `read_conversations`, which loads it with `datasets.load_dataset` and recognises
-the format from the columns.
+evaluation) reads its data through `read_source` (a `DataSource` or a file path), which loads it with
+`datasets.load_dataset` and recognises the format from the columns (or checks the one a caller names:
+`data_format="llava"`). `validate_source` scans one source up front; `validate_data` is the stages' `--validate_data`.
 
 Sources (`DataSource`): a local file (`--data_path`: .json, .jsonl, .parquet, also compressed: .gz, .bz2, .xz, .zst)
 or anything `load_dataset` reads (`--dataset_name`: a hub id or a local dataset folder, with `--dataset_config_name`
@@ -41,7 +42,7 @@ from tqdm.auto import tqdm
 
 from mmphi.data.images import check_images, embedded_image_keys
 from mmphi.data.records import CAPTION_PROMPT, CaptionedImage, Conversation, Turn, first_images, split_by_image
-from mmphi.errors import BadRecordError, SkipReport, handle_bad_record, parse_json_object
+from mmphi.errors import BadRecordError, SkipReport, handle_bad_record, parse_json_object, validation_exit
 from processing_mmphi import IMAGE_TOKEN
 
 logger = logging.getLogger(__name__)
@@ -203,26 +204,41 @@ def register_format(name: str, matches: Callable[[frozenset[str]], bool], descri
 
 
 def detect_format(rows: Sequence[dict], label: str, data_format: str | None = None) -> DatasetFormat:
-    """The registered format named `data_format`, or the first that matches the columns; else a clear error saying
-    what was found and which formats are known."""
+    """The registered format named `data_format` (checked against the columns, so that a file of another format is
+    named as such rather than failing record by record), or the first that matches the columns; else a clear error
+    saying what was found and which formats are known."""
+    columns = columns_of(rows)
     if data_format is not None:
         if data_format not in FORMATS:
             raise ValueError(f"unknown data format {data_format!r}; known: {', '.join(FORMATS)}")
-        return FORMATS[data_format]
-    columns = columns_of(rows)
+        wanted = FORMATS[data_format]
+        if not wanted.matches(columns):
+            kind, _, expected = wanted.description.partition(", ")  # "COCO captions, {...}"
+            raise BadRecordError(f"{label}: not a {kind} file (data_format {data_format!r} expects {expected}; "
+                                 f"found {_found(rows, columns)})")
+        return wanted
     for candidate in FORMATS.values():
         if candidate.matches(columns):
             return candidate
     known = "; ".join(f"{f.name}: {f.description}" for f in FORMATS.values())
-    found = f"columns {sorted(columns)[:8]}" if columns else f"{len(rows)} record(s) that are not JSON objects"
-    raise BadRecordError(f"{label}: no known dataset format fits ({found}). Known formats: {known}")
+    raise BadRecordError(f"{label}: no known dataset format fits ({_found(rows, columns)}). Known formats: {known}")
 
 
-def read_source(source: DataSource, image_folder: str | None = None, skip_bad_records: bool = False,
+def _found(rows: Sequence[dict], columns: frozenset[str]) -> str:
+    """What a source holds, for an error that says its format is not the one wanted."""
+    if columns:
+        return f"columns {sorted(columns)[:8]}"
+    return f"{len(rows)} record(s) that are not JSON objects" if len(rows) else "no records"
+
+
+def read_source(source: DataSource | str, image_folder: str | None = None, skip_bad_records: bool = False,
                 report: SkipReport | None = None, check_images: bool = True, data_format: str | None = None,
                 caption_prompt: str = CAPTION_PROMPT) -> list[Conversation]:
-    """Any registered format from any source -> training samples. `image_folder` defaults to the source's folder;
-    `check_images` checks that each image file exists (cheap; decoding every image is `validate_source`'s job)."""
+    """The one reader: any registered format from any source (a `DataSource`, or a file path) -> training samples.
+    `data_format` names the format a caller needs (anything else is an error); `captioned_images` of caption samples
+    gives one `CaptionedImage` per image. `image_folder` defaults to the source's folder; `check_images` checks that
+    each image file exists (cheap; decoding every image is `validate_source`'s job)."""
+    source = DataSource(path=source) if isinstance(source, str) else source
     options = ReadOptions(
         image_folder=image_folder if image_folder is not None else source.default_image_folder,
         skip_bad_records=skip_bad_records, report=report if report is not None else SkipReport(),
@@ -235,27 +251,15 @@ def read_source(source: DataSource, image_folder: str | None = None, skip_bad_re
     return conversations
 
 
-def read_conversations(path: str, image_folder: str | None = None, skip_bad_records: bool = False,
-                       report: SkipReport | None = None, check_images: bool = True, data_format: str | None = None,
-                       caption_prompt: str = CAPTION_PROMPT) -> list[Conversation]:
-    """`read_source` of a local file."""
-    return read_source(DataSource(path=path), image_folder, skip_bad_records, report, check_images, data_format,
-                       caption_prompt)
-
-
-def validate_source(source: DataSource, image_folder: str | None = None, data_format: str | None = None,
+def validate_source(source: DataSource | str, image_folder: str | None = None, data_format: str | None = None,
                     decode_images: bool = True, num_threads: int = 8) -> tuple[int, SkipReport]:
-    """The `--validate_data` scan of one source, any format: every record's structure and (by default) every image
-    decoded. Returns (number of good samples, report of the bad ones)."""
+    """The `--validate_data` scan of one source (a `DataSource`, or a file path), any format: every record's structure
+    and (by default) every image decoded. Returns (number of good samples, report of the bad ones), which
+    `validation_exit` prints."""
     report = SkipReport(max_examples=20)
     conversations = read_source(source, image_folder, skip_bad_records=True, report=report, data_format=data_format)
     failed = check_images(conversations, report, num_threads) if decode_images else 0
     return len(conversations) - failed, report
-
-
-def validate_file(path: str, image_folder: str | None = None, data_format: str | None = None,
-                  decode_images: bool = True, num_threads: int = 8) -> tuple[int, SkipReport]:
-    return validate_source(DataSource(path=path), image_folder, data_format, decode_images, num_threads)
 
 
 def _location(label: str, index: int, record) -> str:
@@ -308,31 +312,6 @@ def coco_images(rows, label: str, options: ReadOptions) -> list[CaptionedImage]:
     return captioned
 
 
-def load_coco_records(path: str, image_folder: str | None = None, skip_bad_records: bool = False,
-                      report: SkipReport | None = None, check_images: bool = True) -> list[CaptionedImage]:
-    """A COCO captions file -> one `CaptionedImage` per image, with all its captions (the CLIP stage and the
-    caption evaluation want images, not caption samples)."""
-    return _read_file_as("coco_captions", coco_images, path, image_folder, skip_bad_records, report, check_images)
-
-
-def _read_file_as(format_name: str, read, path: str, image_folder: str | None, skip_bad_records: bool,
-                  report: SkipReport | None, check_images: bool) -> list:
-    """`read(rows, path, options)` on a file that must be in the registered format `format_name` (loaded once)."""
-    source = DataSource(path=path)
-    rows = load_rows(source)
-    wanted = FORMATS[format_name]
-    if not wanted.matches(columns_of(rows)):
-        found = sorted(columns_of(rows))[:8] or "no JSON objects"
-        kind, _, expected = wanted.description.partition(", ")  # "COCO captions, {...}"
-        raise BadRecordError(f"{path}: not a {kind} file (expected {expected}; found {found})")
-    options = ReadOptions(image_folder if image_folder is not None else source.default_image_folder,
-                          skip_bad_records, report if report is not None else SkipReport(), check_images)
-    items = read(rows, path, options)
-    if options.report.total:
-        logger.warning("%s: %s", path, options.report.summary())
-    return items
-
-
 # ---------------------------------------------------------------------------------------------------------- LLaVA
 
 
@@ -350,12 +329,6 @@ def read_llava(rows, label: str, options: ReadOptions) -> list[Conversation]:
         conversation.location = location
         conversations.append(conversation)
     return conversations
-
-
-def load_llava_records(path: str, image_folder: str | None = None, skip_bad_records: bool = False,
-                       report: SkipReport | None = None, check_images: bool = True) -> list[Conversation]:
-    """A LLaVA file -> `Conversation`s; any other content is an error."""
-    return _read_file_as("llava", read_llava, path, image_folder, skip_bad_records, report, check_images)
 
 
 # ---------------------------------------------------------------------------------------------------------- TRL
@@ -465,81 +438,15 @@ def _trl_content(content, position: int) -> tuple[str, int]:
 # ---------------------------------------------------------------------------------------------------------- splits
 
 
-@dataclass
-class DataSourceArguments:
-    """Where a multimodal stage's training data comes from: a file, or a dataset `load_dataset` reads (every stage
-    that reads registered formats extends this)."""
-
-    data_path: str | None = field(default=None, metadata={
-        "help": "training data file (.json, .jsonl, .parquet; compressed json too), any registered format (COCO "
-                "captions, LLaVA, TRL messages)"})
-    image_folder: str | None = field(default=None, metadata={
-        "help": "folder of the images (default: the file's or dataset folder's; not needed for embedded images)"})
-    dataset_name: str | None = field(default=None, metadata={
-        "help": "instead of --data_path: a hub dataset id or a local dataset folder, read with datasets.load_dataset"})
-    dataset_config_name: str | None = field(default=None, metadata={"help": "the dataset's configuration"})
-    train_split: str = field(default="train", metadata={"help": "the --dataset_name split to train on"})
-
-    def __post_init__(self):
-        if (self.data_path is None) == (self.dataset_name is None):
-            raise ValueError("give exactly one of --data_path (a file) or --dataset_name (a hub id or dataset folder)")
-
-    @property
-    def source(self) -> DataSource:
-        """The training data as a `DataSource`."""
-        if self.dataset_name is not None:
-            return DataSource(name=self.dataset_name, config=self.dataset_config_name, split=self.train_split)
-        return DataSource(path=self.data_path)
-
-
-@dataclass
-class MultimodalDataArguments(DataSourceArguments):
-    """The data flags of projector and instruct (each stage subclasses it for its own extras and defaults)."""
-
-    validation_split: str | None = field(default=None, metadata={
-        "help": "the --dataset_name split to evaluate on (default: --val_fraction of the training images)"})
-    data_format: str | None = field(
-        default=None, metadata={"help": "the format's registered name (default: recognised from the columns)"}
-    )
-    eval_data_path: str | None = field(
-        default=None, metadata={"help": "held-out data file; without it --val_fraction of the images"}
-    )
-    eval_image_folder: str | None = field(default=None, metadata={"help": "images of --eval_data_path"})
-    val_fraction: float = field(default=0.02, metadata={"help": "fraction of images held out (split by image)"})
-    max_train_samples: int | None = field(default=None, metadata={"help": "use at most this many training samples"})
-    max_eval_samples: int | None = field(default=500, metadata={"help": "evaluate on at most this many samples"})
-    preprocessing_num_workers: int | None = field(default=None, metadata={"help": "processes for tokenising"})
-    skip_bad_records: bool = field(
-        default=False, metadata={"help": "skip bad records/images (counted and reported) instead of failing"}
-    )
-    validate_data: bool = field(default=False, metadata={"help": "scan the data (records + images) and exit"})
-    cache_vision_features: bool = field(
-        default=False, metadata={"help": "run the frozen tower once, store its features, train from them"}
-    )
-    feature_cache_dir: str | None = field(
-        default=None, metadata={"help": "where cached features live (default: $MMPHI_CACHE or ~/.cache/mmphi/"
-                                        "vision_features/<tower>-<images>, outside output_dir: never uploaded); "
-                                        "instruct given the projector stage's folder reuses its features"}
-    )
-    feature_cache_batch_size: int = field(default=64, metadata={"help": "images per tower forward while caching"})
-    feature_cache_shard_size: int = field(
-        default=1024, metadata={"help": "images per cache file; under DDP each process computes every N-th file"}
-    )
-
-    def __post_init__(self):
-        super().__post_init__()
-        if self.validation_split is not None and self.dataset_name is None:
-            raise ValueError("--validation_split goes with --dataset_name; a file's held-out data is --eval_data_path")
-
-
 def training_sources(data_args) -> list[tuple[DataSource, str | None]]:
-    """[(training source, its image folder), (held-out source, its image folder)?] from the data flags."""
+    """[(training source, its image folder), (held-out source, its image folder)?] from the data flags (the clip
+    stage's have no held-out flags: its held-out images are split off the training source)."""
     sources = [(data_args.source, data_args.image_folder)]
-    if data_args.validation_split is not None:
+    if getattr(data_args, "validation_split", None) is not None:
         held_out = DataSource(name=data_args.dataset_name, config=data_args.dataset_config_name,
                               split=data_args.validation_split)
         sources.append((held_out, data_args.image_folder))
-    if data_args.eval_data_path:
+    if getattr(data_args, "eval_data_path", None):
         sources.append((DataSource(path=data_args.eval_data_path), data_args.eval_image_folder))
     return sources
 
@@ -575,12 +482,12 @@ def load_train_eval(data_args, seed: int) -> tuple[list[Conversation], list[Conv
 
 
 def validate_data(data_args) -> int:
-    """`--validate_data`: scan the training and held-out data; exit status 0 when all are clean."""
-    from mmphi.errors import validation_exit
-
+    """The stages' `--validate_data`: scan every training and held-out source, print each result; exit status 0 when
+    all are clean."""
+    data_format = getattr(data_args, "data_format", None)  # the clip stage's flags have none
     status = 0
     for source, folder in training_sources(data_args):
-        status |= validation_exit(source.label, *validate_source(source, folder, data_args.data_format))
+        status |= validation_exit(source.label, *validate_source(source, folder, data_format))
     return status
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -67,13 +68,16 @@ def split_by_image(items: Sequence, val_fraction: float, seed: int = 0) -> tuple
 
 
 def captioned_images(conversations: Sequence[Conversation]) -> list[CaptionedImage]:
-    """Caption samples grouped back by image (first-seen order): one `CaptionedImage` with all its captions."""
+    """Caption samples grouped back by image (first-seen order): one `CaptionedImage` with all its captions, named
+    in errors as the image (a COCO image entry, a LLaVA record) rather than as its first caption
+    (`caption_conversations` names each sample `<image location> caption <k>`)."""
     images: dict[str, CaptionedImage] = {}
     for conversation in conversations:
         if conversation.image is None:
             continue
+        location = re.sub(r" caption \d+$", "", conversation.location)
         image = images.setdefault(conversation.image, CaptionedImage(
-            conversation.id.rsplit("-", 1)[0], conversation.image, location=conversation.location))
+            conversation.id.rsplit("-", 1)[0], conversation.image, location=location))
         image.captions.append(conversation.turns[0].answer)
     return list(images.values())
 

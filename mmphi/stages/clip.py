@@ -38,11 +38,10 @@ from mmphi.data import (
     load_image,
     read_source,
     split_by_image,
-    validate_source,
-    validation_exit,
+    validate_data,
 )
-from mmphi.data.formats import DataSourceArguments
 from mmphi.errors import BadRecordError, handle_bad_record
+from mmphi.stages.arguments import DataSourceArguments
 from mmphi.training import BuiltStage, Stage, StageTrainingArguments
 
 logger = logging.getLogger(__name__)
@@ -210,11 +209,7 @@ def build_trainer(model_args: ModelArguments, data_args: DataArguments, training
     return BuiltStage(trainer, model, processor, collator, train, evaluation, reports)
 
 
-def validate(data_args: DataArguments) -> int:
-    return validation_exit(data_args.source.label, *validate_source(data_args.source, data_args.image_folder))
-
-
-STAGE = Stage("clip", (ModelArguments, DataArguments, ClipTrainingArguments), build_trainer, validate)
+STAGE = Stage("clip", (ModelArguments, DataArguments, ClipTrainingArguments), build_trainer, validate_data)
 parse_args = STAGE.parse_args
 main = STAGE.main
 

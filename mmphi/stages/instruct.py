@@ -35,8 +35,8 @@ from transformers import Trainer, set_seed
 from trl import SFTConfig, SFTTrainer
 
 from mmphi.data import build_datasets, load_train_eval, validate_data
-from mmphi.data.formats import MultimodalDataArguments
 from mmphi.loading import MERGE_TARGETS, bnb_config, merge_lora, training_dtype
+from mmphi.stages.arguments import MultimodalDataArguments
 from mmphi.training import (
     BuiltStage,
     MMPhiTrainerMixin,

@@ -39,8 +39,8 @@ import torch
 from transformers import Trainer, set_seed
 
 from mmphi.data import CAPTION_PROMPT, build_datasets, load_train_eval, padding_fraction, validate_data
-from mmphi.data.formats import MultimodalDataArguments
 from mmphi.loading import training_dtype
+from mmphi.stages.arguments import MultimodalDataArguments
 from mmphi.training import (
     BuiltStage,
     MMPhiTrainerMixin,

@@ -11,7 +11,7 @@ from transformers import CLIPModel, PhiConfig, PhiForCausalLM
 from configuration_mmphi import TINY_TEXT_CONFIG
 from mmphi.build import build_tiny, init_tower_positions, sincos_position_embeddings, tiny_tokenizer
 from mmphi.build import main as build_main
-from mmphi.data import BadRecordError, load_coco_records
+from mmphi.data import BadRecordError, captioned_images, read_source
 from mmphi.data.synthetic import generate
 from mmphi.stages.clip import ClipCollator, ImageCaptionDataset, build_trainer, main, new_tiny_clip, parse_args
 from modeling_mmphi import MMPhiForCausalLM
@@ -20,6 +20,10 @@ from modeling_mmphi import MMPhiForCausalLM
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     return generate(str(tmp_path_factory.mktemp("clip") / "data"), num_images=24, val_fraction=0.0, seed=0)
+
+
+def coco_images(data):
+    return captioned_images(read_source(data["captions_train"], data["images"], data_format="coco_captions"))
 
 
 def clip_argv(data, output_dir, *extra):
@@ -68,7 +72,7 @@ def test_caption_ids_end_in_eos_where_clip_reads_the_text_embedding():
 
 
 def test_each_image_is_served_with_one_of_its_own_captions(data):
-    images = load_coco_records(data["captions_train"], data["images"])
+    images = coco_images(data)
     dataset = ImageCaptionDataset(images, new_tiny_clip(seed=0)[1].image_processor)
     for index in range(4):
         item = dataset[index]
@@ -76,7 +80,7 @@ def test_each_image_is_served_with_one_of_its_own_captions(data):
 
 
 def test_a_missing_image_names_its_record_or_is_counted_when_skipping(data, tmp_path):
-    images = load_coco_records(data["captions_train"], data["images"])[:3]
+    images = coco_images(data)[:3]
     missing = tmp_path / "gone.png"
     images[1].image = str(missing)
     processor = new_tiny_clip(seed=0)[1].image_processor
@@ -88,7 +92,7 @@ def test_a_missing_image_names_its_record_or_is_counted_when_skipping(data, tmp_
 
 
 def test_cached_pixels_are_served_from_memory_after_the_first_epoch(data, tmp_path):
-    images = load_coco_records(data["captions_train"], data["images"])[:2]
+    images = coco_images(data)[:2]
     copy = tmp_path / "copy.png"
     copy.write_bytes(Path(images[0].image).read_bytes())
     images[0].image = str(copy)

@@ -248,8 +248,8 @@ def test_a_new_dataset_format_is_one_registered_reader(setup, tmp_path):
         path = tmp_path / "vqa_pairs.json"
         path.write_text(json.dumps(pairs + [{"image": pairs[0]["image"], "question": "Q?", "answer": ""}]))
         with pytest.raises(md.BadRecordError, match=rf"{path.name}: record {len(pairs)}: empty answer"):
-            md.read_conversations(str(path), data["images"])
-        assert len(md.read_conversations(str(path), data["images"], skip_bad_records=True)) == len(pairs)
+            md.read_source(str(path), data["images"])
+        assert len(md.read_source(str(path), data["images"], skip_bad_records=True)) == len(pairs)
 
         argv = projector_argv(root, data, tmp_path / "out", "--skip_bad_records")
         argv[argv.index("--data_path") + 1] = str(path)
