@@ -24,7 +24,7 @@ from mmphi.stages import instruct
 
 def train_adapter(base: str, data: dict, output_dir: str, steps: int) -> None:
     instruct.main(["--model_name_or_path", base, "--data_path", data["llava_train"], "--image_folder", data["images"],
-                   "--output_dir", output_dir, "--quantization", "4bit", "--lora_r", "16", "--max_steps", str(steps),
+                   "--output_dir", output_dir, "--lora_r", "16", "--max_steps", str(steps),
                    "--per_device_train_batch_size", "8", "--gradient_accumulation_steps", "1", "--learning_rate",
                    "5e-3", "--warmup_steps", "0", "--val_fraction", "0", "--optim", "adamw_torch",
                    "--gradient_checkpointing", "false", "--save_strategy", "no", "--disable_tqdm", "true"])

@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--merge_into", default="dequantized", choices=MERGE_TARGETS,
                         help="dequantized: the NF4 weights the adapter was trained on; original: the unquantized ones")
     parser.add_argument("--base_quantization", default="4bit", choices=QUANTIZATION_CHOICES,
-                        help="how instruct loaded the base (its --quantization)")
+                        help="how instruct loaded the base (its --load_in_4bit / --load_in_8bit)")
     parser.add_argument("--quantized_from", default=None, choices=["float32", "bfloat16", "float16"],
                         help="the dtype instruct loaded the base in before quantizing (bf16 on most GPUs; default "
                              "--dtype): the NF4 round trip then matches training bit for bit")

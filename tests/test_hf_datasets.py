@@ -22,7 +22,7 @@ PROJECTOR_FLAGS = ["--per_device_train_batch_size", "4", "--per_device_eval_batc
                 "--gradient_accumulation_steps", "1", "--max_steps", "2", "--optim", "adamw_torch",
                 "--gradient_checkpointing", "false", "--save_strategy", "no", "--logging_steps", "1",
                 "--max_eval_samples", "8", "--seed", "0"]
-INSTRUCT_FLAGS = ["--quantization", "none", "--lora_r", "4", "--max_steps", "2", "--per_device_train_batch_size", "2",
+INSTRUCT_FLAGS = ["--load_in_4bit", "false", "--lora_r", "4", "--max_steps", "2", "--per_device_train_batch_size", "2",
                 "--gradient_accumulation_steps", "1", "--optim", "adamw_torch", "--warmup_steps", "0",
                 "--max_eval_samples", "4", "--save_strategy", "no", "--logging_steps", "1", "--max_length", "128"]
 

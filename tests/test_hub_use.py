@@ -77,7 +77,7 @@ def test_an_adapter_runs_unmerged_with_the_merged_models_answers(files, tmp_path
     data = generate(str(tmp_path / "data"), num_images=8, val_fraction=0.0, seed=2)
     out = tmp_path / "instruct"
     instruct.main(["--model_name_or_path", files["model"], "--data_path", data["llava_train"], "--image_folder",
-                   data["images"], "--output_dir", str(out), "--quantization", "none", "--lora_r", "4",
+                   data["images"], "--output_dir", str(out), "--load_in_4bit", "false", "--lora_r", "4",
                    "--max_steps", "3", "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "1",
                    "--optim", "adamw_torch", "--learning_rate", "5e-2", "--warmup_steps", "0", "--val_fraction", "0",
                    "--save_strategy", "no", "--merge", "--merge_into", "original"])

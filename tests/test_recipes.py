@@ -93,7 +93,7 @@ def stage_module_accepts(script: str, args: list[str]) -> None:
     ("pretrain.sh", "scripts/pretrain.py", {"config_name": "phi-2", "block_size": 2048,
                                             "per_device_train_batch_size": 4}),
     ("projector.sh", "scripts/projector.py", {"cache_vision_features": True, "learning_rate": 1e-3}),
-    ("instruct.sh", "scripts/instruct.py", {"quantization": "4bit", "lora_r": 64, "max_length": 2048,
+    ("instruct.sh", "scripts/instruct.py", {"load_in_4bit": True, "lora_r": 64, "max_length": 2048,
                                             "per_device_train_batch_size": 4, "merge": True}),
 ])
 def test_real_recipe_prints_a_one_gpu_launch_with_flags_the_stage_accepts(real_layout, name, script, expected):

@@ -133,7 +133,7 @@ def test_projector_and_instruct_fused_loss_keeps_the_losses(multimodal, tmp_path
               "--gradient_checkpointing", "false"]
     for name, main, data_file, extra in (
             ("projector", projector.main, data["captions_train"], []),
-            ("instruct", instruct.main, data["llava_train"], ["--quantization", "none", "--lora_r", "4",
+            ("instruct", instruct.main, data["llava_train"], ["--load_in_4bit", "false", "--lora_r", "4",
                                                             "--learning_rate", "1e-2", "--warmup_steps", "0"])):
         runs = {}
         for variant, flags in (("plain", []), ("liger", ["--use_liger_kernel", "true"])):

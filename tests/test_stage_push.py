@@ -75,7 +75,7 @@ def test_projector_pushes_its_model_folder_with_the_runs_numbers_and_no_cached_f
     assert math.isfinite(metrics["train_loss"])
 
 
-INSTRUCT_FLAGS = ["--quantization", "none", "--lora_r", "4", "--max_steps", "2", "--per_device_train_batch_size",
+INSTRUCT_FLAGS = ["--load_in_4bit", "false", "--lora_r", "4", "--max_steps", "2", "--per_device_train_batch_size",
                   "2", "--gradient_accumulation_steps", "1", "--optim", "adamw_torch", "--warmup_steps", "0",
                   "--val_fraction", "0", "--save_strategy", "no", "--logging_steps", "1", "--push_to_hub"]
 

@@ -65,7 +65,7 @@ class DataSource:
 
     def __post_init__(self):
         if (self.path is None) == (self.name is None):
-            raise ValueError("give exactly one of a data file (--data_path) or a dataset (--dataset_name)")
+            raise ValueError("give exactly one of --data_path (a file) or --dataset_name (a hub id or dataset folder)")
 
     @property
     def label(self) -> str:

@@ -26,8 +26,7 @@ class DataSourceArguments:
     train_split: str = field(default="train", metadata={"help": "the --dataset_name split to train on"})
 
     def __post_init__(self):
-        if (self.data_path is None) == (self.dataset_name is None):
-            raise ValueError("give exactly one of --data_path (a file) or --dataset_name (a hub id or dataset folder)")
+        self.source  # noqa: B018 (DataSource refuses both or neither of --data_path and --dataset_name)
 
     @property
     def source(self) -> DataSource:

@@ -2,11 +2,12 @@
 
 The language model is loaded in 4-bit (nf4, double quantization, compute dtype by device) and trained through LoRA
 adapters on its q_proj/k_proj/v_proj/dense/fc1/fc2 (the vision tower's own q/k/v/fc layers are never wrapped); the
-projector trains fully and is saved with the adapter (`modules_to_save`); the vision tower stays frozen.
-`--quantization 8bit|none` changes the base precision, `--full_finetune` trains the whole language model (+ projector)
-without LoRA. Multi-turn conversations go through the processor's chat template, with the loss on the answers and
-the EOS that ends each of them only (mmphi/data/); samples longer than `--max_length` are cut after the
-image (never inside it) or dropped, and counted; batches are grouped by length and the padding fraction is reported.
+projector trains fully and is saved with the adapter (`--lora_modules_to_save`); the vision tower stays frozen.
+The model flags are TRL's `ModelConfig`: `--load_in_8bit true` or `--load_in_4bit false` change the base precision,
+`--use_peft false --load_in_4bit false` trains the whole language model (+ projector) without LoRA. Multi-turn
+conversations go through the processor's chat template, with the loss on the answers and the EOS that ends each of
+them only (mmphi/data/); samples longer than `--max_length` are cut after the image (never inside it) or dropped, and
+counted; batches are grouped by length and the padding fraction is reported.
 Every `SFTConfig` flag works (`--resume_from_checkpoint`, `--report_to tensorboard`, `accelerate launch`).
 
     # the real recipe (GPU): the projector stage's output, LLaVA-Instruct-150K with COCO train2017 images
@@ -25,6 +26,7 @@ scripts/merge_lora.py) also writes a full MM-Phi folder (`<output_dir>/merged` b
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import shutil
@@ -32,10 +34,10 @@ from dataclasses import dataclass, field
 
 import torch
 from transformers import Trainer, set_seed
-from trl import SFTConfig, SFTTrainer
+from trl import ModelConfig, SFTConfig, SFTTrainer, get_peft_config, get_quantization_config
 
 from mmphi.data import build_datasets, load_train_eval, validate_data
-from mmphi.loading import MERGE_TARGETS, bnb_config, merge_lora, training_dtype
+from mmphi.loading import MERGE_TARGETS, merge_lora, training_dtype
 from mmphi.stages.arguments import MultimodalDataArguments
 from mmphi.training import (
     BuiltStage,
@@ -55,28 +57,34 @@ LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"]
 
 
 @dataclass
-class ModelArguments:
-    model_name_or_path: str = field(metadata={"help": "an MM-Phi folder (the projector stage's output)"})
-    quantization: str = field(
-        default="4bit", metadata={"help": "precision of the frozen language model", "choices": ["4bit", "8bit", "none"]}
-    )
-    full_finetune: bool = field(
-        default=False, metadata={"help": "train the whole language model (and projector) without LoRA; needs "
-                                         "--quantization none"}
-    )
-    lora_r: int = field(default=64)
-    lora_alpha: int = field(default=16)
-    lora_dropout: float = field(default=0.1)
-    lora_target_modules: list[str] = field(
+class ModelArguments(ModelConfig):
+    """TRL's `ModelConfig` (read by `get_peft_config` and `get_quantization_config`) with QLoRA's defaults: the
+    language model in 4-bit nf4 with double quantization, LoRA r=64 alpha=16 on its layers, the projector trained
+    fully and saved with the adapter."""
+
+    model_name_or_path: str | None = field(default=None, metadata={
+        "help": "an MM-Phi folder (the projector stage's output)"})
+    dtype: str | None = field(default="auto", metadata={
+        "help": "dtype of the frozen weights; auto: the training precision's (bf16 / fp16 / fp32)",
+        "choices": ["auto", "bfloat16", "float16", "float32"]})
+    attn_implementation: str | None = field(default="sdpa", metadata={"help": "eager, sdpa, flash_attention_2, ..."})
+    use_peft: bool = field(default=True, metadata={
+        "help": "train LoRA adapters; false trains the language model's own weights (with --load_in_4bit false)"})
+    lora_r: int = field(default=64, metadata={"help": "LoRA rank"})
+    lora_alpha: int = field(default=16, metadata={"help": "LoRA scale numerator (scale = alpha / r)"})
+    lora_dropout: float = field(default=0.1, metadata={"help": "dropout on the LoRA input"})
+    lora_target_modules: list[str] | None = field(
         default_factory=lambda: list(LORA_TARGETS),
         metadata={"help": "layer names inside the language model (model.language_model) that get LoRA adapters"},
     )
-    modules_to_save: list[str] = field(
+    lora_modules_to_save: list[str] | None = field(
         default_factory=lambda: ["multi_modal_projector"],
         metadata={"help": "modules trained fully and saved with the adapter (the projector; the tiny pipeline adds "
-                          "lm_head, see recipes/tiny/instruct.yaml)"},
+                          "lm_head, see recipes/tiny/instruct.yaml)", "aliases": ["--modules_to_save"]},
     )
-    attn_implementation: str = field(default="sdpa", metadata={"help": "eager, sdpa, flash_attention_2, ..."})
+    load_in_4bit: bool = field(default=True, metadata={
+        "help": "the frozen language model in 4-bit nf4 (QLoRA); --load_in_8bit true replaces it with int8"})
+    use_bnb_nested_quant: bool = field(default=True, metadata={"help": "double quantization of the 4-bit scales"})
     merge: bool = field(default=False, metadata={"help": "also write base + adapter as one full MM-Phi folder"})
     merge_into: str = field(
         default="dequantized", metadata={"help": "with --merge: fold LoRA into the NF4-dequantized base weights the "
@@ -86,12 +94,22 @@ class ModelArguments:
     merged_output_dir: str | None = field(default=None, metadata={"help": "default: <output_dir>/merged"})
 
     def __post_init__(self):
+        if self.model_name_or_path is None:
+            raise ValueError("--model_name_or_path is required: an MM-Phi folder (the projector stage's output)")
+        if self.load_in_8bit:
+            self.load_in_4bit = False
+        super().__post_init__()
         # at parse time: at real size, load_model comes after reading LLaVA-Instruct (minutes), on every rank
-        if self.full_finetune and self.quantization != "none":
-            raise ValueError("--full_finetune trains the language model's own weights: use it with --quantization none")
-        if self.full_finetune and self.merge:  # else output_dir/merged, which a script may read, never appears
-            raise ValueError("--merge folds a LoRA adapter into its base; with --full_finetune, output_dir already "
+        if not self.use_peft and self.quantization != "none":
+            raise ValueError("--use_peft false trains the language model's own weights: add --load_in_4bit false")
+        if not self.use_peft and self.merge:  # else output_dir/merged, which a script may read, never appears
+            raise ValueError("--merge folds a LoRA adapter into its base; with --use_peft false, output_dir already "
                              "holds the full model: drop --merge")
+
+    @property
+    def quantization(self) -> str:
+        """The base's precision as the merge and the run record name it: "4bit", "8bit" or "none"."""
+        return "4bit" if self.load_in_4bit else "8bit" if self.load_in_8bit else "none"
 
 
 @dataclass
@@ -127,9 +145,15 @@ class InstructSFTConfig(StageOptions, SFTConfig):
 # --------------------------------------------------------------------------------------------------------- model
 
 
+def frozen_dtype(model_args: ModelArguments, args) -> torch.dtype:
+    """`--dtype`, or with `auto` the training precision's (half the memory of the frozen weights on a GPU)."""
+    return training_dtype(args) if model_args.dtype in (None, "auto") else getattr(torch, model_args.dtype)
+
+
 def load_model(model_args: ModelArguments, args) -> MMPhiForCausalLM:
-    dtype = training_dtype(args)
-    quantization_config = bnb_config(model_args.quantization, dtype)
+    dtype = frozen_dtype(model_args, args)
+    # TRL's helper computes in the dtype it is given: the frozen weights', never the string "auto"
+    quantization_config = get_quantization_config(dataclasses.replace(model_args, dtype=dtype))
     kwargs = {}
     if quantization_config is not None and torch.cuda.is_available() and not args.use_cpu:
         kwargs["device_map"] = {"": args.local_process_index}  # bitsandbytes quantizes as the weights reach the GPU
@@ -138,7 +162,7 @@ def load_model(model_args: ModelArguments, args) -> MMPhiForCausalLM:
         attn_implementation=model_args.attn_implementation, **kwargs,
     )
     model.model.vision_tower.requires_grad_(False)
-    if model_args.full_finetune:  # trained weights in fp32: mixed precision keeps its master copy there
+    if not model_args.use_peft:  # trained weights in fp32: mixed precision keeps its master copy there
         model.model.multi_modal_projector.float()
         model.model.language_model.float()
         model.lm_head.float()
@@ -146,16 +170,13 @@ def load_model(model_args: ModelArguments, args) -> MMPhiForCausalLM:
 
 
 def lora_config(model_args: ModelArguments):
-    """LoRA on the language model's layers only (a regex on the full module name: CLIP has q_proj/k_proj/v_proj/fc1/
-    fc2 too), with the projector trained fully and saved with the adapter."""
-    from peft import LoraConfig
-
-    targets = "|".join(model_args.lora_target_modules)
-    return LoraConfig(
-        r=model_args.lora_r, lora_alpha=model_args.lora_alpha, lora_dropout=model_args.lora_dropout, bias="none",
-        target_modules=rf"model\.language_model\..*\.({targets})", modules_to_save=list(model_args.modules_to_save),
-        task_type="CAUSAL_LM",
-    )
+    """TRL's `get_peft_config`, with the targets as a regex on the full module name that reaches the language model's
+    layers only (CLIP has q_proj/k_proj/v_proj/fc1/fc2 too); the projector trains fully and is saved with the
+    adapter (`lora_modules_to_save`)."""
+    targets = model_args.lora_target_modules
+    targets = [targets] if isinstance(targets, str) else targets  # ModelConfig turns a one-item list into its item
+    return dataclasses.replace(get_peft_config(model_args),
+                               target_modules=rf"model\.language_model\..*\.({'|'.join(targets)})")
 
 
 def trainable_parameter_names(model) -> list[str]:
@@ -202,17 +223,18 @@ def build_trainer(model_args: ModelArguments, data_args: DataArguments, args: In
     trainer = InstructTrainer(
         model=model, args=args, train_dataset=train.dataset,
         eval_dataset=evaluation.dataset if evaluation else None, data_collator=collator,
-        processing_class=processor, peft_config=None if model_args.full_finetune else lora_config(model_args),
+        processing_class=processor, peft_config=lora_config(model_args) if model_args.use_peft else None,
     )
     keep_trainable_in_fp32(trainer.model)
     trainable = trainable_parameter_names(trainer.model)
     logger.info("training %d tensors (%.2fM parameters): %s", len(trainable),
                 sum(p.numel() for p in trainer.model.parameters() if p.requires_grad) / 1e6,
-                "language model + projector" if model_args.full_finetune
-                else "LoRA adapters + " + " + ".join(model_args.modules_to_save))
-    lora = None if model_args.full_finetune else {
-        key: getattr(model_args, key) for key in ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules",
-                                                   "modules_to_save", "quantization")}
+                "LoRA adapters + " + " + ".join(model_args.lora_modules_to_save or []) if model_args.use_peft
+                else "language model + projector")
+    lora = {"lora_r": model_args.lora_r, "lora_alpha": model_args.lora_alpha, "lora_dropout": model_args.lora_dropout,
+            "lora_target_modules": model_args.lora_target_modules,
+            "modules_to_save": model_args.lora_modules_to_save, "quantization": model_args.quantization,
+            } if model_args.use_peft else None
     return BuiltStage(trainer, trainer.model, processor, collator, train, evaluation, [report, collator.skipped],
                       trainable, data_metrics=lambda: encoded_data_metrics(collator, train), run_info={"lora": lora})
 
@@ -224,7 +246,7 @@ def merge_after_training(stage: BuiltStage, model_args: ModelArguments, args, me
         return args.output_dir
     merged_dir = model_args.merged_output_dir or os.path.join(args.output_dir, "merged")
     merge_lora(model_args.model_name_or_path, args.output_dir, merged_dir, merge_into=model_args.merge_into,
-               base_quantization=model_args.quantization, quantized_from=training_dtype(args))
+               base_quantization=model_args.quantization, quantized_from=frozen_dtype(model_args, args))
     metrics["merged_output_dir"] = merged_dir
     write_run_info(merged_dir, run_info | {"merged": True, "merge_into": model_args.merge_into})
     shutil.copy2(os.path.join(args.output_dir, "trainer_state.json"), merged_dir)  # steps and losses

@@ -19,6 +19,7 @@ from mmphi.stages.instruct import (
     load_model,
     lora_config,
     main,
+    parse_args,
     trainable_parameter_names,
 )
 from processing_mmphi import MMPhiProcessor
@@ -53,7 +54,7 @@ def qlora_run(tiny_folder, synthetic, tmp_path_factory):
     output_dir = tmp_path_factory.mktemp("instruct") / "run"
     metrics = main([
         "--model_name_or_path", str(tiny_folder), "--data_path", synthetic["llava_train"],
-        "--image_folder", synthetic["images"], "--output_dir", str(output_dir), "--quantization", "4bit",
+        "--image_folder", synthetic["images"], "--output_dir", str(output_dir), "--load_in_4bit", "true",
         "--lora_r", "8", "--max_steps", "3", "--per_device_train_batch_size", "2", "--gradient_accumulation_steps",
         "1", "--learning_rate", "5e-3", "--warmup_steps", "0", "--val_fraction", "0.2", "--max_eval_samples", "2",
         "--eval_on_start", "true", "--eval_strategy", "steps", "--eval_steps", "2", "--logging_steps", "1",
@@ -91,13 +92,29 @@ def test_4bit_lora_trains_only_adapters_and_projector(tiny_folder, tmp_path):
     assert not [n for n in wrapped if "vision_tower" in n]  # CLIP's own q_proj/k_proj/v_proj/fc1/fc2 stay plain
 
 
-def test_full_finetune_trains_language_model_and_projector_not_tower(tiny_folder, tmp_path):
+def test_model_flags_are_trls_model_config_with_qlora_defaults(tmp_path):
+    """TRL's ModelConfig flags (and `--modules_to_save` as the alias of `--lora_modules_to_save`) reach
+    get_peft_config with the language-model-only target regex; --load_in_8bit replaces the 4-bit default."""
+    from trl import ModelConfig
+
+    base = ["--model_name_or_path", "m", "--data_path", "d.json", "--output_dir", str(tmp_path)]
+    model_args, _, _ = parse_args([*base, "--modules_to_save", "multi_modal_projector", "lm_head", "--lora_r", "8"])
+    assert isinstance(model_args, ModelConfig) and model_args.quantization == "4bit"
+    peft = lora_config(model_args)
+    assert (peft.r, peft.lora_alpha, peft.modules_to_save) == (8, 16, ["multi_modal_projector", "lm_head"])
+    assert peft.target_modules == r"model\.language_model\..*\.(q_proj|k_proj|v_proj|dense|fc1|fc2)"
+    model_args, _, _ = parse_args([*base, "--load_in_8bit", "true", "--lora_target_modules", "fc1"])
+    assert model_args.quantization == "8bit"
+    assert lora_config(model_args).target_modules == r"model\.language_model\..*\.(fc1)"
+
+
+def test_without_peft_trains_language_model_and_projector_not_tower(tiny_folder, tmp_path):
     args = cpu_config(tmp_path)
-    with pytest.raises(ValueError, match="--quantization none"):
-        load_model(ModelArguments(str(tiny_folder), full_finetune=True), args)
+    with pytest.raises(ValueError, match="--load_in_4bit false"):
+        load_model(ModelArguments(str(tiny_folder), use_peft=False), args)
     with pytest.raises(ValueError, match="drop --merge"):
-        load_model(ModelArguments(str(tiny_folder), full_finetune=True, quantization="none", merge=True), args)
-    model = load_model(ModelArguments(str(tiny_folder), full_finetune=True, quantization="none"), args)
+        load_model(ModelArguments(str(tiny_folder), use_peft=False, load_in_4bit=False, merge=True), args)
+    model = load_model(ModelArguments(str(tiny_folder), use_peft=False, load_in_4bit=False), args)
     names = trainable_parameter_names(model)
     assert not [n for n in names if "vision_tower" in n]
     assert any(n.startswith("model.language_model.") for n in names) and "lm_head.weight" in names
@@ -230,7 +247,7 @@ def test_bf16_qlora_keeps_fp32_master_weights_so_small_updates_land(tiny_folder,
     master weights (autocast keeps the matmuls in bf16) let the projector move."""
     output_dir = tmp_path / "bf16"
     main(["--model_name_or_path", str(tiny_folder), "--data_path", synthetic["llava_train"],
-          "--image_folder", synthetic["images"], "--output_dir", str(output_dir), "--quantization", "4bit",
+          "--image_folder", synthetic["images"], "--output_dir", str(output_dir), "--load_in_4bit", "true",
           "--bf16", "true", "--use_cpu", "true", "--lora_r", "8", "--max_steps", "2",
           "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "1", "--learning_rate", "1e-5",
           "--warmup_steps", "0", "--lr_scheduler_type", "constant", "--optim", "adamw_torch", "--val_fraction", "0",
