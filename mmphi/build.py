@@ -31,10 +31,24 @@ logger = logging.getLogger(__name__)
 
 def save_mmphi(model: MMPhiForCausalLM, processor: MMPhiProcessor, output_dir: str) -> None:
     """Save weights (safetensors), config with auto_map, processor, chat template and the code files (the model
-    and processor classes write them on every save_pretrained), so the folder is complete on its own."""
+    and processor classes write them on every save_pretrained), so the folder is complete on its own; generation
+    with the KV cache."""
     os.makedirs(output_dir, exist_ok=True)
+    enable_kv_cache(model)
     model.save_pretrained(output_dir)
     processor.save_pretrained(output_dir)
+
+
+def enable_kv_cache(model) -> None:
+    """`use_cache` on in the configs and generation config that get saved: the Trainer turns it off for training
+    (`TrainingArguments.use_cache`), and a folder saved that way generates without a KV cache, re-running the whole
+    sequence at every new token. A PEFT model's config is its base model's."""
+    config = model.config
+    for part in (config, getattr(config, "text_config", None)):
+        if part is not None:
+            part.use_cache = True
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.use_cache = True
 
 
 def tiny_tokenizer():

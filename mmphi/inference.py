@@ -211,7 +211,9 @@ class GenerationOptions:
     def generate_kwargs(self) -> dict:
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
-        kwargs = dict(max_new_tokens=self.max_new_tokens, do_sample=self.do_sample)
+        # the KV cache always: a folder saved by an older Trainer may say use_cache false, which re-runs the whole
+        # sequence at every new token
+        kwargs = dict(max_new_tokens=self.max_new_tokens, do_sample=self.do_sample, use_cache=True)
         if self.do_sample:  # greedy decoding ignores these (and transformers warns when they are set)
             kwargs.update(temperature=self.temperature, top_p=self.top_p)
         return kwargs

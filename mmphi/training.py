@@ -26,6 +26,7 @@ from transformers import TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 from trl import TrlParser
 
+from mmphi.build import enable_kv_cache
 from mmphi.errors import SkipReport, warn_skipped
 from mmphi.loading import check_model_path
 
@@ -156,6 +157,13 @@ def encoded_data_metrics(collator, train) -> dict:
             "dropped_too_long": train.truncation.dropped}
 
 
+def save_final(trainer, output_dir: str) -> None:
+    """The stage's final folder: weights (safetensors), config, processor / tokenizer, written for inference. Every
+    process takes part (sharded engines gather the weights); the main process writes."""
+    enable_kv_cache(trainer.accelerator.unwrap_model(trainer.model))
+    trainer.save_model(output_dir)
+
+
 def draw_loss_curve(trainer) -> str | None:
     """The run's loss curve beside its record (`loss_curve.png`); None when no loss was logged (a run shorter than
     `--logging_steps`)."""
@@ -202,7 +210,7 @@ class Stage:
         stage = self.build_trainer(model_args, data_args, training_args)
         metrics = train_and_evaluate(stage, training_args.resume_from_checkpoint)
         trainer = stage.trainer
-        trainer.save_model(training_args.output_dir)  # weights (safetensors), config, processor / tokenizer
+        save_final(trainer, training_args.output_dir)
         if not trainer.is_world_process_zero():
             return metrics
         run_info = describe_run(self.name, model_args, data_args, training_args, **stage.run_info)

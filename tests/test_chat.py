@@ -95,6 +95,33 @@ def test_stream_answer_yields_growing_text_that_ends_in_the_answer(files, loaded
     assert all(later.startswith(earlier) for earlier, later in zip(partial, partial[1:], strict=False))
 
 
+def test_generation_feeds_one_new_token_per_step_even_from_a_folder_saved_without_the_cache(files, tmp_path):
+    """The KV cache: after the prompt, each step runs the language model on the one new token. A folder saved with
+    `use_cache: false` (as training leaves the config) still generates that way, and saving writes the cache back
+    on."""
+    folder = tmp_path / "no-cache"
+    shutil.copytree(files["model"], folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["use_cache"] = config["text_config"]["use_cache"] = False
+    (folder / "config.json").write_text(json.dumps(config))
+    generation = json.loads((folder / "generation_config.json").read_text())
+    (folder / "generation_config.json").write_text(json.dumps({**generation, "use_cache": False}))
+    model, processor = load_mmphi(str(folder))
+    lengths = []
+    hook = model.model.language_model.register_forward_pre_hook(
+        lambda module, args, kwargs: lengths.append(kwargs["inputs_embeds"].shape[1]), with_kwargs=True)
+    turn = ChatTurn("What colour is the circle?", image=files["red"])
+    inputs, _ = inference.prepare_inputs(processor, [Chat()], [turn])
+    inference.generate_answers(model, processor, inputs, GenerationOptions(max_new_tokens=5))
+    hook.remove()
+    assert lengths[0] == inputs["input_ids"].shape[1] and lengths[1:] == [1] * (len(lengths) - 1)
+    assert len(lengths) >= 2
+    save_mmphi(model, processor, str(tmp_path / "saved"))
+    saved = json.loads((tmp_path / "saved" / "config.json").read_text())
+    assert saved["use_cache"] is True and saved["text_config"]["use_cache"] is True
+    assert json.loads((tmp_path / "saved" / "generation_config.json").read_text())["use_cache"] is True
+
+
 def test_history_goes_through_the_chat_template(files, loaded):
     model, processor = loaded
     conversation = Chat()

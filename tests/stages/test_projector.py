@@ -90,6 +90,9 @@ def test_training_changes_only_the_projector_and_saves_a_loadable_folder(setup, 
     assert changed == {"model.multi_modal_projector.linear_1.weight", "model.multi_modal_projector.linear_1.bias"}
     for name in ("config.json", "modeling_mmphi.py", "processor_config.json", "chat_template.jinja"):
         assert (output_dir / name).exists(), name
+    config = json.loads((output_dir / "config.json").read_text())  # training turned the cache off in memory only
+    assert config["use_cache"] is True and config["text_config"]["use_cache"] is True
+    assert json.loads((output_dir / "generation_config.json").read_text())["use_cache"] is True
     from transformers import AutoModelForCausalLM
 
     loaded = AutoModelForCausalLM.from_pretrained(str(output_dir), trust_remote_code=True)
