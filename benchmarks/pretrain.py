@@ -141,7 +141,8 @@ def measure_memory(config, micro_batch: int, block_size: int, steps: int, peak_t
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
     optimizer = bnb.optim.PagedAdamW8bit(model.parameters(), lr=1e-4)
-    dtype = torch.bfloat16 if device == "cuda" and torch.cuda.is_bf16_supported() else torch.float16
+    native_bf16 = device == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)  # not emulated
+    dtype = torch.bfloat16 if native_bf16 else torch.float16
     tokens = torch.randint(0, config.vocab_size, (micro_batch, block_size), device=device)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()

@@ -1,4 +1,5 @@
-"""MM-Phi's library: everything the stages, the command lines, the demo and the benchmarks share.
+"""MM-Phi's library: everything the stages, the command lines and the demo share (the benchmarks in the repository's
+benchmarks/ import it too).
 
 The model files (configuration_mmphi.py, modeling_mmphi.py, processing_mmphi.py, speech_mmphi.py) stay at the top
 level of the repository because they travel with the weights (`trust_remote_code`); they import nothing from here.
@@ -7,14 +8,13 @@ level of the repository because they travel with the weights (`trust_remote_code
 | --- | --- |
 | `errors` | bad input: `BadRecordError`, counted skips (`SkipReport`), the `--validate_data` exit |
 | `data` | dataset formats (one registry), images, encoding + collator, feature cache, pretrain corpus, synthetic data |
-| `training` | stage defaults on top of `TrainingArguments`, argument parsing, end-of-run records |
+| `training` | the one stage skeleton (`Stage`), stage defaults, `--config` parsing, the run record |
 | `stages` | one module per stage (argument dataclasses, `build_trainer`, `main`); `arguments`: their data flags |
-| `recipes` | the tiny recipes and benchmark sizes, as data |
+| `recipes` | finds the recipe files (`recipes/<size>/<stage>.yaml`) |
 | `build`, `loading` | building an MM-Phi folder; loading one (dtype, quantization, adapter), merging an adapter |
 | `inference`, `chat`, `app` | generation, the command-line chat, the Gradio app |
 | `evaluation`, `metrics` | scoring a model (VQA, captions, perplexity) |
 | `hub`, `plots`, `tokenizer`, `demo` | sharing on the Hub, loss curves, the tiny tokenizer, `make demo` |
-| `bench` | the benchmark harness, by job |
 """
 
 import logging

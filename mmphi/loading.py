@@ -19,8 +19,9 @@ def pick_device(device: str | None = None) -> str:
 
 
 def pick_dtype(dtype: str | torch.dtype | None = "auto", device: str = "cpu") -> torch.dtype:
-    """"auto" (or None): bf16 on GPUs that support it, fp16 on older GPUs, fp32 on CPU (CPU half precision is slow);
-    otherwise the named dtype ("bfloat16", "float16", "float32")."""
+    """"auto" (or None): bf16 on GPUs that support it natively (compute capability 8.0+; emulated bf16 is slow), fp16
+    on older GPUs, fp32 on CPU (CPU half precision is slow); otherwise the named dtype ("bfloat16", "float16",
+    "float32")."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype not in (None, "auto"):
@@ -28,7 +29,7 @@ def pick_dtype(dtype: str | torch.dtype | None = "auto", device: str = "cpu") ->
             raise ValueError(f"unknown dtype {dtype!r} (use auto, bfloat16, float16 or float32)")
         return getattr(torch, dtype)
     if device.startswith("cuda"):
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
     return torch.float32
 
 

@@ -3,16 +3,19 @@ the argument parser (`--config` recipe files), the Trainer mixin of the projecto
 and the push.
 
 A stage module supplies its argument dataclasses and `build_trainer`; `Stage` runs it: `--validate_data`, resume,
-train, evaluate, skip report, the final save, record, loss curve, push. The seed trained with `paged_adamw_8bit`, fp16
-on CUDA and gradient accumulation 4; we keep those defaults, add gradient checkpointing, and choose the precision by
-device (bf16 where the GPU supports it, fp32 on CPU) unless the user passes `--fp16`/`--bf16` explicitly.
+train (stopped by an fp16 overflow), evaluate, skip report, the final save (a full model from every engine: DDP,
+FSDP, DeepSpeed), record, loss curve, push. The seed trained with `paged_adamw_8bit`, fp16 on CUDA and gradient
+accumulation 4; we keep those defaults, add gradient checkpointing, and choose the precision by device (bf16 where
+the GPU supports it, fp32 on CPU) unless the user passes `--fp16`/`--bf16` explicitly.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -22,7 +25,7 @@ from dataclasses import dataclass, field
 import datasets
 import torch
 import transformers
-from transformers import TrainingArguments
+from transformers import TrainerCallback, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 from trl import TrlParser
 
@@ -34,16 +37,18 @@ logger = logging.getLogger(__name__)
 
 
 
-PRECISION_HELP = "mixed precision; default (unset): bf16 on GPUs that support it, fp16 on older GPUs, fp32 on CPU"
+PRECISION_HELP = ("mixed precision; default (unset): bf16 on GPUs that support it natively (compute capability 8.0+), "
+                  "fp16 on older GPUs, fp32 on CPU")
 
 
 def resolve_precision(args) -> None:
     """An explicit precision, from any source (command line, JSON config, code), is the user's and is kept (bf16
     autocast on a CPU is real: `--bf16 true --use_cpu true`). Only when neither `fp16` nor `bf16` was given (both
-    None) is it chosen by device: bf16 on GPUs that support it, fp16 on older GPUs, fp32 on CPU."""
+    None) is it chosen by device: bf16 on GPUs that support it natively (compute capability 8.0+), fp16 on older
+    GPUs, fp32 on CPU. Emulated bf16 (what `is_bf16_supported()` also counts on a T4 or V100) is slow: not chosen."""
     on_gpu = torch.cuda.is_available() and not getattr(args, "use_cpu", False)
     if args.fp16 is None and args.bf16 is None:
-        args.bf16 = bool(on_gpu and torch.cuda.is_bf16_supported())
+        args.bf16 = bool(on_gpu and torch.cuda.is_bf16_supported(including_emulation=False))
         args.fp16 = bool(on_gpu and not args.bf16)
         return
     args.fp16, args.bf16 = bool(args.fp16), bool(args.bf16)
@@ -61,13 +66,31 @@ def apply_speed_options(model, training_args) -> torch.nn.Module:
     return model
 
 
+class FP16OverflowGuard(TrainerCallback):
+    """Stops an fp16 run at the first non-finite training loss it logs (added by `Stage.run`). float16 ends at 65504,
+    and activations past it make the loss NaN/inf: the loss scaler then skips the step, and a model that overflows
+    once tends to overflow at every step, so the run would go on without learning. bf16 has fp32's range."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        loss = (logs or {}).get("loss")
+        if args.fp16 and loss is not None and not math.isfinite(loss):
+            raise FloatingPointError(
+                f"step {state.global_step}: the training loss is {loss} in fp16, a float16 overflow. Train with "
+                "--bf16 true on a GPU with bf16 (compute capability 8.0+: A100, L4, H100, RTX 30xx and newer), or in "
+                "fp32 (--fp16 false)")
+
+
 @dataclass
 class StageOptions:
-    """What every stage's training arguments add to HF's: precision chosen by device when unset, and two Trainer
-    flags that the stage ending carries out itself (declared here, set from the flags after parsing)."""
+    """What every stage's training arguments add to HF's: precision chosen by device when unset (and the loss filter
+    by precision), and two Trainer flags that the stage ending carries out itself (declared here, set from the flags
+    after parsing)."""
 
     fp16: bool | None = field(default=None, metadata={"help": PRECISION_HELP})
     bf16: bool | None = field(default=None, metadata={"help": PRECISION_HELP})
+    logging_nan_inf_filter: bool | None = field(default=None, metadata={
+        "help": "log NaN/inf training losses as the mean of the finite ones; default (unset): on, except in fp16, "
+                "where a non-finite loss is a float16 overflow and stops the run (`FP16OverflowGuard`)"})
     push_final_to_hub: bool = field(default=False, init=False, metadata={
         "help": "from --push_to_hub: the stage pushes its final folder once, with a card built from the run, "
                 "instead of the Trainer's pushes of output_dir at every save"})
@@ -77,6 +100,8 @@ class StageOptions:
 
     def __post_init__(self):
         resolve_precision(self)
+        if self.logging_nan_inf_filter is None:  # the filter would log an overflowed fp16 step as a finite loss
+            self.logging_nan_inf_filter = not self.fp16
         self.push_final_to_hub, self.push_to_hub = bool(self.push_to_hub), False
         self.fused_kernels, self.use_liger_kernel = bool(self.use_liger_kernel), False
         super().__post_init__()
@@ -159,9 +184,40 @@ def encoded_data_metrics(collator, train) -> dict:
 
 def save_final(trainer, output_dir: str) -> None:
     """The stage's final folder: weights (safetensors), config, processor / tokenizer, written for inference. Every
-    process takes part (sharded engines gather the weights); the main process writes."""
-    enable_kv_cache(trainer.accelerator.unwrap_model(trainer.model))
-    trainer.save_model(output_dir)
+    process takes part (sharded engines gather the weights); the main process writes.
+
+    FSDP: the Trainer's `save_model` writes weights only under FULL_STATE_DICT, and the checkpoints for resume are
+    SHARDED_STATE_DICT (scripts/configs/fsdp*.yaml). So every process gathers the full state dict here, whatever the
+    checkpoints' type, and the main process saves the model as its own class (`own_class`). DeepSpeed ZeRO-3 gathers
+    its 16-bit weights inside `save_model`, which therefore runs on every process; DDP and one process write from the
+    main one."""
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    enable_kv_cache(model)
+    if not trainer.is_fsdp_enabled:
+        trainer.save_model(output_dir)
+        return
+    state_dict = trainer.accelerator.get_state_dict(trainer.model)  # full tensors, on the main process only
+    if trainer.accelerator.is_main_process:
+        with own_class(model):
+            trainer._save(output_dir, state_dict=state_dict)  # what save_model does under FULL_STATE_DICT
+    trainer.accelerator.wait_for_everyone()
+
+
+@contextlib.contextmanager
+def own_class(model):
+    """FSDP2's `fully_shard` gives a module a subclass of its class (`FSDPMMPhiForCausalLM`), and `save_pretrained`
+    puts the class it sees in config.json's auto_map and copies the file that defines it (torch's `_fsdp_*.py`). While
+    the model is written, it shows its own class (`MMPhiForCausalLM`, `PhiForCausalLM`): our code files and auto_map.
+    """
+    from torch.distributed.fsdp import FSDPModule
+
+    sharded = type(model)
+    if isinstance(model, FSDPModule):
+        model.__class__ = next(cls for cls in sharded.__mro__ if not issubclass(cls, FSDPModule))
+    try:
+        yield model
+    finally:
+        model.__class__ = sharded
 
 
 def draw_loss_curve(trainer) -> str | None:
@@ -208,6 +264,8 @@ class Stage:
         loss curve, `finish` and push on the main process. Returns the metrics."""
         training_args.resume_from_checkpoint = resolve_resume(training_args)
         stage = self.build_trainer(model_args, data_args, training_args)
+        check_processes_joined(stage.trainer)
+        stage.trainer.add_callback(FP16OverflowGuard())
         metrics = train_and_evaluate(stage, training_args.resume_from_checkpoint)
         trainer = stage.trainer
         save_final(trainer, training_args.output_dir)
@@ -223,7 +281,57 @@ class Stage:
         return metrics
 
 
-class MMPhiTrainerMixin:
+def check_processes_joined(trainer) -> None:
+    """A launcher that started several processes (WORLD_SIZE) whose Trainer sees one process: without a GPU and
+    without `--use_cpu true`, accelerate leaves each process training alone, all writing the same output_dir."""
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > 1 and trainer.accelerator.num_processes == 1:
+        raise RuntimeError(f"{launched} processes were launched, but each trains alone (no process group): without a "
+                           "GPU, pass --use_cpu true to the training script (scripts/configs/cpu_*.yaml)")
+
+
+class FSDPOnCPUMixin:
+    """Trainer mixin of every stage: an FSDP launch on CPU (scripts/configs/cpu_fsdp.yaml) really shards.
+
+    accelerate types a CPU run as MULTI_CPU and switches to FSDP only from GPU-like types, so an FSDP config launched
+    with `--use_cpu true` would train as plain data parallel. torch's FSDP2 (`fully_shard`) runs on a CPU mesh with
+    gloo; after the Trainer has built its Accelerator, this hands that Accelerator the FSDP plugin that the launch
+    configured (the FSDP_* environment, or `--fsdp_config`) and a CPU mesh over every process, as accelerate's own
+    FSDP2 set-up does on GPUs. GPU runs and runs that did not ask for FSDP are untouched."""
+
+    def create_accelerator_and_postprocess(self) -> None:
+        super().create_accelerator_and_postprocess()
+        enable_fsdp_on_cpu(self)
+
+
+def enable_fsdp_on_cpu(trainer) -> bool:
+    """FSDP2 over a CPU mesh for `trainer`'s Accelerator when the launch asked for FSDP and the run is on CPU
+    (`FSDPOnCPUMixin`); True when it did."""
+    from accelerate import PartialState
+    from accelerate.parallelism_config import ParallelismConfig
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    state = trainer.accelerator.state
+    asked = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" or trainer.args.fsdp_plugin_args
+    if not asked or state.distributed_type != DistributedType.MULTI_CPU:
+        return False
+    plugin = FullyShardedDataParallelPlugin(**(trainer.args.fsdp_plugin_args or {}))
+    if plugin.fsdp_version != 2:
+        raise ValueError("FSDP on CPU needs FSDP2 (fsdp_version: 2, scripts/configs/cpu_fsdp.yaml)")
+    if state.mixed_precision != "no":
+        plugin.set_mixed_precision(state.mixed_precision)
+    # both states, as AcceleratorState does when it switches a GPU launch to FSDP (every new AcceleratorState copies
+    # PartialState's type)
+    state.distributed_type = PartialState().distributed_type = DistributedType.FSDP
+    state.fsdp_plugin = plugin
+    # every process one shard: the mesh FSDP2 shards over (its `dp_shard_cp` dimension), built on the CPU
+    state.parallelism_config = ParallelismConfig(dp_shard_size=state.num_processes)
+    state.device_mesh = state.parallelism_config.get_device_mesh("cpu")
+    trainer.is_fsdp_enabled = True
+    return True
+
+
+class MMPhiTrainerMixin(FSDPOnCPUMixin):
     """Trainer mixin for the projector and instruct stages: `--train_sampling_strategy group_by_length` takes the
     lengths from the dataset's `length` column (computed while tokenising) instead of loading every sample, images
     included; and the collator counts evaluation batches apart, so the padding fraction is the training batches'."""

@@ -248,7 +248,8 @@ def test_sampling_flags_and_seed_reproduce(files, loaded):
     first = one_by_one(model, processor, [turn], sampling)[0].text
     torch.manual_seed(1)
     assert one_by_one(model, processor, [turn], sampling)[0].text == first
-    assert sampling.generate_kwargs() == dict(max_new_tokens=6, do_sample=True, temperature=1.5, top_p=0.95)
+    assert sampling.generate_kwargs() == dict(max_new_tokens=6, do_sample=True, use_cache=True, temperature=1.5,
+                                              top_p=0.95)
     assert "temperature" not in GREEDY.generate_kwargs()
 
 

@@ -41,9 +41,10 @@ COMMON_TRAINER_FLAGS = ["--use_cpu", "true", "--seed", "7", "--logging_steps", "
                         "--gradient_accumulation_steps", "2", "--warmup_steps", "1"]
 
 
-def launch_two_processes(script: str, args: list[str], log_path) -> None:
-    """`accelerate launch` with the CPU config: torchrun starts two processes that join a gloo group."""
-    command = [ACCELERATE, "launch", "--config_file", CPU_CONFIG, "--num_processes", "2",
+def launch_two_processes(script: str, args: list[str], log_path, config: str = CPU_CONFIG) -> None:
+    """`accelerate launch` with a CPU config (data parallel by default; tests/test_fsdp.py: FSDP2): torchrun starts
+    two processes that join a gloo group."""
+    command = [ACCELERATE, "launch", "--config_file", config, "--num_processes", "2",
                os.path.join(SCRIPTS, script), *args]
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
     result = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
@@ -92,16 +93,17 @@ STAGE_MODULES = {"pretrain.py": "mmphi.stages.pretrain", "projector.py": "mmphi.
                  "instruct.py": "mmphi.stages.instruct"}
 
 
-def run_both(tmp_path, script: str, args: list[str], batch_size: int, per_run=lambda run_dir: []) -> tuple:
+def run_both(tmp_path, script: str, args: list[str], batch_size: int, per_run=lambda run_dir: [],
+             config: str = CPU_CONFIG) -> tuple:
     """The same global batch two ways: 1 process x (2 * batch_size), run here (the stage's own `main`), and
-    2 processes x batch_size through `accelerate launch`."""
+    2 processes x batch_size through `accelerate launch --config_file <config>`."""
     single, multi = tmp_path / "single", tmp_path / "multi"
     stage = importlib.import_module(STAGE_MODULES[script])
     reset_bitsandbytes_overrides()
     stage.main([*args, *per_run(single), "--output_dir", str(single), "--per_device_train_batch_size",
                 str(2 * batch_size)])
     launch_two_processes(script, [*args, *per_run(multi), "--output_dir", str(multi), "--per_device_train_batch_size",
-                                  str(batch_size)], tmp_path / "multi.log")
+                                  str(batch_size)], tmp_path / "multi.log", config)
     return single, multi
 
 

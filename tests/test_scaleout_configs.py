@@ -25,6 +25,7 @@ EXPECTED = {
     "single_gpu.yaml": DistributedType.NO,
     "multi_gpu.yaml": DistributedType.MULTI_GPU,
     "cpu_multiprocess.yaml": DistributedType.MULTI_GPU,  # torchrun launcher; the script adds --use_cpu true
+    "cpu_fsdp.yaml": DistributedType.FSDP,  # torchrun launcher on CPU; the stage Trainers shard (FSDPOnCPUMixin)
     "fsdp.yaml": DistributedType.FSDP,
     "fsdp_multimodal.yaml": DistributedType.FSDP,
     "deepspeed_zero2.yaml": DistributedType.DEEPSPEED,
@@ -69,9 +70,26 @@ def test_cpu_config_starts_two_processes_for_torchrun_on_cpu():
     assert not args.use_deepspeed and not args.use_fsdp
 
 
+def test_cpu_fsdp_config_starts_two_cpu_processes_that_ask_for_fsdp():
+    args, defaults, env = launch_environment("cpu_fsdp.yaml")
+    assert args.num_processes == 2 and args.use_cpu and args.use_fsdp and not args.cpu  # torchrun
+    assert env["ACCELERATE_USE_FSDP"] == "true" and env["FSDP_VERSION"] == "2"
+
+
+def test_cpu_fsdp_config_shards_as_the_gpu_configs_do():
+    """What the CPU FSDP tests cover is what the GPU configs run: the same fsdp_config."""
+    def fsdp_config(name):
+        with open(os.path.join(CONFIGS, name)) as handle:
+            return yaml.safe_load(handle)["fsdp_config"]
+
+    assert fsdp_config("cpu_fsdp.yaml") == fsdp_config("fsdp.yaml") == fsdp_config("fsdp_multimodal.yaml")
+
+
 @pytest.mark.parametrize("config_name, layers", [
     ("fsdp.yaml", ["PhiDecoderLayer"]),
-    ("fsdp_multimodal.yaml", ["PhiDecoderLayer", "CLIPEncoderLayer"]),
+    # the vision tower stays in the root unit: a process whose batch has no image skips it
+    ("fsdp_multimodal.yaml", ["PhiDecoderLayer"]),
+    ("cpu_fsdp.yaml", ["PhiDecoderLayer"]),
 ])
 def test_fsdp_plugin_builds_full_shard_with_transformer_layer_wrap(config_name, layers):
     _, _, env = launch_environment(config_name)
@@ -87,7 +105,7 @@ def test_fsdp_wrap_classes_exist_in_the_models():
     from transformers.models.phi.modeling_phi import PhiDecoderLayer
 
     assert PhiDecoderLayer.__name__ == "PhiDecoderLayer" and CLIPEncoderLayer.__name__ == "CLIPEncoderLayer"
-    for name in ("fsdp.yaml", "fsdp_multimodal.yaml"):
+    for name in ("fsdp.yaml", "fsdp_multimodal.yaml", "cpu_fsdp.yaml"):
         with open(os.path.join(CONFIGS, name)) as handle:
             wrap = yaml.safe_load(handle)["fsdp_config"]["fsdp_transformer_layer_cls_to_wrap"].split(",")
         assert set(wrap) <= {"PhiDecoderLayer", "CLIPEncoderLayer"}

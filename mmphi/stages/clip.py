@@ -42,7 +42,7 @@ from mmphi.data import (
 )
 from mmphi.errors import BadRecordError, handle_bad_record
 from mmphi.stages.arguments import DataSourceArguments
-from mmphi.training import BuiltStage, Stage, StageTrainingArguments
+from mmphi.training import BuiltStage, FSDPOnCPUMixin, Stage, StageTrainingArguments
 
 logger = logging.getLogger(__name__)
 
@@ -178,6 +178,10 @@ def load_clip(model_args: ModelArguments, seed: int) -> tuple[CLIPModel, CLIPPro
     return CLIPModel.from_pretrained(path), CLIPProcessor.from_pretrained(path)
 
 
+class ClipTrainer(FSDPOnCPUMixin, Trainer):
+    """HF's Trainer, which shards under an FSDP launch on CPU too (`FSDPOnCPUMixin`)."""
+
+
 def build_trainer(model_args: ModelArguments, data_args: DataArguments, training_args) -> BuiltStage:
     """The contrastive Trainer with its data: one sample per image and epoch, held out by image."""
     set_seed(training_args.seed)
@@ -203,8 +207,8 @@ def build_trainer(model_args: ModelArguments, data_args: DataArguments, training
     logger.info("%d training images, %d held out; %.2fM parameters", len(train), len(eval_images),
                 sum(p.numel() for p in model.parameters()) / 1e6)
     collator = ClipCollator(processor.tokenizer, model.config.text_config.max_position_embeddings)
-    trainer = Trainer(model=model, args=training_args, train_dataset=train, eval_dataset=evaluation,
-                      data_collator=collator, processing_class=processor)
+    trainer = ClipTrainer(model=model, args=training_args, train_dataset=train, eval_dataset=evaluation,
+                          data_collator=collator, processing_class=processor)
     reports = [report, train.skipped] + ([evaluation.skipped] if evaluation else [])
     return BuiltStage(trainer, model, processor, collator, train, evaluation, reports)
 

@@ -44,7 +44,7 @@ from mmphi.data.corpus import (
     parse_source_weights,
 )
 from mmphi.errors import BadRecordError, SkipReport, validation_exit
-from mmphi.training import BuiltStage, Stage, StageTrainingArguments, apply_speed_options
+from mmphi.training import BuiltStage, FSDPOnCPUMixin, Stage, StageTrainingArguments, apply_speed_options
 
 logger = logging.getLogger(__name__)
 
@@ -189,7 +189,7 @@ def align_config_with_tokenizer(config: PhiConfig, tokenizer, block_size: int) -
     config.eos_token_id = tokenizer.eos_token_id
 
 
-class PretrainTrainer(Trainer):
+class PretrainTrainer(FSDPOnCPUMixin, Trainer):
     """Trainer that evaluates each source's held-out blocks apart (`eval_<source>_loss`; `eval_loss` is their mean
     over all blocks) and reports held-out perplexity (exp of the mean held-out loss) next to every eval loss."""
 

@@ -229,7 +229,7 @@ def test_explicit_precision_from_any_source_is_kept(tmp_path, monkeypatch):
 
     # on a bf16-capable GPU the automatic choice is bf16, but never over what the user gave
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
 
     def resolved(fp16, bf16):
         args = type("Args", (), {"fp16": fp16, "bf16": bf16, "use_cpu": False})()
