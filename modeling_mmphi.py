@@ -40,6 +40,8 @@ AUTO_MAP = {
     "AutoConfig": "configuration_mmphi.MMPhiConfig",
     "AutoModel": "modeling_mmphi.MMPhiModel",
     "AutoModelForCausalLM": "modeling_mmphi.MMPhiForCausalLM",
+    # the class transformers' image-text-to-text pipeline loads, as for its own Llava
+    "AutoModelForImageTextToText": "modeling_mmphi.MMPhiForCausalLM",
 }
 # Quantizing the language model only: the tower and projector are small and stay in full precision.
 QUANTIZATION_SKIP_MODULES = ["model.vision_tower", "model.multi_modal_projector", "lm_head"]

@@ -132,6 +132,39 @@ def test_several_images_in_one_question_each_get_a_placeholder_in_order(files, l
     assert conversation.messages == [] and conversation.images == []
 
 
+def generate_greedy(model, processor, messages: list, max_new_tokens: int = 6) -> str:
+    """`model.generate` on one chat, the way the model card shows it."""
+    images = [part["image"] for message in messages for part in message["content"] if part["type"] == "image"]
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+    inputs = processor(text=prompt, images=images)
+    output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+    return processor.batch_decode(output[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)[0]
+
+
+def test_image_text_to_text_pipeline_answers_like_generate(files):
+    """The Auto class and the pipeline the model card names: one chat, a batch of chats, several images in one."""
+    from transformers import AutoModelForImageTextToText, pipeline
+
+    model = AutoModelForImageTextToText.from_pretrained(files["model"], trust_remote_code=True)
+    assert type(model).__name__ == "MMPhiForCausalLM"
+    pipe = pipeline("image-text-to-text", model=files["model"], trust_remote_code=True)
+    red, blue = (Image.open(files[name]).convert("RGB") for name in ("red", "blue"))
+
+    def chat(text, *images):
+        return [{"role": "user", "content": [*({"type": "image", "image": i} for i in images),
+                                             {"type": "text", "text": text}]}]
+
+    chats = [chat("What colour is the circle?", red), chat("What shape is it?", blue),
+             chat("Which one is red?", red, blue)]
+    expected = [generate_greedy(pipe.model, pipe.processor, messages) for messages in chats]
+    assert all(expected)
+    single = pipe(text=chats[0], max_new_tokens=6, do_sample=False)
+    batched = pipe(text=chats, max_new_tokens=6, do_sample=False)
+    answers = [result[0]["generated_text"][-1]["content"] for result in batched]
+    assert single[0]["generated_text"][-1]["content"] == expected[0]
+    assert answers == expected
+
+
 def test_llava_question_file_is_answered_like_model_vqa(files, loaded, http_server, tmp_path, capsys):
     questions = [{"question_id": 7, "image": "red.png", "text": "What colour is the circle?", "category": "conv"},
                  {"question_id": "b", "image": "blue.png", "text": "<image>\nWhat shape is it?"},
