@@ -9,6 +9,7 @@
 #   bash benchmarks/gpu_check.sh           # on the GPU machine, from the repository root
 #   bash benchmarks/gpu_check.sh --tiny    # tiny sizes on the CPU: runs the same path end to end here (~1-2 min)
 #   bash benchmarks/gpu_check.sh --variants          # only pretrain's speed-option A/B, one table
+#   bash benchmarks/gpu_check.sh --zero              # only the DeepSpeed ZeRO-2/3 end-to-end checks
 #   STAGES="" VARIANTS="liger compile" bash benchmarks/gpu_check.sh   # choose what runs
 #
 # Speed options A/B: after the stages, pretrain runs once per variant in VARIANTS (default: baseline liger
@@ -16,21 +17,34 @@
 # $OUT/variants.md gives step time, tokens/s, MFU, peak memory and the training loss (a speed option must not change
 # it beyond float noise). flash_attn is skipped with a note when flash-attn is not installed.
 #
+# DeepSpeed ZeRO end to end (ZERO, default "zero2 zero3"; needs deepspeed: benchmarks/gpu_wheelhouse.sh --deepspeed):
+# the projector stage on the tiny random MM-Phi and synthetic data (recipes/smoke/projector.yaml, bf16) through
+# `accelerate launch --config_file scripts/configs/deepspeed_<zero>.yaml`, one process per GPU (with one GPU the
+# ZeRO-3 partitions span a world of one, yet the engine, the 16-bit gather and the final save all run); then the final
+# folder must load with AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True), hold no empty tensor and
+# carry a trained projector. Pass/fail and times go to $OUT/zero.json and a table in gpu_check.md. ZERO_ARGS (default
+# --cache_vision_features false) are added to each launch: under ZeRO-3 (zero3_init_flag) the model loads partitioned,
+# and the feature cache runs the tower outside the engine (`RuntimeError: weight should have at least three
+# dimensions` on a CPU); ZERO_ARGS="" checks the cached path. Skipped with a note under --tiny and without deepspeed.
+#
 # Packages the GPU image lacks (or has in other versions) travel as wheels in .whl/ (build them here with
 # benchmarks/gpu_wheelhouse.sh, carry ".whl"); they are installed into /tmp/site first. Files written to $OUT
 # (default outputs/gpu_check; STAGES="pretrain instruct" runs a subset): environment.txt, pretrain.json,
-# projector.json, instruct.json, goals.json, gpu_check.md, gpu_check.log.
+# projector.json, instruct.json, goals.json, zero.json, gpu_check.md, gpu_check.log.
 set -uo pipefail
 
 REPO_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$REPO_ROOT"
 TINY=0
 ONLY_VARIANTS=0
+ONLY_ZERO=0
 for arg in "$@"; do
   case "$arg" in
     --tiny | --dry | --dry-run) TINY=1 ;;
     --variants) ONLY_VARIANTS=1 ;;
-    *) echo "gpu_check.sh: unknown argument $arg (use --tiny for the CPU dry run, --variants for the A/B)" >&2; exit 2 ;;
+    --zero) ONLY_ZERO=1 ;;
+    *) echo "gpu_check.sh: unknown argument $arg (use --tiny for the CPU dry run, --variants for the A/B, --zero for" \
+         "the ZeRO checks)" >&2; exit 2 ;;
   esac
 done
 OUT=${OUT:-$REPO_ROOT/outputs/gpu_check}
@@ -42,6 +56,7 @@ if [[ "$TINY" == 1 ]]; then
   DEVICE_ARGS=(--device cpu --size tiny --warmup 1 --steps 2)
   LIMITS=(240 240 240)
   VARIANT_LIMIT=240
+  ZERO_LIMIT=240
 else
   PYTHON=${PYTHON:-python3}
   if compgen -G ".whl/*.whl" > /dev/null; then
@@ -56,9 +71,12 @@ else
   # random 2.8B MM-Phi, caches the tower features), instruct: < 9 min in all
   LIMITS=(180 160 180)
   VARIANT_LIMIT=110  # each pretrain variant: build Phi-2 2.7B, 3 + 8 steps
+  ZERO_LIMIT=150     # each ZeRO launch: import deepspeed, tiny MM-Phi, 2 steps, evaluate, save
 fi
-if [[ "$ONLY_VARIANTS" == 1 ]]; then STAGES=${STAGES-}; else STAGES=${STAGES-pretrain projector instruct}; fi
-VARIANTS=${VARIANTS-baseline liger compile no_ckpt flash_attn}
+if [[ "$ONLY_VARIANTS" == 1 || "$ONLY_ZERO" == 1 ]]; then STAGES=${STAGES-}; else STAGES=${STAGES-pretrain projector instruct}; fi
+if [[ "$ONLY_ZERO" == 1 ]]; then VARIANTS=${VARIANTS-}; else VARIANTS=${VARIANTS-baseline liger compile no_ckpt flash_attn}; fi
+if [[ "$ONLY_VARIANTS" == 1 ]]; then ZERO=${ZERO-}; else ZERO=${ZERO-zero2 zero3}; fi
+ZERO_ARGS=${ZERO_ARGS---cache_vision_features false}
 variant_flags() {
   case "$1" in
     baseline) echo "" ;;
@@ -77,7 +95,7 @@ variant_flags() {
 import importlib, platform, sys
 print("python", sys.version.split()[0], platform.machine())
 for name in ("torch", "transformers", "accelerate", "peft", "trl", "bitsandbytes", "datasets", "tokenizers",
-             "safetensors", "huggingface_hub", "pyarrow", "fsspec"):
+             "safetensors", "huggingface_hub", "pyarrow", "fsspec", "deepspeed"):
     try:
         module = importlib.import_module(name)
         print(f"{name} {getattr(module, '__version__', '?')} {getattr(module, '__file__', '')}")
@@ -123,6 +141,124 @@ if [[ ${#variant_reports[@]} -gt 0 ]]; then
   "$PYTHON" -m benchmarks.report --variants "${variant_reports[@]}" > "$OUT/variants.md" 2>> "$OUT/gpu_check.log" \
     || status=1
   cat "$OUT/variants.md"
+fi
+
+# DeepSpeed ZeRO end to end (header): train + save through accelerate launch, then load the final folder in a fresh
+# process. One JSON row per config in $ZERO_DIR/rows.jsonl, gathered into $OUT/zero.json and a gpu_check.md table.
+if [[ -n "$ZERO" && "$TINY" == 1 ]]; then
+  echo "== DeepSpeed ZeRO ($ZERO): skipped under --tiny (a GPU check; tests/test_benchmark.py runs --tiny)"
+elif [[ -n "$ZERO" ]] && ! "$PYTHON" -c "import deepspeed" > /dev/null 2>&1; then
+  echo "== DeepSpeed ZeRO ($ZERO): skipped (deepspeed does not import: build .whl with gpu_wheelhouse.sh --deepspeed)"
+  "$PYTHON" -c "import json, sys; json.dump({'skipped': 'deepspeed does not import', 'configs': sys.argv[2:]},
+open(sys.argv[1], 'w'), indent=1)" "$OUT/zero.json" $ZERO
+elif [[ -n "$ZERO" ]]; then
+  ZERO_DIR=$(mktemp -d /tmp/mmphi-zero-XXXX)
+  NPROC=$("$PYTHON" -c "import torch; print(max(torch.cuda.device_count(), 1))")
+  echo "== DeepSpeed ZeRO ($ZERO; projector, tiny MM-Phi, $NPROC process(es), $ZERO_ARGS; limit ${ZERO_LIMIT} s each)"
+  if ! { "$PYTHON" scripts/make_synthetic_data.py --output_dir "$ZERO_DIR/data" --num_images 40 &&
+         "$PYTHON" scripts/build_model.py --preset tiny --output_dir "$ZERO_DIR/mmphi-tiny"; } \
+       >> "$OUT/gpu_check.log" 2>&1; then
+    echo "zero: building the tiny MM-Phi or its data failed (see gpu_check.log)"; status=1; ZERO=""
+  fi
+  for zero in $ZERO; do
+    [[ -f "scripts/configs/deepspeed_$zero.yaml" ]] || { echo "gpu_check.sh: unknown ZeRO config $zero" >&2; exit 2; }
+    run_dir=$ZERO_DIR/$zero
+    start=$(date +%s.%N)
+    # shellcheck disable=SC2086  # ZERO_ARGS: flags, split on purpose
+    timeout --kill-after=10 "$ZERO_LIMIT" "$PYTHON" -m accelerate.commands.launch \
+      --config_file "scripts/configs/deepspeed_$zero.yaml" --num_processes "$NPROC" scripts/projector.py \
+      --config recipes/smoke/projector.yaml --use_cpu false --bf16 true --report_to none \
+      --model_name_or_path "$ZERO_DIR/mmphi-tiny" --data_path "$ZERO_DIR/data/captions_train.json" \
+      --image_folder "$ZERO_DIR/data/images" --feature_cache_dir "$run_dir-features" --output_dir "$run_dir" \
+      $ZERO_ARGS > "$run_dir.log" 2>&1
+    code=$?
+    seconds=$("$PYTHON" -c "import sys, time; print(round(time.time() - float(sys.argv[1]), 1))" "$start")
+    cat "$run_dir.log" >> "$OUT/gpu_check.log"
+    "$PYTHON" - "$zero" "$code" "$seconds" "$NPROC" "$run_dir" "$ZERO_DIR/mmphi-tiny" "$ZERO_DIR/rows.jsonl" \
+      >> "$OUT/gpu_check.log" 2>&1 <<'PY'
+import glob, json, os, re, sys, time
+
+zero, code, seconds, processes, folder, initial, rows = sys.argv[1:8]
+row = {"config": zero, "stage": "projector", "processes": int(processes), "launch_exit": int(code),
+       "train_save_s": float(seconds)}
+
+
+def weights(directory):
+    from safetensors.torch import load_file
+
+    tensors = {}
+    for path in sorted(glob.glob(os.path.join(directory, "*.safetensors"))):
+        tensors.update(load_file(path))
+    return tensors
+
+
+try:
+    if int(code) != 0:
+        with open(folder + ".log", errors="replace") as handle:
+            errors = [line.strip() for line in handle
+                      if re.search(r"\w+(Error|Exception)\b.*:", line) and "ChildFailedError" not in line]
+        raise RuntimeError(f"the launch exited {code}" + (f": {errors[0][:300]}" if errors else ""))
+    from transformers import AutoModelForCausalLM
+
+    start = time.time()
+    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)
+    row["load_s"] = round(time.time() - start, 1)
+    row["model_class"] = type(model).__name__
+    saved, before = weights(folder), weights(initial)
+    row["saved_dtypes"] = sorted({str(t.dtype).removeprefix("torch.") for t in saved.values()})
+    empty = [name for name, tensor in saved.items() if tensor.numel() == 0]
+    if empty:
+        raise RuntimeError(f"{len(empty)} empty tensors in the save, e.g. {empty[0]}")
+    projector = [name for name in saved if "multi_modal_projector" in name and name in before]
+    if not projector:
+        raise RuntimeError("no projector weights in the save")
+    # in the saved dtype, so that a bf16 save of untrained weights reads as 0
+    row["projector_moved"] = max((saved[name].float() - before[name].to(saved[name].dtype).float()).abs().max().item()
+                                 for name in projector)
+    if row["projector_moved"] == 0:
+        raise RuntimeError("the saved projector equals the initial one")
+    row["result"] = "pass"
+except Exception as error:  # recorded, and the next config runs
+    row["result"] = "fail"
+    row["error"] = f"{type(error).__name__}: {error}"[:500]
+print("zero:", json.dumps(row))
+with open(rows, "a") as handle:
+    handle.write(json.dumps(row) + "\n")
+PY
+    if tail -n 1 "$ZERO_DIR/rows.jsonl" 2> /dev/null | grep -q "\"config\": \"$zero\".*\"result\": \"pass\""; then
+      echo "$zero: pass (launch exit $code, ${seconds} s)"
+    else
+      echo "$zero: FAILED (launch exit $code, ${seconds} s; see zero.json, gpu_check.log)"; status=1
+    fi
+  done
+  if [[ -f "$ZERO_DIR/rows.jsonl" ]]; then
+    "$PYTHON" - "$ZERO_DIR/rows.jsonl" "$OUT/zero.json" "$OUT/gpu_check.md" "$ZERO_ARGS" <<'PY' \
+      2>> "$OUT/gpu_check.log" || status=1
+import json, sys
+
+rows_path, json_path, markdown_path, extra = sys.argv[1:5]
+rows = [json.loads(line) for line in open(rows_path)]
+try:
+    import deepspeed
+    version = deepspeed.__version__
+except Exception as error:  # it imported before the launches
+    version = f"? ({type(error).__name__})"
+with open(json_path, "w") as handle:
+    json.dump({"deepspeed": version, "stage": "projector", "model": "tiny random MM-Phi", "recipe":
+               "recipes/smoke/projector.yaml --bf16 true " + extra, "runs": rows}, handle, indent=1)
+lines = ["", f"### DeepSpeed ZeRO end to end (projector, tiny MM-Phi, bf16, {rows[0]['processes']} process(es), "
+         f"deepspeed {version})", "",
+         "| config | result | train + save (s) | load (s) | saved dtypes | projector moved | error |",
+         "|---|---|---|---|---|---|---|"]
+for row in rows:
+    moved = f"{row['projector_moved']:.2e}" if "projector_moved" in row else ""
+    lines.append(f"| {row['config']} | **{row['result']}** | {row['train_save_s']} | {row.get('load_s', '')} | "
+                 f"{', '.join(row.get('saved_dtypes', []))} | {moved} | {row.get('error', '').replace('|', '/')} |")
+with open(markdown_path, "a") as handle:
+    handle.write("\n".join(lines) + "\n")
+PY
+  fi
+  rm -rf "$ZERO_DIR"
 fi
 
 reports=()

@@ -173,6 +173,16 @@ def test_cached_features_with_a_trained_tower_is_an_error(setup, tmp_path):
         build(root, data, tmp_path / "out", "--cache_vision_features", "--train_vision_tower")
 
 
+def test_cached_features_under_deepspeed_zero3_is_an_error_naming_the_fix(setup, tmp_path, monkeypatch):
+    """Under ZeRO-3 the tower's weights are split across the processes before the cache pass could run them."""
+    import transformers.integrations
+
+    monkeypatch.setattr(transformers.integrations, "is_deepspeed_zero3_enabled", lambda: True)
+    root, data = setup
+    with pytest.raises(ValueError, match="ZeRO-3 .* pass --cache_vision_features false"):
+        build(root, data, tmp_path / "out", "--cache_vision_features")
+
+
 def test_validate_data_scans_images_and_exits(setup, tmp_path, capsys):
     root, data = setup
     argv = projector_argv(root, data, tmp_path / "out", "--validate_data")
