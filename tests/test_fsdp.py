@@ -26,9 +26,10 @@ from test_multiprocess import (  # noqa: F401  (multimodal: the fixture)
 )
 from transformers import AutoModelForCausalLM, AutoProcessor
 
+from modeling_mmphi import AUTO_MAP
+
 FSDP_CONFIG = os.path.join(SCRIPTS, "configs", "cpu_fsdp.yaml")
-MMPHI_AUTO_MAP = {"AutoConfig": "configuration_mmphi.MMPhiConfig", "AutoModel": "modeling_mmphi.MMPhiModel",
-                  "AutoModelForCausalLM": "modeling_mmphi.MMPhiForCausalLM"}
+MMPHI_AUTO_MAP = AUTO_MAP  # ours, never the FSDP wrapper's class
 MMPHI_CODE = ("configuration_mmphi.py", "modeling_mmphi.py", "processing_mmphi.py", "speech_mmphi.py")
 
 
