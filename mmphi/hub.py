@@ -32,13 +32,23 @@ import re
 import shutil
 import sys
 import tempfile
+from collections.abc import Iterable
 
 from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
 
 logger = logging.getLogger(__name__)
-UPLOAD_SUFFIXES = (".json", ".safetensors", ".py", ".jinja", ".txt", ".model", ".png", ".md")
-NEVER_UPLOAD = ("*.bin", "*.pt", "*.pth", "*.pkl", "*.ckpt", "*.msgpack", "*.h5", "README.md")
 CODE_FILES = ("configuration_mmphi.py", "modeling_mmphi.py", "processing_mmphi.py", "speech_mmphi.py")
+# What a model repo holds, by name: weights, configs, processor / tokenizer files, our code, the run's record and
+# loss curve. Anything else in the folder (notes, tokens, logs, helper scripts, dotfiles) stays local; so do links.
+UPLOAD_ALLOWED = (
+    "config.json", "generation_config.json", "model.safetensors", "model-*-of-*.safetensors",
+    "model.safetensors.index.json", "adapter_config.json", "adapter_model.safetensors",
+    "processor_config.json", "preprocessor_config.json", "chat_template.jinja", "chat_template.json",
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.json",
+    "merges.txt", "tokenizer.model", *CODE_FILES,
+    "run_info.json", "trainer_state.json", "all_results.json", "train_results.json", "eval_results.json",
+    "training_summary.json", "loss_curve.png",
+)
 EVALUATE_TASKS = ("vqa", "caption", "pope", "perplexity")
 TRAINING_SUMMARY = "training_summary.json"
 RUN_INFO = "run_info.json"  # written by every stage (mmphi.training.describe_run)
@@ -53,14 +63,15 @@ MODEL_INDEX_TASKS = {"vqa": ("visual-question-answering", ("accuracy",)),
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 CARD_TAGS = ["mmphi", "multimodal", "vision-language", "llava", "phi-2", "tinyclip", "speech", "custom_code"]
 
-# The recipe each stage follows at real scale (README "pipeline at real scale"): the card shows it as what the
+# The recipe each stage follows at real scale (README "At real size"): the card shows it as what the
 # scripts do, never as a claim about the weights; what this folder's run did comes from run_info.json.
 STAGES = [
-    ("0", "Pretrain Phi-2 from scratch (optional: the released microsoft/phi-2 can be used instead)",
+    ("pretrain", "Pretrain Phi-2 from scratch (optional: the released microsoft/phi-2 can be used instead)",
      "RedPajama (cc + c4 samples, `{\"text\": ...}` JSONL), packed blocks", "all of the language model"),
-    ("1", "Projector pretraining (caption the image)", "COCO 2017 captions",
+    ("projector", "Projector pretraining (caption the image)", "COCO 2017 captions",
      "the projector only (vision tower and language model frozen)"),
-    ("2", "Instruction tuning, QLoRA (nf4 language model, LoRA r=64 alpha=16 on q/k/v/dense/fc1/fc2), then merged",
+    ("instruct",
+     "Instruction tuning, QLoRA (nf4 language model, LoRA r=64 alpha=16 on q/k/v/dense/fc1/fc2), then merged",
      "LLaVA-Instruct-150K (multi-turn, loss on answers + EOS only)", "LoRA adapters + projector"),
 ]
 
@@ -101,14 +112,18 @@ def check_model_folder(model_dir: str) -> dict:
     return config
 
 
-def select_files(model_dir: str) -> tuple[list[str], list[str]]:
-    """(files to upload, files left out): top-level files with model/result suffixes; sub-folders are left out."""
+def select_files(model_dir: str, evaluation_files: Iterable[str] = ()) -> tuple[list[str], list[str]]:
+    """(files to upload, files left out): the top-level files `UPLOAD_ALLOWED` names, plus the folder's evaluation
+    outputs; sub-folders and links (which could point anywhere) are left out."""
     chosen, left_out = [], []
+    evaluations = set(evaluation_files)
     for name in sorted(os.listdir(model_dir)):
         path = os.path.join(model_dir, name)
-        if os.path.isdir(path):
+        if os.path.islink(path):
+            left_out.append(name + " (a link)")
+        elif os.path.isdir(path):
             left_out.append(name + "/")
-        elif name.endswith(UPLOAD_SUFFIXES) and not any(fnmatch.fnmatch(name, p) for p in NEVER_UPLOAD):
+        elif name in evaluations or any(fnmatch.fnmatch(name, pattern) for pattern in UPLOAD_ALLOWED):
             chosen.append(name)
         else:
             left_out.append(name)
@@ -126,11 +141,12 @@ def missing_code_files(config: dict, present: list[str]) -> list[str]:
     return sorted(name for name in needed if name not in present and name in CODE_FILES)
 
 
-def stage_upload(model_dir: str, staging_dir: str, card: str, metrics_files: list[str]) -> list[str]:
+def stage_upload(model_dir: str, staging_dir: str, card: str, metrics_files: list[str],
+                 evaluation_files: Iterable[str] = ()) -> list[str]:
     """Copy exactly what will be uploaded into `staging_dir`: the chosen files, missing code files, the metrics
     files given on the command line, and README.md. Returns the staged file names."""
     config = check_model_folder(model_dir)
-    chosen, left_out = select_files(model_dir)
+    chosen, left_out = select_files(model_dir, evaluation_files)
     if left_out:
         logger.info("not uploaded: %s", ", ".join(left_out))
     os.makedirs(staging_dir, exist_ok=True)
@@ -165,9 +181,10 @@ def find_evaluations(model_dir: str, extra_files: list[str]) -> list[tuple[str, 
     --metrics files (which must be evaluate.py outputs)."""
     found = []
     for name in sorted(os.listdir(model_dir)):
-        if name.endswith(".json") and os.path.isfile(os.path.join(model_dir, name)):
+        path = os.path.join(model_dir, name)
+        if name.endswith(".json") and os.path.isfile(path) and not os.path.islink(path):
             try:
-                data = load_json(os.path.join(model_dir, name))
+                data = load_json(path)
             except ValueError:
                 continue  # not ours to judge: only evaluation outputs matter here
             if isinstance(data, dict) and data.get("task") in EVALUATE_TASKS:
@@ -445,7 +462,7 @@ def build_card(model_dir: str, repo_id: str, evaluations, summary=None, license_
         eval_results=model_index(evaluations) or None,
     )
     stages = ["| stage | what | data | trained |", "| --- | --- | --- | --- |"]
-    stages += [f"| {number} | {what} | {source} | {trained} |" for number, what, source, trained in STAGES]
+    stages += [f"| {name} | {what} | {source} | {trained} |" for name, what, source, trained in STAGES]
     summary_text = training_summary_section(summary) if summary is not None else ""
     base_for_usage = (adapter or {}).get("base_model_name_or_path") or "BASE"
     if adapter:
@@ -523,13 +540,13 @@ def push(args: argparse.Namespace, api: HfApi | None = None) -> list[str]:
     if args.dry_run:
         if os.path.isdir(args.output_dir) and os.listdir(args.output_dir):
             raise ValueError(f"{args.output_dir} is not empty: give a new or empty folder for the dry run")
-        staged = stage_upload(args.model, args.output_dir, card, args.metrics)
+        staged = stage_upload(args.model, args.output_dir, card, args.metrics, [name for name, _ in evaluations])
         print(f"dry run: {len(staged)} files that would be uploaded to {args.repo_id} are in {args.output_dir}:")
         print("\n".join(f"  {name}" for name in staged))
         return staged
     api = api or HfApi(token=args.token)
     with tempfile.TemporaryDirectory() as staging:
-        staged = stage_upload(args.model, staging, card, args.metrics)
+        staged = stage_upload(args.model, staging, card, args.metrics, [name for name, _ in evaluations])
         url = api.create_repo(args.repo_id, private=args.private, exist_ok=True, repo_type="model")
         api.upload_folder(repo_id=args.repo_id, folder_path=staging, repo_type="model",
                           commit_message=args.commit_message)

@@ -103,6 +103,8 @@ class StageOptions:
         if self.logging_nan_inf_filter is None:  # the filter would log an overflowed fp16 step as a finite loss
             self.logging_nan_inf_filter = not self.fp16
         self.push_final_to_hub, self.push_to_hub = bool(self.push_to_hub), False
+        if self.hub_token:  # the Trainer pickles its arguments into every checkpoint (training_args.bin)
+            os.environ["HF_TOKEN"], self.hub_token = self.hub_token, None
         self.fused_kernels, self.use_liger_kernel = bool(self.use_liger_kernel), False
         super().__post_init__()
 

@@ -52,6 +52,11 @@ def trained_folder(tmp_path_factory):
     shutil.copy(folder / "model.safetensors", folder / "checkpoint-5" / "model.safetensors")
     (folder / "training_args.bin").write_bytes(b"pickled")
     (folder / "optimizer.pt").write_bytes(b"pickled")
+    # what a user keeps beside a model, none of it for the Hub; links could point anywhere
+    for name in ("token.txt", "secrets.json", ".credentials.json", "notes.md", "helper.py", "train.log"):
+        (folder / name).write_text('{"token": "hf_secret"}')
+    os.symlink("/etc/passwd", folder / "passwd.json")
+    os.symlink(folder / "vqa_eval.json", folder / "linked_eval.json")
     return dict(root=root, folder=str(folder), model=model.eval(), processor=processor, scores=scores)
 
 
@@ -64,6 +69,8 @@ def dry_run(trained_folder):
 
 
 def test_dry_run_writes_exactly_the_model_files(trained_folder, dry_run):
+    """An allow-list: the model, processor and code files, the run's record and evaluations; never notes, secrets,
+    logs, dotfiles, pickles, sub-folders or links."""
     staged = sorted(os.listdir(dry_run))
     assert staged == sorted([
         "README.md", "chat_template.jinja", "config.json", "configuration_mmphi.py", "generation_config.json",

@@ -33,6 +33,7 @@ class RecordingApi:
 def recorded(monkeypatch):
     RecordingApi.uploads = []
     monkeypatch.setattr(hub, "HfApi", RecordingApi)
+    monkeypatch.setenv("HF_TOKEN", "")  # a stage given --hub_token sets it: undone after the test
     return RecordingApi.uploads
 
 
@@ -56,13 +57,15 @@ def test_projector_pushes_its_model_folder_with_the_runs_numbers_and_no_cached_f
         "--output_dir", str(out), "--max_steps", "2", "--per_device_train_batch_size", "4",
         "--gradient_accumulation_steps", "1", "--optim", "adamw_torch", "--save_strategy", "steps", "--save_steps",
         "1", "--logging_steps", "1", "--cache_vision_features", "--push_to_hub", "--hub_model_id",
-        "someone/mmphi-projector", "--hub_private_repo", "true"])
+        "someone/mmphi-projector", "--hub_private_repo", "true", "--hub_token", "hf_not_in_any_file"])
     (repo_id, files, kwargs), = recorded  # exactly one push, at the end
     assert repo_id == "someone/mmphi-projector"
     assert {"model.safetensors", "config.json", "processor_config.json", "modeling_mmphi.py", "run_info.json",
             "trainer_state.json", "README.md"} <= set(files)
     assert not any("checkpoint" in name or "vision_features" in name for name in files)
     assert (out / "checkpoint-1").is_dir()  # saved locally, not pushed
+    pickled = [path for path in out.rglob("*") if path.is_file() and b"hf_not_in_any_file" in path.read_bytes()]
+    assert pickled == []  # the token reaches the push (HF_TOKEN), never training_args.bin
 
     card = card_of(files)
     state = json.loads(files["trainer_state.json"])
