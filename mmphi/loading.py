@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
+import tempfile
 
 import torch
 
@@ -136,6 +138,22 @@ def nf4_roundtrip_(model, skip_prefixes, quantized_from: torch.dtype | None = No
     return count
 
 
+def write_folder_atomically(output_dir: str, write) -> None:
+    """`write(folder)` into a temporary folder beside `output_dir`, renamed to it once complete: a run killed midway
+    (weights written, processor not yet) leaves no folder that looks finished, only the temporary one removed."""
+    parent = os.path.dirname(os.path.abspath(output_dir))
+    os.makedirs(parent, exist_ok=True)
+    partial = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.normpath(output_dir))}.partial-", dir=parent)
+    try:
+        write(partial)
+        if os.path.isdir(output_dir):
+            shutil.rmtree(output_dir)  # the folder this run replaces
+        os.replace(partial, output_dir)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+
+
 def merge_lora(model_name_or_path: str, adapter: str, output_dir: str | None = None,
                dtype: torch.dtype = torch.float32, merge_into: str = "dequantized", base_quantization: str = "4bit",
                quantized_from: torch.dtype | None = None):
@@ -167,6 +185,7 @@ def merge_lora(model_name_or_path: str, adapter: str, output_dir: str | None = N
         from mmphi.build import save_mmphi
         from processing_mmphi import MMPhiProcessor  # this repo's class: the folder gets this repo's code files
 
-        save_mmphi(merged, MMPhiProcessor.from_pretrained(processor_folder(adapter, model_name_or_path)), output_dir)
+        processor = MMPhiProcessor.from_pretrained(processor_folder(adapter, model_name_or_path))
+        write_folder_atomically(output_dir, lambda folder: save_mmphi(merged, processor, folder))
         logger.info("merged %s + %s into %s", model_name_or_path, adapter, output_dir)
     return merged

@@ -17,6 +17,7 @@ import json
 import logging
 import math
 import os
+import re
 import sys
 import time
 from collections.abc import Callable
@@ -26,7 +27,6 @@ import datasets
 import torch
 import transformers
 from transformers import TrainerCallback, TrainingArguments
-from transformers.trainer_utils import get_last_checkpoint
 from trl import TrlParser
 
 from mmphi.build import enable_kv_cache
@@ -152,14 +152,30 @@ def parse_stage_args(dataclass_types: tuple, argv: list[str] | None = None):
 
 
 def resolve_resume(training_args) -> str | bool | None:
-    """`--resume_from_checkpoint latest` (or `true`) means the newest checkpoint in output_dir."""
+    """`--resume_from_checkpoint latest` (or `true`) means the newest complete checkpoint in output_dir."""
     value = training_args.resume_from_checkpoint
     if isinstance(value, str) and value.lower() in ("latest", "last", "true"):
-        last = get_last_checkpoint(training_args.output_dir) if os.path.isdir(training_args.output_dir) else None
+        last = latest_complete_checkpoint(training_args.output_dir)
         if last is None:
-            raise FileNotFoundError(f"--resume_from_checkpoint {value}: no checkpoint in {training_args.output_dir}")
+            raise FileNotFoundError(f"--resume_from_checkpoint {value}: no complete checkpoint in "
+                                    f"{training_args.output_dir}")
         return last
     return value
+
+
+def latest_complete_checkpoint(output_dir: str) -> str | None:
+    """The newest `checkpoint-N` holding `trainer_state.json`, which the Trainer writes after the weights and the
+    optimizer: a save cut short (a full disk, a kill) lacks it, and is skipped with a warning naming it."""
+    if not os.path.isdir(output_dir):
+        return None
+    steps = sorted(int(match.group(1)) for name in os.listdir(output_dir)
+                   if (match := re.fullmatch(r"checkpoint-(\d+)", name)))
+    for step in reversed(steps):
+        path = os.path.join(output_dir, f"checkpoint-{step}")
+        if os.path.isfile(os.path.join(path, "trainer_state.json")):
+            return path
+        logger.warning("%s is incomplete (no trainer_state.json): not resumed from", path)
+    return None
 
 
 def train_and_evaluate(stage: BuiltStage, resume_from_checkpoint=None) -> dict:

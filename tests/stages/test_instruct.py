@@ -22,6 +22,7 @@ from mmphi.stages.instruct import (
     parse_args,
     trainable_parameter_names,
 )
+from modeling_mmphi import MMPhiForCausalLM
 from processing_mmphi import MMPhiProcessor
 
 bnb = pytest.importorskip("bitsandbytes")
@@ -90,6 +91,29 @@ def test_4bit_lora_trains_only_adapters_and_projector(tiny_folder, tmp_path):
     assert all("language_model" in n for n in lora)
     wrapped = [n for n, m in peft_model.named_modules() if hasattr(m, "lora_A")]
     assert not [n for n in wrapped if "vision_tower" in n]  # CLIP's own q_proj/k_proj/v_proj/fc1/fc2 stay plain
+
+
+def test_a_merge_cut_short_leaves_no_folder_that_looks_finished(tiny_folder, tmp_path, monkeypatch):
+    """The merged folder is written beside its name and renamed when complete: a failure after the weights (here:
+    the processor's save) leaves neither `merged/` nor the temporary folder; a whole run writes it."""
+    from peft import get_peft_model
+
+    from mmphi.loading import merge_lora
+
+    base = MMPhiForCausalLM.from_pretrained(str(tiny_folder))
+    get_peft_model(base, lora_config(ModelArguments(str(tiny_folder), lora_r=4))).save_pretrained(tmp_path / "lora")
+    merged = tmp_path / "merged"
+
+    def disk_full(self, *args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(MMPhiProcessor, "save_pretrained", disk_full)
+        with pytest.raises(OSError, match="No space left"):
+            merge_lora(str(tiny_folder), str(tmp_path / "lora"), str(merged), base_quantization="none")
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["lora"]
+    merge_lora(str(tiny_folder), str(tmp_path / "lora"), str(merged), base_quantization="none")
+    assert {"model.safetensors", "config.json", "processor_config.json"} <= {p.name for p in merged.iterdir()}
 
 
 def test_model_flags_are_trls_model_config_with_qlora_defaults(tmp_path):

@@ -155,9 +155,26 @@ def test_resume_reproduces_the_uninterrupted_losses(full_run, workdir):
 
 
 def test_resume_latest_needs_a_checkpoint(workdir):
-    with pytest.raises(FileNotFoundError, match="no checkpoint in"):
+    with pytest.raises(FileNotFoundError, match="no complete checkpoint in"):
         main(run_args(workdir["corpus"], workdir["root"] / "empty", workdir["cache"], "--max_steps", "1",
                       "--resume_from_checkpoint", "latest"))
+
+
+def test_resume_latest_skips_a_checkpoint_whose_save_was_cut_short(tmp_path, caplog):
+    """A save cut short (a full disk, a kill) leaves a checkpoint without trainer_state.json, which the Trainer
+    writes last: `latest` takes the newest complete one and names the one it skips."""
+    from types import SimpleNamespace
+
+    from mmphi.training import resolve_resume
+
+    for step in (2, 10):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        (tmp_path / f"checkpoint-{step}" / "model.safetensors").write_bytes(b"weights")
+    (tmp_path / "checkpoint-2" / "trainer_state.json").write_text("{}")
+    args = SimpleNamespace(resume_from_checkpoint="latest", output_dir=str(tmp_path))
+    with caplog.at_level("WARNING", logger="mmphi.training"):
+        assert resolve_resume(args) == str(tmp_path / "checkpoint-2")
+    assert f"{tmp_path / 'checkpoint-10'} is incomplete" in caplog.text
 
 
 # ------------------------------------------------------------------------------------------------- bad input
