@@ -383,12 +383,27 @@ class MMPhiTrainerMixin(FSDPOnCPUMixin):
 def length_grouped_sampler(lengths, args):
     """Length-grouped order that is the same on every process and for every process count: groups are sized by the
     global batch (per-device batch x processes x accumulation) and shuffled by a generator seeded from
-    `data_seed`/`seed`. Accelerate then deals the batches of this one order out to the processes."""
+    `data_seed`/`seed` plus the epoch. Accelerate then deals the batches of this one order out to the processes."""
     from transformers.trainer_pt_utils import LengthGroupedSampler
 
+    class EpochSeededLengthGroupedSampler(LengthGroupedSampler):
+        """Each epoch's order from seed + epoch (the Trainer calls `set_epoch`): a run resumed in a later epoch
+        draws that epoch's order, not the continuation of a generator that the interrupted run had advanced."""
+
+        def __init__(self, batch_size: int, lengths: list[int], seed: int):
+            super().__init__(batch_size, lengths=lengths, generator=torch.Generator())
+            self.seed, self.epoch = seed, 0
+
+        def set_epoch(self, epoch: int) -> None:
+            self.epoch = epoch
+
+        def __iter__(self):
+            self.generator.manual_seed(self.seed + self.epoch)
+            return super().__iter__()
+
     global_batch = args.per_device_train_batch_size * max(1, args.world_size) * args.gradient_accumulation_steps
-    generator = torch.Generator().manual_seed(args.data_seed if args.data_seed is not None else args.seed)
-    return LengthGroupedSampler(global_batch, lengths=list(lengths), generator=generator)
+    seed = args.data_seed if args.data_seed is not None else args.seed
+    return EpochSeededLengthGroupedSampler(global_batch, list(lengths), seed)
 
 
 RUN_INFO = "run_info.json"

@@ -358,6 +358,24 @@ def test_length_grouped_order_depends_on_the_seed_and_global_batch_not_the_proce
     assert order(8, 1, 4) != one_process  # another global batch groups differently
 
 
+def test_length_grouped_order_of_an_epoch_is_the_same_when_resumed_there():
+    """The order of epoch N comes from seed + N: a run resumed in epoch 1 draws what the uninterrupted run drew."""
+    from types import SimpleNamespace
+
+    lengths = [random.Random(3).randint(10, 300) for _ in range(500)]
+    args = SimpleNamespace(per_device_train_batch_size=4, world_size=1, gradient_accumulation_steps=1, seed=5,
+                           data_seed=None)
+    uninterrupted = training.length_grouped_sampler(lengths, args)
+    epoch_0 = list(uninterrupted)
+    uninterrupted.set_epoch(1)
+    epoch_1 = list(uninterrupted)
+    resumed = training.length_grouped_sampler(lengths, args)
+    resumed.set_epoch(1)
+    assert list(resumed) == epoch_1 != epoch_0
+    resumed.set_epoch(0)
+    assert list(resumed) == epoch_0
+
+
 # --- splits ------------------------------------------------------------------------------------------------------
 
 
