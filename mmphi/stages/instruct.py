@@ -105,6 +105,21 @@ class ModelArguments(ModelConfig):
         if not self.use_peft and self.merge:  # else output_dir/merged, which a script may read, never appears
             raise ValueError("--merge folds a LoRA adapter into its base; with --use_peft false, output_dir already "
                              "holds the full model: drop --merge")
+        self.refuse_what_the_base_cannot_reproduce()
+
+    def refuse_what_the_base_cannot_reproduce(self) -> None:
+        """The merge (into the NF4-dequantized weights) and the unmerged adapter's loading (chat, evaluation,
+        `mmphi.loading.bnb_config`) rebuild the base as nf4 with double quantization from the folder as given: an
+        adapter trained on another 4-bit base or on another revision would be merged into weights it never saw."""
+        other_4bit = self.bnb_4bit_quant_type != "nf4" or not self.use_bnb_nested_quant or self.bnb_4bit_quant_storage
+        if self.load_in_4bit and other_4bit:
+            raise ValueError("--bnb_4bit_quant_type / --use_bnb_nested_quant / --bnb_4bit_quant_storage: the merge "
+                             "and the adapter's loading rebuild the base as nf4 with double quantization; keep those "
+                             "(or --load_in_4bit false)")
+        if self.model_revision != "main":
+            raise ValueError(f"--model_revision {self.model_revision}: download that revision (`hf download "
+                             f"{self.model_name_or_path} --revision {self.model_revision} --local-dir DIR`) and pass "
+                             "DIR as --model_name_or_path, so the merge and the card read the same base")
 
     @property
     def quantization(self) -> str:

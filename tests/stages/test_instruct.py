@@ -130,6 +130,11 @@ def test_model_flags_are_trls_model_config_with_qlora_defaults(tmp_path):
     model_args, _, _ = parse_args([*base, "--load_in_8bit", "true", "--lora_target_modules", "fc1"])
     assert model_args.quantization == "8bit"
     assert lora_config(model_args).target_modules == r"model\.language_model\..*\.(fc1)"
+    # the merge and the adapter's loading rebuild nf4 + double quantization from the folder as given
+    for flags in (["--bnb_4bit_quant_type", "fp4"], ["--use_bnb_nested_quant", "false"], ["--model_revision", "v2"]):
+        with pytest.raises(ValueError, match=flags[0]):
+            parse_args([*base, *flags])
+    assert parse_args([*base, "--load_in_4bit", "false", "--use_bnb_nested_quant", "false"])[0].quantization == "none"
 
 
 def test_without_peft_trains_language_model_and_projector_not_tower(tiny_folder, tmp_path):
