@@ -36,19 +36,9 @@ from collections.abc import Iterable
 
 from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
 
+from mmphi.loading import CODE_FILES, is_model_file
+
 logger = logging.getLogger(__name__)
-CODE_FILES = ("configuration_mmphi.py", "modeling_mmphi.py", "processing_mmphi.py", "speech_mmphi.py")
-# What a model repo holds, by name: weights, configs, processor / tokenizer files, our code, the run's record and
-# loss curve. Anything else in the folder (notes, tokens, logs, helper scripts, dotfiles) stays local; so do links.
-UPLOAD_ALLOWED = (
-    "config.json", "generation_config.json", "model.safetensors", "model-*-of-*.safetensors",
-    "model.safetensors.index.json", "adapter_config.json", "adapter_model.safetensors",
-    "processor_config.json", "preprocessor_config.json", "chat_template.jinja", "chat_template.json",
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.json",
-    "merges.txt", "tokenizer.model", *CODE_FILES,
-    "run_info.json", "trainer_state.json", "all_results.json", "train_results.json", "eval_results.json",
-    "training_summary.json", "loss_curve.png",
-)
 EVALUATE_TASKS = ("vqa", "caption", "pope", "perplexity")
 TRAINING_SUMMARY = "training_summary.json"
 RUN_INFO = "run_info.json"  # written by every stage (mmphi.training.describe_run)
@@ -113,8 +103,9 @@ def check_model_folder(model_dir: str) -> dict:
 
 
 def select_files(model_dir: str, evaluation_files: Iterable[str] = ()) -> tuple[list[str], list[str]]:
-    """(files to upload, files left out): the top-level files `UPLOAD_ALLOWED` names, plus the folder's evaluation
-    outputs; sub-folders and links (which could point anywhere) are left out."""
+    """(files to upload, files left out): the model folder's own files (`mmphi.loading.MODEL_FOLDER_FILES`), plus its
+    evaluation outputs; anything else (notes, tokens, logs, helper scripts, dotfiles), sub-folders and links (which
+    could point anywhere) stay local."""
     chosen, left_out = [], []
     evaluations = set(evaluation_files)
     for name in sorted(os.listdir(model_dir)):
@@ -123,7 +114,7 @@ def select_files(model_dir: str, evaluation_files: Iterable[str] = ()) -> tuple[
             left_out.append(name + " (a link)")
         elif os.path.isdir(path):
             left_out.append(name + "/")
-        elif name in evaluations or any(fnmatch.fnmatch(name, pattern) for pattern in UPLOAD_ALLOWED):
+        elif name in evaluations or is_model_file(name):
             chosen.append(name)
         else:
             left_out.append(name)

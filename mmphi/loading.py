@@ -3,6 +3,7 @@ on top of its base (unmerged, as LLaVA's `--model-base`), and merging an adapter
 
 from __future__ import annotations
 
+import fnmatch
 import logging
 import os
 import shutil
@@ -14,6 +15,22 @@ logger = logging.getLogger(__name__)
 
 QUANTIZATION_CHOICES = ("4bit", "8bit", "none")
 PROCESSOR_FILE = "processor_config.json"
+CODE_FILES = ("configuration_mmphi.py", "modeling_mmphi.py", "processing_mmphi.py", "speech_mmphi.py")
+# What a model folder holds, by name: weights, configs, processor / tokenizer files, our code, the run's record and
+# loss curve (what is pushed, and what a folder this project writes may replace).
+MODEL_FOLDER_FILES = (
+    "config.json", "generation_config.json", "model.safetensors", "model-*-of-*.safetensors",
+    "model.safetensors.index.json", "adapter_config.json", "adapter_model.safetensors",
+    "processor_config.json", "preprocessor_config.json", "chat_template.jinja", "chat_template.json",
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.json",
+    "merges.txt", "tokenizer.model", *CODE_FILES,
+    "run_info.json", "trainer_state.json", "all_results.json", "train_results.json", "eval_results.json",
+    "training_summary.json", "loss_curve.png",
+)
+
+
+def is_model_file(name: str) -> bool:
+    return any(fnmatch.fnmatch(name, pattern) for pattern in MODEL_FOLDER_FILES)
 
 
 def pick_device(device: str | None = None) -> str:
@@ -138,9 +155,24 @@ def nf4_roundtrip_(model, skip_prefixes, quantized_from: torch.dtype | None = No
     return count
 
 
+def check_replaceable(output_dir: str) -> None:
+    """A folder this project may replace: absent, or holding nothing but model files (an earlier run's). Anything
+    else in it (notes, data, sub-folders) is the user's: an error, which callers raise before their work."""
+    if not os.path.isdir(output_dir):
+        return
+    foreign = sorted(name + "/" if os.path.isdir(os.path.join(output_dir, name)) else name
+                     for name in os.listdir(output_dir)
+                     if os.path.isdir(os.path.join(output_dir, name)) or not is_model_file(name))
+    if foreign:
+        raise FileExistsError(f"{output_dir} exists and holds more than a model ({', '.join(foreign[:5])}): choose "
+                              "another output folder, or empty this one")
+
+
 def write_folder_atomically(output_dir: str, write) -> None:
     """`write(folder)` into a temporary folder beside `output_dir`, renamed to it once complete: a run killed midway
-    (weights written, processor not yet) leaves no folder that looks finished, only the temporary one removed."""
+    (weights written, processor not yet) leaves no folder that looks finished, only the temporary one removed. An
+    existing `output_dir` is replaced only when `check_replaceable` allows it."""
+    check_replaceable(output_dir)
     parent = os.path.dirname(os.path.abspath(output_dir))
     os.makedirs(parent, exist_ok=True)
     partial = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.normpath(output_dir))}.partial-", dir=parent)
@@ -170,6 +202,8 @@ def merge_lora(model_name_or_path: str, adapter: str, output_dir: str | None = N
 
     if merge_into not in MERGE_TARGETS:
         raise ValueError(f"merge_into must be one of {MERGE_TARGETS}, got {merge_into!r}")
+    if output_dir is not None:
+        check_replaceable(output_dir)  # before minutes of loading and merging at real size
     if not os.path.exists(os.path.join(adapter, "adapter_config.json")):
         raise FileNotFoundError(f"{adapter}: no adapter_config.json (is it an instruct LoRA output?)")
     base = MMPhiForCausalLM.from_pretrained(model_name_or_path, dtype=dtype)

@@ -37,7 +37,7 @@ from transformers import Trainer, set_seed
 from trl import ModelConfig, SFTConfig, SFTTrainer, get_peft_config, get_quantization_config
 
 from mmphi.data import build_datasets, load_train_eval, validate_data
-from mmphi.loading import MERGE_TARGETS, merge_lora, training_dtype
+from mmphi.loading import MERGE_TARGETS, check_replaceable, merge_lora, training_dtype
 from mmphi.stages.arguments import MultimodalDataArguments
 from mmphi.training import (
     BuiltStage,
@@ -227,6 +227,8 @@ class InstructTrainer(MMPhiTrainerMixin, SFTTrainer):
 def build_trainer(model_args: ModelArguments, data_args: DataArguments, args: InstructSFTConfig) -> BuiltStage:
     """The SFTTrainer with its data (the same dataset and collator as the projector stage's) and model."""
     set_seed(args.seed)
+    if model_args.merge:  # before hours of training: the merge replaces that folder at the end
+        check_replaceable(merged_output_dir(model_args, args))
     processor = MMPhiProcessor.from_pretrained(model_args.model_name_or_path, trust_remote_code=True)
     train_records, eval_records, report = load_train_eval(data_args, args.seed)
     model = apply_speed_options(load_model(model_args, args), args)
@@ -254,12 +256,16 @@ def build_trainer(model_args: ModelArguments, data_args: DataArguments, args: In
                       trainable, data_metrics=lambda: encoded_data_metrics(collator, train), run_info={"lora": lora})
 
 
+def merged_output_dir(model_args: ModelArguments, args) -> str:
+    return model_args.merged_output_dir or os.path.join(args.output_dir, "merged")
+
+
 def merge_after_training(stage: BuiltStage, model_args: ModelArguments, args, metrics: dict, run_info: dict) -> str:
     """With `--merge`: base + adapter as one full MM-Phi folder (default `<output_dir>/merged`), with the run's
     record; returns the folder to push (the merged one when there is one)."""
     if not model_args.merge:
         return args.output_dir
-    merged_dir = model_args.merged_output_dir or os.path.join(args.output_dir, "merged")
+    merged_dir = merged_output_dir(model_args, args)
     merge_lora(model_args.model_name_or_path, args.output_dir, merged_dir, merge_into=model_args.merge_into,
                base_quantization=model_args.quantization, quantized_from=frozen_dtype(model_args, args))
     metrics["merged_output_dir"] = merged_dir

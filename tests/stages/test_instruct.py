@@ -114,6 +114,11 @@ def test_a_merge_cut_short_leaves_no_folder_that_looks_finished(tiny_folder, tmp
     assert sorted(path.name for path in tmp_path.iterdir()) == ["lora"]
     merge_lora(str(tiny_folder), str(tmp_path / "lora"), str(merged), base_quantization="none")
     assert {"model.safetensors", "config.json", "processor_config.json"} <= {p.name for p in merged.iterdir()}
+    merge_lora(str(tiny_folder), str(tmp_path / "lora"), str(merged), base_quantization="none")  # replaces its own
+    (merged / "notes.txt").write_text("mine")  # a folder that holds more than a model is the user's
+    with pytest.raises(FileExistsError, match=r"holds more than a model \(notes.txt\)"):
+        merge_lora(str(tiny_folder), str(tmp_path / "lora"), str(merged), base_quantization="none")
+    assert (merged / "notes.txt").read_text() == "mine" and (merged / "model.safetensors").is_file()
 
 
 def test_model_flags_are_trls_model_config_with_qlora_defaults(tmp_path):
