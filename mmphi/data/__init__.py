@@ -35,7 +35,6 @@ from mmphi.data.formats import (
     load_train_eval,
     read_source,
     register_format,
-    training_sources,
     validate_data,
     validate_source,
 )
@@ -49,7 +48,7 @@ __all__ = [
     "padding_fraction", "VisionFeatureStore", "cache_vision_features", "FORMATS", "DataSource", "DatasetFormat",
     "ReadOptions", "caption_conversations", "detect_format", "load_train_eval", "register_format", "validate_data",
     "check_image_file", "check_images", "image_problems",
-    "load_image", "embedded_image_keys", "load_rows", "read_source", "training_sources", "validate_source",
+    "load_image", "embedded_image_keys", "load_rows", "read_source", "validate_source",
     "CAPTION_PROMPT", "CaptionedImage", "Conversation", "Turn", "captioned_images", "split_by_image", "SCAN_HINT",
     "BadRecordError", "SkipReport", "validation_exit",
 ]

@@ -438,19 +438,6 @@ def _trl_content(content, position: int) -> tuple[str, int]:
 # ---------------------------------------------------------------------------------------------------------- splits
 
 
-def training_sources(data_args) -> list[tuple[DataSource, str | None]]:
-    """[(training source, its image folder), (held-out source, its image folder)?] from the data flags (the clip
-    stage's have no held-out flags: its held-out images are split off the training source)."""
-    sources = [(data_args.source, data_args.image_folder)]
-    if getattr(data_args, "validation_split", None) is not None:
-        held_out = DataSource(name=data_args.dataset_name, config=data_args.dataset_config_name,
-                              split=data_args.validation_split)
-        sources.append((held_out, data_args.image_folder))
-    if getattr(data_args, "eval_data_path", None):
-        sources.append((DataSource(path=data_args.eval_data_path), data_args.eval_image_folder))
-    return sources
-
-
 def load_train_eval(data_args, seed: int) -> tuple[list[Conversation], list[Conversation], SkipReport]:
     """(train, eval, skip report) from the stage's `MultimodalDataArguments`: a file or a dataset in any registered
     format, held out by image (`--val_fraction`, or a separate eval file / split sharing no image with it)."""
@@ -460,7 +447,7 @@ def load_train_eval(data_args, seed: int) -> tuple[list[Conversation], list[Conv
         return read_source(source, folder, data_args.skip_bad_records, report, data_format=data_args.data_format,
                            caption_prompt=getattr(data_args, "caption_prompt", CAPTION_PROMPT))
 
-    (train_source, train_folder), *held_out = training_sources(data_args)
+    (train_source, train_folder), *held_out = data_args.sources()
     records = read(train_source, train_folder)
     if held_out:
         eval_source, eval_folder = held_out[0]
@@ -482,12 +469,11 @@ def load_train_eval(data_args, seed: int) -> tuple[list[Conversation], list[Conv
 
 
 def validate_data(data_args) -> int:
-    """The stages' `--validate_data`: scan every training and held-out source, print each result; exit status 0 when
-    all are clean."""
-    data_format = getattr(data_args, "data_format", None)  # the clip stage's flags have none
+    """The stages' `--validate_data`: scan every training and held-out source (`data_args.sources()`), print each
+    result; exit status 0 when all are clean."""
     status = 0
-    for source, folder in training_sources(data_args):
-        status |= validation_exit(source.label, *validate_source(source, folder, data_format))
+    for source, folder in data_args.sources():
+        status |= validation_exit(source.label, *validate_source(source, folder, data_args.data_format))
     return status
 
 

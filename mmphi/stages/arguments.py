@@ -1,7 +1,7 @@
 """The data flags the stages share: where the training data comes from (`DataSourceArguments`, every stage that
 reads registered formats) and the held-out data, skips, scan and feature cache of projector and instruct
-(`MultimodalDataArguments`). `mmphi.data.formats` reads any object with these attributes, so the data package needs
-nothing from here."""
+(`MultimodalDataArguments`), and the sources they name (`sources()`). `mmphi.data.formats` reads any object with
+these attributes and that method, so the data package needs nothing from here."""
 
 from __future__ import annotations
 
@@ -24,9 +24,17 @@ class DataSourceArguments:
         "help": "instead of --data_path: a hub dataset id or a local dataset folder, read with datasets.load_dataset"})
     dataset_config_name: str | None = field(default=None, metadata={"help": "the dataset's configuration"})
     train_split: str = field(default="train", metadata={"help": "the --dataset_name split to train on"})
+    data_format: str | None = field(
+        default=None, metadata={"help": "the format's registered name (default: recognised from the columns)"}
+    )
 
     def __post_init__(self):
         self.source  # noqa: B018 (DataSource refuses both or neither of --data_path and --dataset_name)
+
+    def sources(self) -> list[tuple[DataSource, str | None]]:
+        """[(source, its image folder)] to read and to scan (`--validate_data`): here the training data alone, whose
+        held-out images are split off it."""
+        return [(self.source, self.image_folder)]
 
     @property
     def source(self) -> DataSource:
@@ -42,9 +50,6 @@ class MultimodalDataArguments(DataSourceArguments):
 
     validation_split: str | None = field(default=None, metadata={
         "help": "the --dataset_name split to evaluate on (default: --val_fraction of the training images)"})
-    data_format: str | None = field(
-        default=None, metadata={"help": "the format's registered name (default: recognised from the columns)"}
-    )
     eval_data_path: str | None = field(
         default=None, metadata={"help": "held-out data file; without it --val_fraction of the images"}
     )
@@ -74,3 +79,14 @@ class MultimodalDataArguments(DataSourceArguments):
         super().__post_init__()
         if self.validation_split is not None and self.dataset_name is None:
             raise ValueError("--validation_split goes with --dataset_name; a file's held-out data is --eval_data_path")
+
+    def sources(self) -> list[tuple[DataSource, str | None]]:
+        """[(training source, its image folder), (held-out source, its image folder)?]: the held-out data is a
+        dataset split (`--validation_split`) or a file (`--eval_data_path`), else split off the training data."""
+        sources = super().sources()
+        if self.validation_split is not None:
+            held_out = DataSource(name=self.dataset_name, config=self.dataset_config_name, split=self.validation_split)
+            sources.append((held_out, self.image_folder))
+        if self.eval_data_path:
+            sources.append((DataSource(path=self.eval_data_path), self.eval_image_folder))
+        return sources

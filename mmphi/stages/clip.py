@@ -189,7 +189,8 @@ def build_trainer(model_args: ModelArguments, data_args: DataArguments, training
     image_processor = processor.image_processor
     report = SkipReport()
     source = data_args.source
-    captions = read_source(source, data_args.image_folder, data_args.skip_bad_records, report)
+    captions = read_source(source, data_args.image_folder, data_args.skip_bad_records, report,
+                           data_format=data_args.data_format)
     train_images, eval_images = split_by_image(captioned_images(captions), data_args.val_fraction, training_args.seed)
     if len(train_images) < 2:
         raise ValueError(f"{source.label}: {len(train_images)} training image(s); the contrastive loss needs "
