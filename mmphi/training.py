@@ -27,6 +27,7 @@ import datasets
 import torch
 import transformers
 from transformers import TrainerCallback, TrainingArguments
+from transformers.trainer_pt_utils import LengthGroupedSampler
 from trl import TrlParser
 
 from mmphi.build import enable_kv_cache
@@ -103,7 +104,8 @@ class StageOptions:
         if self.logging_nan_inf_filter is None:  # the filter would log an overflowed fp16 step as a finite loss
             self.logging_nan_inf_filter = not self.fp16
         self.push_final_to_hub, self.push_to_hub = bool(self.push_to_hub), False
-        if self.hub_token:  # the Trainer pickles its arguments into every checkpoint (training_args.bin)
+        # the Trainer pickles its arguments into every checkpoint (training_args.bin): the push reads HF_TOKEN instead
+        if self.hub_token:
             os.environ["HF_TOKEN"], self.hub_token = self.hub_token, None
         self.fused_kernels, self.use_liger_kernel = bool(self.use_liger_kernel), False
         super().__post_init__()
@@ -380,27 +382,26 @@ class MMPhiTrainerMixin(FSDPOnCPUMixin):
             self.data_collator.evaluating = False
 
 
-def length_grouped_sampler(lengths, args):
+class EpochSeededLengthGroupedSampler(LengthGroupedSampler):
+    """Each epoch's order from seed + epoch (the Trainer calls `set_epoch`): a run resumed in a later epoch draws that
+    epoch's order, not the continuation of a generator that the interrupted run had advanced."""
+
+    def __init__(self, batch_size: int, lengths: list[int], seed: int):
+        super().__init__(batch_size, lengths=lengths, generator=torch.Generator())
+        self.seed, self.epoch = seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        self.generator.manual_seed(self.seed + self.epoch)
+        return super().__iter__()
+
+
+def length_grouped_sampler(lengths, args) -> EpochSeededLengthGroupedSampler:
     """Length-grouped order that is the same on every process and for every process count: groups are sized by the
     global batch (per-device batch x processes x accumulation) and shuffled by a generator seeded from
     `data_seed`/`seed` plus the epoch. Accelerate then deals the batches of this one order out to the processes."""
-    from transformers.trainer_pt_utils import LengthGroupedSampler
-
-    class EpochSeededLengthGroupedSampler(LengthGroupedSampler):
-        """Each epoch's order from seed + epoch (the Trainer calls `set_epoch`): a run resumed in a later epoch
-        draws that epoch's order, not the continuation of a generator that the interrupted run had advanced."""
-
-        def __init__(self, batch_size: int, lengths: list[int], seed: int):
-            super().__init__(batch_size, lengths=lengths, generator=torch.Generator())
-            self.seed, self.epoch = seed, 0
-
-        def set_epoch(self, epoch: int) -> None:
-            self.epoch = epoch
-
-        def __iter__(self):
-            self.generator.manual_seed(self.seed + self.epoch)
-            return super().__iter__()
-
     global_batch = args.per_device_train_batch_size * max(1, args.world_size) * args.gradient_accumulation_steps
     seed = args.data_seed if args.data_seed is not None else args.seed
     return EpochSeededLengthGroupedSampler(global_batch, list(lengths), seed)
@@ -460,7 +461,6 @@ def push_final(training_args, folder: str) -> str | None:
     repo_id = training_args.hub_model_id or os.path.basename(os.path.normpath(training_args.output_dir))
     argv = ["--model", folder, "--repo_id", repo_id, "--commit_message", f"Upload {os.path.basename(folder)}"]
     argv += ["--private"] if training_args.hub_private_repo else []
-    argv += ["--token", training_args.hub_token] if training_args.hub_token else []
     hub.push(hub.parse_args(argv))
     return repo_id
 
