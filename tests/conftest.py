@@ -1,6 +1,8 @@
 """Offline, CPU-only test harness: hub calls fail fast (`mmphi` and the model files come from the editable install)."""
 
 import os
+import subprocess
+import sys
 import tempfile
 
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -46,3 +48,29 @@ def draw_shape():
         return str(path)
 
     return draw
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    """The tiny random-init MM-Phi, saved as a complete folder."""
+    from mmphi.build import build_tiny, save_mmphi
+
+    model, processor = build_tiny(seed=0)
+    folder = tmp_path_factory.mktemp("tiny") / "mmphi"
+    save_mmphi(model, processor, str(folder))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def multimodal(tmp_path_factory):
+    """Synthetic COCO/LLaVA-format data and the tiny random-init MM-Phi folder, made by the command lines (the
+    two-process tests)."""
+    from launching import REPO_ROOT, SCRIPTS
+
+    root = tmp_path_factory.mktemp("multimodal")
+    data, model = root / "data", root / "mmphi-tiny"
+    for script, args in (("make_synthetic_data.py", ["--output_dir", str(data), "--num_images", "40"]),
+                         ("build_model.py", ["--preset", "tiny", "--output_dir", str(model)])):
+        subprocess.run([sys.executable, os.path.join(SCRIPTS, script), *args], check=True, cwd=REPO_ROOT,
+                       capture_output=True, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    return {"data": data, "model": str(model)}

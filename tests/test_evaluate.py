@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from mmphi.build import build_tiny, save_mmphi
 from mmphi.data import BadRecordError
 from mmphi.data.synthetic import generate
 from mmphi.evaluation import infer_question_type, main, perplexity_windows
@@ -192,14 +191,6 @@ def test_perplexity_windows_score_every_token_once(n, max_length, stride):
 
 
 # --- evaluate.py end to end --------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory):
-    model, processor = build_tiny(seed=0)
-    folder = tmp_path_factory.mktemp("tiny") / "mmphi"
-    save_mmphi(model, processor, str(folder))
-    return folder
 
 
 @pytest.fixture(scope="module")

@@ -12,18 +12,17 @@ import os
 
 import pytest
 import torch
-from safetensors.torch import load_file
-from test_multiprocess import (  # noqa: F401  (multimodal: the fixture)
+from launching import (
     COMMON_TRAINER_FLAGS,
     SCRIPTS,
     TOKENIZER,
     assert_same_training,
     launch_two_processes,
     log_history,
-    multimodal,
     run_both,
     write_corpus,
 )
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoProcessor
 
 from modeling_mmphi import AUTO_MAP
@@ -86,7 +85,7 @@ def test_pretrain_fsdp_matches_one_process_and_resumes_from_its_sharded_checkpoi
     AutoModelForCausalLM.from_pretrained(multi)
 
 
-def test_projector_fsdp_ends_in_a_complete_mmphi_folder(tmp_path, multimodal):  # noqa: F811
+def test_projector_fsdp_ends_in_a_complete_mmphi_folder(tmp_path, multimodal):
     data = multimodal["data"]
     output = tmp_path / "projector"
     launch_two_processes("projector.py", [
@@ -109,7 +108,7 @@ def test_projector_fsdp_ends_in_a_complete_mmphi_folder(tmp_path, multimodal):  
     assert changed and all(name.startswith("model.multi_modal_projector.") for name in changed), changed
 
 
-def test_instruct_full_fine_tuning_fsdp_with_text_only_batches(tmp_path, multimodal):  # noqa: F811
+def test_instruct_full_fine_tuning_fsdp_with_text_only_batches(tmp_path, multimodal):
     """No LoRA, no 4-bit: the whole model trains sharded. A fifth of the conversations have no image, so some steps
     give one process a batch without images: its vision tower does not run, which FSDP survives because the tower
     is not a shard unit of its own (fsdp_multimodal.yaml, cpu_fsdp.yaml)."""

@@ -9,7 +9,6 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from mmphi.build import build_tiny, save_mmphi
 from mmphi.data import BadRecordError, MMPhiDataCollator, encode_conversations, load_train_eval
 from mmphi.data.synthetic import generate
 from mmphi.stages.instruct import (
@@ -28,14 +27,6 @@ from processing_mmphi import MMPhiProcessor
 bnb = pytest.importorskip("bitsandbytes")
 
 MAX_LENGTH = 56  # below the longest two-turn samples (~67 tokens), above every first answer (~44)
-
-
-@pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory):
-    model, processor = build_tiny(seed=0)
-    folder = tmp_path_factory.mktemp("tiny") / "mmphi"
-    save_mmphi(model, processor, str(folder))
-    return folder
 
 
 @pytest.fixture(scope="module")
