@@ -202,17 +202,6 @@ def encode_train_eval(train: Sequence[Conversation], evaluation: Sequence[Conver
     return encoded_train, encoded_eval
 
 
-def refuse_cache_under_zero3() -> None:
-    """The feature cache runs the frozen tower before training; under DeepSpeed ZeRO-3 (`zero3_init_flag`) the
-    tower's weights are split across the processes by then, and each process holds empty placeholders."""
-    from transformers.integrations import is_deepspeed_zero3_enabled
-
-    if is_deepspeed_zero3_enabled():
-        raise ValueError("--cache_vision_features runs the frozen vision tower before training, but DeepSpeed ZeRO-3 "
-                         "has split its weights across the processes: pass --cache_vision_features false, or train "
-                         "this stage with DDP (scripts/configs/multi_gpu.yaml) or ZeRO-2 (deepspeed_zero2.yaml)")
-
-
 def build_datasets(model, processor, data_args, training_args, train_records: Sequence[Conversation],
                    eval_records: Sequence[Conversation], max_length: int | None):
     """(train, eval, collator) of projector and instruct: the tokenised samples and the collator that loads their
@@ -221,7 +210,6 @@ def build_datasets(model, processor, data_args, training_args, train_records: Se
     reused."""
     store = None
     if data_args.cache_vision_features:
-        refuse_cache_under_zero3()
         images = [c.image for c in [*train_records, *eval_records] if c.image is not None]
         start = time.perf_counter()
         store = cache_vision_features(model, processor, images, data_args.feature_cache_dir,

@@ -133,6 +133,15 @@ def _write_shard(tower_model, paths: list[str], directory: str, name: str, image
 
 
 @torch.no_grad()
+def refuse_a_split_tower(model) -> None:
+    """The cache runs (and fingerprints) the frozen tower before training. Under DeepSpeed ZeRO-3 (`zero3_init_flag`)
+    its weights are split across the processes by then: each holds empty placeholders, which would run as nothing."""
+    if any(param.numel() == 0 for param in model.model.vision_tower.parameters()):
+        raise ValueError("--cache_vision_features runs the frozen vision tower before training, but DeepSpeed ZeRO-3 "
+                         "has split its weights across the processes: pass --cache_vision_features false, or train "
+                         "this stage with DDP (scripts/configs/multi_gpu.yaml) or ZeRO-2 (deepspeed_zero2.yaml)")
+
+
 def cache_vision_features(model, processor, image_paths: Iterable[str], directory: str | None = None,
                           batch_size: int = 32, shard_size: int = 1024, device=None, num_workers: int = 0,
                           state=None) -> VisionFeatureStore:
@@ -147,6 +156,7 @@ def cache_vision_features(model, processor, image_paths: Iterable[str], director
     from tqdm.auto import tqdm
 
     state = state or PartialState()
+    refuse_a_split_tower(model)
     paths = sorted({os.path.abspath(p) for p in image_paths})
     fingerprint = tower_fingerprint(model, processor)
     directory = directory or default_cache_dir(fingerprint, paths)

@@ -174,10 +174,19 @@ def test_cached_features_with_a_trained_tower_is_an_error(setup, tmp_path):
 
 
 def test_cached_features_under_deepspeed_zero3_is_an_error_naming_the_fix(setup, tmp_path, monkeypatch):
-    """Under ZeRO-3 the tower's weights are split across the processes before the cache pass could run them."""
-    import transformers.integrations
+    """Under ZeRO-3 (`zero3_init_flag`) the tower's weights are split across the processes before the cache pass
+    could run them: each process holds empty placeholders, as faked here."""
+    from mmphi.stages import projector
 
-    monkeypatch.setattr(transformers.integrations, "is_deepspeed_zero3_enabled", lambda: True)
+    loaded = projector.load_model
+
+    def split_tower(*args, **kwargs):
+        model = loaded(*args, **kwargs)
+        for param in model.model.vision_tower.parameters():
+            param.data = torch.empty(0, dtype=param.dtype)
+        return model
+
+    monkeypatch.setattr(projector, "load_model", split_tower)
     root, data = setup
     with pytest.raises(ValueError, match="ZeRO-3 .* pass --cache_vision_features false"):
         build(root, data, tmp_path / "out", "--cache_vision_features")
