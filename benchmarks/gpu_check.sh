@@ -21,11 +21,11 @@
 # the projector stage on the tiny random MM-Phi and synthetic data (recipes/smoke/projector.yaml, bf16) through
 # `accelerate launch --config_file scripts/configs/deepspeed_<zero>.yaml`, one process per GPU (with one GPU the
 # ZeRO-3 partitions span a world of one, yet the engine, the 16-bit gather and the final save all run); then the final
-# folder must load with AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True), hold no empty tensor and
-# carry a trained projector. Pass/fail and times go to $OUT/zero.json and a table in gpu_check.md. ZERO_ARGS (default
-# --cache_vision_features false) are added to each launch: under ZeRO-3 (zero3_init_flag) the model loads partitioned,
-# and the feature cache runs the tower outside the engine (`RuntimeError: weight should have at least three
-# dimensions` on a CPU); ZERO_ARGS="" checks the cached path. Skipped with a note under --tiny and without deepspeed.
+# folder must load with AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True) (no empty tensor) and
+# carry a trained projector (python -m benchmarks.zero). Pass/fail and times go to $OUT/zero.json and a table in
+# gpu_check.md. ZERO_ARGS (default --cache_vision_features false) are added to each launch: under ZeRO-3
+# (zero3_init_flag) the model loads partitioned, so the feature cache refuses to run the tower; ZERO_ARGS="" checks
+# that refusal. Skipped with a note under --tiny and without deepspeed.
 #
 # Packages the GPU image lacks (or has in other versions) travel as wheels in .whl/ (build them here with
 # benchmarks/gpu_wheelhouse.sh, carry ".whl"); they are installed into /tmp/site first. Files written to $OUT
@@ -174,57 +174,9 @@ elif [[ -n "$ZERO" ]]; then
     code=$?
     seconds=$("$PYTHON" -c "import sys, time; print(round(time.time() - float(sys.argv[1]), 1))" "$start")
     cat "$run_dir.log" >> "$OUT/gpu_check.log"
-    "$PYTHON" - "$zero" "$code" "$seconds" "$NPROC" "$run_dir" "$ZERO_DIR/mmphi-tiny" "$ZERO_DIR/rows.jsonl" \
-      >> "$OUT/gpu_check.log" 2>&1 <<'PY'
-import glob, json, os, re, sys, time
-
-zero, code, seconds, processes, folder, initial, rows = sys.argv[1:8]
-row = {"config": zero, "stage": "projector", "processes": int(processes), "launch_exit": int(code),
-       "train_save_s": float(seconds)}
-
-
-def weights(directory):
-    from safetensors.torch import load_file
-
-    tensors = {}
-    for path in sorted(glob.glob(os.path.join(directory, "*.safetensors"))):
-        tensors.update(load_file(path))
-    return tensors
-
-
-try:
-    if int(code) != 0:
-        with open(folder + ".log", errors="replace") as handle:
-            errors = [line.strip() for line in handle
-                      if re.search(r"\w+(Error|Exception)\b.*:", line) and "ChildFailedError" not in line]
-        raise RuntimeError(f"the launch exited {code}" + (f": {errors[0][:300]}" if errors else ""))
-    from transformers import AutoModelForCausalLM
-
-    start = time.time()
-    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)
-    row["load_s"] = round(time.time() - start, 1)
-    row["model_class"] = type(model).__name__
-    saved, before = weights(folder), weights(initial)
-    row["saved_dtypes"] = sorted({str(t.dtype).removeprefix("torch.") for t in saved.values()})
-    empty = [name for name, tensor in saved.items() if tensor.numel() == 0]
-    if empty:
-        raise RuntimeError(f"{len(empty)} empty tensors in the save, e.g. {empty[0]}")
-    projector = [name for name in saved if "multi_modal_projector" in name and name in before]
-    if not projector:
-        raise RuntimeError("no projector weights in the save")
-    # in the saved dtype, so that a bf16 save of untrained weights reads as 0
-    row["projector_moved"] = max((saved[name].float() - before[name].to(saved[name].dtype).float()).abs().max().item()
-                                 for name in projector)
-    if row["projector_moved"] == 0:
-        raise RuntimeError("the saved projector equals the initial one")
-    row["result"] = "pass"
-except Exception as error:  # recorded, and the next config runs
-    row["result"] = "fail"
-    row["error"] = f"{type(error).__name__}: {error}"[:500]
-print("zero:", json.dumps(row))
-with open(rows, "a") as handle:
-    handle.write(json.dumps(row) + "\n")
-PY
+    "$PYTHON" -m benchmarks.zero check --config "$zero" --exit_code "$code" --seconds "$seconds" \
+      --processes "$NPROC" --folder "$run_dir" --initial "$ZERO_DIR/mmphi-tiny" --rows "$ZERO_DIR/rows.jsonl" \
+      >> "$OUT/gpu_check.log" 2>&1
     if tail -n 1 "$ZERO_DIR/rows.jsonl" 2> /dev/null | grep -q "\"config\": \"$zero\".*\"result\": \"pass\""; then
       echo "$zero: pass (launch exit $code, ${seconds} s)"
     else
@@ -232,31 +184,8 @@ PY
     fi
   done
   if [[ -f "$ZERO_DIR/rows.jsonl" ]]; then
-    "$PYTHON" - "$ZERO_DIR/rows.jsonl" "$OUT/zero.json" "$OUT/gpu_check.md" "$ZERO_ARGS" <<'PY' \
-      2>> "$OUT/gpu_check.log" || status=1
-import json, sys
-
-rows_path, json_path, markdown_path, extra = sys.argv[1:5]
-rows = [json.loads(line) for line in open(rows_path)]
-try:
-    import deepspeed
-    version = deepspeed.__version__
-except Exception as error:  # it imported before the launches
-    version = f"? ({type(error).__name__})"
-with open(json_path, "w") as handle:
-    json.dump({"deepspeed": version, "stage": "projector", "model": "tiny random MM-Phi", "recipe":
-               "recipes/smoke/projector.yaml --bf16 true " + extra, "runs": rows}, handle, indent=1)
-lines = ["", f"### DeepSpeed ZeRO end to end (projector, tiny MM-Phi, bf16, {rows[0]['processes']} process(es), "
-         f"deepspeed {version})", "",
-         "| config | result | train + save (s) | load (s) | saved dtypes | projector moved | error |",
-         "|---|---|---|---|---|---|---|"]
-for row in rows:
-    moved = f"{row['projector_moved']:.2e}" if "projector_moved" in row else ""
-    lines.append(f"| {row['config']} | **{row['result']}** | {row['train_save_s']} | {row.get('load_s', '')} | "
-                 f"{', '.join(row.get('saved_dtypes', []))} | {moved} | {row.get('error', '').replace('|', '/')} |")
-with open(markdown_path, "a") as handle:
-    handle.write("\n".join(lines) + "\n")
-PY
+    "$PYTHON" -m benchmarks.zero report --rows "$ZERO_DIR/rows.jsonl" --json "$OUT/zero.json" \
+      --markdown "$OUT/gpu_check.md" --extra="$ZERO_ARGS" 2>> "$OUT/gpu_check.log" || status=1
   fi
   rm -rf "$ZERO_DIR"
 fi

@@ -208,3 +208,37 @@ def test_tower_ceiling_needs_held_out_images(tmp_path):
         json.dump([dict(scene, split="train") for scene in scenes], handle)
     with pytest.raises(ValueError, match="scenes.json has no val images"):
         supervised_ceiling(str(tmp_path / "grid"), steps=1)
+
+
+def test_zero_check_passes_a_trained_folder_and_names_what_is_wrong(tiny_folder, tmp_path):
+    """gpu_check.sh's ZeRO verdict (benchmarks/zero.py): a loadable folder with a moved projector passes; an
+    untrained one, a save with ZeRO-3's empty placeholders and a failed launch fail with the reason."""
+    from benchmarks.zero import check
+    from benchmarks.zero import main as zero_main
+    from mmphi.build import save_mmphi
+    from mmphi.loading import load_mmphi
+
+    model, processor = load_mmphi(str(tiny_folder))
+    with torch.no_grad():
+        model.model.multi_modal_projector.linear_1.bias.add_(0.5)
+    save_mmphi(model, processor, str(tmp_path / "trained"))
+    row = check("zero3", 0, 12.5, 1, str(tmp_path / "trained"), str(tiny_folder))
+    assert row["result"] == "pass" and row["projector_moved"] == pytest.approx(0.5)
+    assert row["model_class"] == "MMPhiForCausalLM" and row["saved_dtypes"] == ["float32"]
+    untrained = check("zero2", 0, 10.0, 1, str(tiny_folder), str(tiny_folder))
+    assert untrained["result"] == "fail" and "equals the initial one" in untrained["error"]
+    with torch.no_grad():
+        model.model.multi_modal_projector.linear_1.weight.data = torch.empty(0)
+    save_mmphi(model, processor, str(tmp_path / "placeholders"))
+    placeholders = check("zero3", 0, 1.0, 1, str(tmp_path / "placeholders"), str(tiny_folder))
+    assert placeholders["result"] == "fail" and "ignore_mismatched_sizes" in placeholders["error"]
+    (tmp_path / "crashed.log").write_text("[rank0]: RuntimeError: weight should have at least three dimensions\n")
+    crashed = check("zero3", 1, 3.0, 1, str(tmp_path / "crashed"), str(tiny_folder))
+    assert crashed["error"] == ("RuntimeError: the launch exited 1: [rank0]: RuntimeError: weight should have at "
+                                "least three dimensions")
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("\n".join(json.dumps(r) for r in (row, untrained)) + "\n")
+    zero_main(["report", "--rows", str(rows), "--json", str(tmp_path / "zero.json"), "--markdown",
+               str(tmp_path / "gpu_check.md"), "--extra=--cache_vision_features false"])
+    assert [r["result"] for r in json.loads((tmp_path / "zero.json").read_text())["runs"]] == ["pass", "fail"]
+    assert "| zero3 | **pass** | 12.5 |" in (tmp_path / "gpu_check.md").read_text()
