@@ -7,16 +7,19 @@ EXTRAS ?= train,audio,demo,dev
 CONSTRAINTS := -c constraints.txt $(if $(shell command -v nvidia-smi 2>/dev/null),,-c constraints-cpu.txt)
 # The bytecode is compiled afterwards, on every core (`bytecode`).
 PIP_INSTALL = $(PY) -m pip install --quiet --no-compile $(CONSTRAINTS)
-# command[:Debian package]
-SYSTEM_PACKAGES := ffmpeg flite espeak-ng sox chromium npm java:default-jre-headless
+# command[:Debian package]: what the demo needs (audio decoding, the voice question, the corpus), and what the tests
+# add (speech synthesis, the browser for the app test, Java for the caption metrics)
+DEMO_PACKAGES := ffmpeg flite npm
+TEST_PACKAGES := $(DEMO_PACKAGES) espeak-ng sox chromium java:default-jre-headless
+SYSTEM_PACKAGES ?= $(DEMO_PACKAGES)
 PYTEST_ARGS ?=
 
-.PHONY: install system-packages lmms-eval bytecode test test-fast demo lint bench clean
+.PHONY: install system-packages lmms-eval bytecode test test-slow demo lint bench clean
 
 install: $(VENV)/.installed
 
 $(VENV)/.installed: setup.cfg constraints.txt constraints-cpu.txt Makefile
-	$(MAKE) system-packages
+	$(MAKE) system-packages SYSTEM_PACKAGES="$(DEMO_PACKAGES)"
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --no-compile --upgrade pip
 	$(PIP_INSTALL) -e ".[$(EXTRAS)]"
@@ -37,8 +40,7 @@ lmms-eval:
 	$(PIP_INSTALL) --no-deps lmms-eval
 	$(PIP_INSTALL) loguru tenacity pytablewriter sacrebleu filelock
 
-# Audio decoding (ffmpeg), speech synthesis for tests (flite, espeak-ng, sox), the browser for the app test
-# (chromium), npm (the demo corpus) and Java (pycocoevalcap's PTB tokenizer for caption metrics). Installed only when missing, and only where we may (root).
+# Installed only when missing, and only where we may (root).
 system-packages:
 	@missing=""; for p in $(SYSTEM_PACKAGES); do command -v $${p%%:*} >/dev/null 2>&1 || missing="$$missing $${p#*:}"; done; \
 	if [ -n "$$missing" ]; then \
@@ -46,11 +48,15 @@ system-packages:
 	  else echo "Please install:$$missing (e.g. sudo apt-get install$$missing)"; fi; \
 	fi
 
+# `make test` leaves out the tests marked slow (multi-process launches, torch.compile, the benchmark harnesses);
+# `make test-slow` runs those, and CI runs both.
 test: install
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q $(PYTEST_ARGS) tests
+	$(MAKE) system-packages SYSTEM_PACKAGES="$(TEST_PACKAGES)"
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS) tests
 
-test-fast: install
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not slow" tests
+test-slow: install
+	$(MAKE) system-packages SYSTEM_PACKAGES="$(TEST_PACKAGES)"
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m slow $(PYTEST_ARGS) tests
 
 demo: install
 	HF_HUB_OFFLINE=1 $(PY) scripts/demo.py

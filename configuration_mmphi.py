@@ -58,13 +58,15 @@ TINY_VISION_CONFIG = dict(
     hidden_act="quick_gelu",
 )
 
-# The tiny Phi matches mmphi/assets/tiny-tokenizer (4000 BPE entries; the processor adds <image> and <pad>).
+# The tiny Phi matches mmphi/assets/tiny-tokenizer (4000 BPE entries; the processor adds <image> and <pad>). Hidden 128
+# (1.8M parameters): `make demo` fits in 10 minutes on a 2-core AVX2 CPU, where a training step is matmul-bound; hidden
+# 256 took twice as long for the same held-out accuracy (BENCHMARKS.md "Demo").
 TINY_TEXT_CONFIG = dict(
     vocab_size=4096,
-    hidden_size=256,
-    intermediate_size=1024,
+    hidden_size=128,
+    intermediate_size=512,
     num_hidden_layers=4,
-    num_attention_heads=8,
+    num_attention_heads=4,
     # Phi-2's gelu_new (the tanh approximation) as one fused op: the same function, where gelu_new's eight
     # elementwise ops took 10-16% of a tiny training step on a CPU.
     hidden_act="gelu_pytorch_tanh",

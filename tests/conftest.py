@@ -16,7 +16,8 @@ os.environ["HF_DATASETS_CACHE"] = tempfile.mkdtemp(prefix="mmphi-test-datasets-"
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: takes more than ~20 s; still run by `make test`")
+    config.addinivalue_line("markers", "slow: a multi-process launch, a compile or a benchmark harness run (tens of "
+                            "seconds each): `make test-slow`, which CI runs after `make test`")
     config.addinivalue_line("markers", "browser: needs Chromium (skipped when absent)")
 
 

@@ -70,7 +70,6 @@ def test_markdown_runs_go_at_the_end_of_the_harness_section(tmp_path):
     assert text.index("intro") < text.index("### run 3") < text.index("## Later") and "later\n" in text
 
 
-@pytest.mark.slow
 def test_cpu_run_measures_trainer_and_bare_loop_on_the_same_batch(tmp_path):
     report = main(["--device", "cpu", "--stages", "projector", "--warmup", "1", "--steps", "2",
                    "--json", str(tmp_path / "run.json"), "--markdown", str(tmp_path / "BENCH.md")])
@@ -94,7 +93,7 @@ def test_cpu_run_measures_trainer_and_bare_loop_on_the_same_batch(tmp_path):
     assert report["machine"] in text
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # the GPU harness end to end on the CPU: five fresh processes
 def test_gpu_check_dry_run_on_cpu(tmp_path):
     env = dict(os.environ, OUT=str(tmp_path), STAGES="instruct", VARIANTS="baseline liger", PYTHON=sys.executable)
     result = subprocess.run(["bash", os.path.join(REPO_ROOT, "benchmarks", "gpu_check.sh"), "--tiny"], cwd=REPO_ROOT,
@@ -180,6 +179,7 @@ def test_position_halves_counts_each_axis_of_the_answers(tmp_path):
                                                             "horizontal_half_right": 1}
 
 
+@pytest.mark.slow  # trains two linear probes to convergence
 def test_tower_ceiling_learns_grid_shapes_but_not_the_variants(tmp_path):
     """The tiny tower, trained on the labels, learns our grid layout's count and shape in 300 steps; on the
     variant's free-placed 64 px shapes the same budget stays far lower (BENCHMARKS.md "Tiny CLIP", tower ceiling)."""

@@ -177,7 +177,6 @@ def test_audio_question_is_transcribed_printed_and_kept_as_text(files, loaded, c
     assert out[1].strip() == answer.text
 
 
-@pytest.mark.slow  # a fresh interpreter imports torch + transformers and loads Whisper: ~15 s of CPU
 def test_cli_batch_subprocess_matches_one_by_one(files, loaded):
     """The real CLI in a fresh process: --batch JSONL (relative paths, a blank line, ids) -> answers JSONL."""
     model, processor = loaded

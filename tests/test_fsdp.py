@@ -50,7 +50,7 @@ def assert_no_fsdp_wrapper(folder) -> dict:
     return config
 
 
-@pytest.mark.slow  # three runs (one in-process, two launches): ~40 s; the others ~17 s each
+@pytest.mark.slow  # three runs: one in-process, two launches
 def test_pretrain_fsdp_matches_one_process_and_resumes_from_its_sharded_checkpoint(tmp_path):
     corpus = write_corpus(tmp_path / "cc.jsonl")
     args = ["--config_name", "tiny", "--config_overrides",
@@ -85,6 +85,7 @@ def test_pretrain_fsdp_matches_one_process_and_resumes_from_its_sharded_checkpoi
     AutoModelForCausalLM.from_pretrained(multi)
 
 
+@pytest.mark.slow  # a two-process launch
 def test_projector_fsdp_ends_in_a_complete_mmphi_folder(tmp_path, multimodal):
     data = multimodal["data"]
     output = tmp_path / "projector"
@@ -108,6 +109,7 @@ def test_projector_fsdp_ends_in_a_complete_mmphi_folder(tmp_path, multimodal):
     assert changed and all(name.startswith("model.multi_modal_projector.") for name in changed), changed
 
 
+@pytest.mark.slow  # a two-process launch
 def test_instruct_full_fine_tuning_fsdp_with_text_only_batches(tmp_path, multimodal):
     """No LoRA, no 4-bit: the whole model trains sharded. A fifth of the conversations have no image, so some steps
     give one process a batch without images: its vision tower does not run, which FSDP survives because the tower

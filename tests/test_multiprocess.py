@@ -25,8 +25,6 @@ from launching import (
 )
 from safetensors.torch import load_file
 
-pytestmark = pytest.mark.slow
-
 # --------------------------------------------------------------------------------------------------------- pretrain
 
 def test_pretrain_two_processes_match_one(tmp_path):
@@ -44,6 +42,7 @@ def test_pretrain_two_processes_match_one(tmp_path):
 
 # ------------------------------------------------------------------------------------------- projector and instruct
 
+@pytest.mark.slow  # the cached-feature shards: covered by the FSDP projector run too
 def test_projector_two_processes_match_one(tmp_path, multimodal):
     """The real recipe's shape: frozen tower with its features cached (each process computes its share of the shards,
     the same shards as one process computes), projector trained."""

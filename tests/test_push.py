@@ -130,7 +130,6 @@ FRESH_PROCESS = textwrap.dedent("""
 """)
 
 
-@pytest.mark.slow  # a fresh interpreter imports torch + transformers: ~10 s of CPU
 def test_dry_run_loads_through_auto_classes_in_a_fresh_process(trained_folder, dry_run, tmp_path):
     image_path = tmp_path / "red.png"
     Image.new("RGB", (200, 160), (220, 20, 20)).save(image_path)

@@ -481,7 +481,6 @@ def test_processor_accepts_waveforms_with_their_rate(processor, transcriber, cli
     assert word_error_rate(FIRST_TEXT, batch.transcripts[0].text) <= 0.10
 
 
-@pytest.mark.slow  # a fresh Python process: imports transformers and loads Whisper again (~12 s idle)
 def test_saved_model_folder_carries_the_speech_module(tiny_model_and_processor, transcriber, clips, tmp_path):
     """After audio use the processor still saves; a fresh process loads it with trust_remote_code and transcribes
     with the speech_mmphi.py copied next to the model (imported relatively, not from this checkout)."""

@@ -146,7 +146,6 @@ def test_without_peft_trains_language_model_and_projector_not_tower(tiny_folder,
     assert "model.multi_modal_projector.linear_1.weight" in names
 
 
-@pytest.mark.slow  # shares one real QLoRA run (~15 s idle, ~50 s on a loaded 2-core machine)
 def test_training_steps_run_after_an_evaluation_pass(qlora_run):
     output_dir, metrics = qlora_run
     history = json.loads((output_dir / "trainer_state.json").read_text())["log_history"]
@@ -157,7 +156,6 @@ def test_training_steps_run_after_an_evaluation_pass(qlora_run):
     assert math.isfinite(metrics["eval_loss"])
 
 
-@pytest.mark.slow  # shares one real QLoRA run (~15 s idle, ~50 s on a loaded 2-core machine)
 def test_adapter_holds_trained_lora_and_projector_only(qlora_run, tiny_folder):
     output_dir, _ = qlora_run
     adapter = load_file(output_dir / "adapter_model.safetensors")
@@ -172,7 +170,6 @@ def test_adapter_holds_trained_lora_and_projector_only(qlora_run, tiny_folder):
     assert (output_dir / "processor_config.json").exists()
 
 
-@pytest.mark.slow  # shares one real QLoRA run (~15 s idle, ~50 s on a loaded 2-core machine)
 def test_truncation_and_padding_are_reported(qlora_run, tiny_folder, synthetic):
     _, metrics = qlora_run
     processor = MMPhiProcessor.from_pretrained(tiny_folder, trust_remote_code=True)
@@ -187,7 +184,6 @@ def test_truncation_and_padding_are_reported(qlora_run, tiny_folder, synthetic):
     assert 0 <= metrics["padding_fraction"] < 1
 
 
-@pytest.mark.slow  # shares one real QLoRA run (~15 s idle, ~50 s on a loaded 2-core machine)
 def test_merged_model_gives_the_logits_of_the_trained_4bit_base_plus_adapter(qlora_run, tiny_folder):
     """The default merge folds LoRA into the NF4-dequantized weights the adapter was trained on: the merged folder
     computes what was trained (4-bit base + adapter), far closer than a merge into the original weights."""
@@ -266,7 +262,6 @@ def test_explicit_precision_from_any_source_is_kept(tmp_path, monkeypatch):
     assert resolved(None, False) == (False, False)  # --bf16 false alone: fp32, as asked
 
 
-@pytest.mark.slow  # a bf16-autocast 4-bit run on the CPU (~20 s)
 def test_bf16_qlora_keeps_fp32_master_weights_so_small_updates_land(tiny_folder, synthetic, tmp_path):
     """At lr 1e-5 an Adam step changes a weight by ~1e-5, below bf16's resolution for weights of ~0.05: only fp32
     master weights (autocast keeps the matmuls in bf16) let the projector move."""
