@@ -67,6 +67,8 @@ class EvaluationArguments:
     )
     image_folder: str | None = field(default=None, metadata={"help": "where the data's image paths are relative to"})
     adapter: str | None = field(default=None, metadata={"help": "a PEFT adapter (instruct) applied on the model"})
+    allow_other_base: bool = field(default=False, metadata={
+        "help": "apply --adapter even when its run_info.json records another base than --model_name_or_path"})
     output_file: str | None = field(default=None, metadata={"help": "write the scores here as JSON"})
     predictions_file: str | None = field(default=None, metadata={"help": "write every prediction here as JSONL"})
     batch_size: int = field(default=16, metadata={"help": "prompts (or perplexity windows) per forward"})
@@ -373,12 +375,13 @@ def run_evaluation(args: EvaluationArguments) -> dict:
         raise ValueError("--data_path is required")
     started = time.perf_counter()
     if args.task == "perplexity":  # any causal LM (a pretrained Phi too): no processor needed
-        model = load_causal_lm(args.model_name_or_path, adapter=args.adapter, device=args.device, dtype=args.dtype)
+        model = load_causal_lm(args.model_name_or_path, adapter=args.adapter, device=args.device, dtype=args.dtype,
+                               allow_other_base=args.allow_other_base)
         tokenizer = AutoTokenizer.from_pretrained(args.adapter or args.model_name_or_path)
         scores, predictions = evaluate_perplexity(args, model, tokenizer)
     else:
         model, processor = load_mmphi(args.model_name_or_path, adapter=args.adapter, device=args.device,
-                                      dtype=args.dtype)
+                                      dtype=args.dtype, allow_other_base=args.allow_other_base)
         evaluate_task = {"vqa": evaluate_vqa, "caption": evaluate_caption, "pope": evaluate_pope}[args.task]
         scores, predictions = evaluate_task(args, model, processor)
     result = {"task": args.task, "model": args.model_name_or_path, "adapter": args.adapter,

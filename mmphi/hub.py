@@ -190,17 +190,32 @@ def find_evaluations(model_dir: str, extra_files: list[str]) -> list[tuple[str, 
     return found
 
 
+def data_sources(data: dict) -> list[str]:
+    """The `data` an evaluation JSON names, as a list."""
+    sources = data.get("data") or []
+    return [str(source) for source in (sources if isinstance(sources, list) else [sources])]
+
+
 def model_index(evaluations: list[tuple[str, dict]]) -> list[EvalResult]:
-    """The evaluation JSONs as model-index entries (what the Hub shows as the model's results)."""
+    """The evaluation JSONs as model-index entries (what the Hub shows as the model's results): only those scored on
+    a Hub dataset, which a reader can look up; a local file (the demo's synthetic shapes, say) is no benchmark."""
     results = []
     for _, data in evaluations:
         task_type, metrics = MODEL_INDEX_TASKS[data["task"]]
-        data_files = data.get("data") or ["unspecified"]
-        dataset = os.path.basename(str(data_files[0] if isinstance(data_files, list) else data_files))
+        datasets = hub_ids(data_sources(data))
+        if not datasets:
+            continue
+        dataset = datasets[0]
         results += [EvalResult(task_type=task_type, dataset_type=dataset, dataset_name=dataset, metric_type=metric,
                                metric_value=data[metric]) for metric in metrics
                     if isinstance(data.get(metric), (int, float)) and math.isfinite(data[metric])]
     return results
+
+
+def table_cell(value) -> str:
+    """A value as one Markdown table cell: numbers formatted, lists and dicts as JSON, `|` escaped, one line."""
+    text = json.dumps(value) if isinstance(value, (list, dict)) else format_number(value)
+    return text.replace("|", "\\|").replace("\n", " ")
 
 
 def format_number(value) -> str:
@@ -230,12 +245,13 @@ def evaluation_section(evaluations: list[tuple[str, dict]]) -> str:
         return "No evaluation results were given (run `scripts/evaluate_mmphi.py` and pass `--metrics FILE`).\n"
     parts = []
     for name, data in evaluations:
-        data_files = data.get("data") or []
-        data_files = [data_files] if isinstance(data_files, str) else data_files
-        source = ", ".join(f"`{os.path.basename(str(d))}`" for d in data_files) or "unspecified data"
-        parts.append(f"**{data['task']}** on {source} (from `{name}`, written by `scripts/evaluate_mmphi.py`):\n")
+        sources = data_sources(data)
+        hub = hub_ids(sources)
+        source = ", ".join(f"`{d}`" if d in hub else f"`{os.path.basename(d)}` (a local file)" for d in sources)
+        parts.append(f"**{data['task']}** on {source or 'unspecified data'} (from `{name}`, written by "
+                     "`scripts/evaluate_mmphi.py`):\n")
         parts.append("| metric | value |\n| --- | --- |")
-        parts += [f"| {metric} | {format_number(value)} |" for metric, value in flatten_scores(data)]
+        parts += [f"| {table_cell(metric)} | {table_cell(value)} |" for metric, value in flatten_scores(data)]
         parts.append("")
     return "\n".join(parts) + "\n"
 
@@ -246,8 +262,8 @@ def training_summary_section(summary) -> str:
         raise ValueError("the training summary must be a list of objects (one row per stage) or {\"stages\": [...]}")
     columns = list(dict.fromkeys(key for row in rows for key in row))
     lines = ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
-    lines += ["| " + " | ".join(format_number(row.get(c, "")) for c in columns) + " |" for row in rows]
-    return "This run:\n\n" + "\n".join(lines) + "\n"
+    lines += ["| " + " | ".join(table_cell(row.get(c, "")) for c in columns) + " |" for row in rows]
+    return "\nThis run:\n\n" + "\n".join(lines) + "\n"  # the blank line ends the table before it
 
 
 def read_run(model_dir: str) -> tuple[dict | None, dict | None]:
@@ -290,8 +306,7 @@ def run_section(run: dict | None, state: dict | None, adapter: dict | None) -> s
         rows.append(("merged", f"LoRA folded into the {run.get('merge_into', 'dequantized')} weights"))
     rows += [(f"{name} version", version) for name, version in (run.get("versions") or {}).items()]
     lines = ["| | |", "| --- | --- |"]
-    lines += [f"| {name} | {format_number(value) if not isinstance(value, (list, dict)) else json.dumps(value)} |"
-              for name, value in rows if value is not None]
+    lines += [f"| {table_cell(name)} | {table_cell(value)} |" for name, value in rows if value is not None]
     return "This folder's run (from `run_info.json` and `trainer_state.json`):\n\n" + "\n".join(lines) + "\n"
 
 
@@ -378,13 +393,20 @@ is quantized). Prompt format, per turn: `User: <image>\\nQUESTION\\nAssistant: A
 """
 
 
+def describe_target_modules(target_modules) -> str:
+    """PEFT's `target_modules`: a list of module names, or one regular expression over the full module names."""
+    if isinstance(target_modules, str):
+        return f"the modules matching `{target_modules}`"
+    return ", ".join(sorted(target_modules or [])) or "no modules"
+
+
 def adapter_components_section(adapter: dict, model_dir: str) -> str:
     from safetensors import safe_open
 
     with safe_open(os.path.join(model_dir, "adapter_model.safetensors"), framework="pt") as handle:
         total = sum(math.prod(handle.get_slice(key).get_shape()) for key in handle.keys())  # noqa: SIM118
     return (f"A LoRA adapter (PEFT; r={adapter.get('r')}, alpha={adapter.get('lora_alpha')}, on "
-            f"{', '.join(sorted(adapter.get('target_modules') or []))}; also trained: "
+            f"{describe_target_modules(adapter.get('target_modules'))}; also trained: "
             f"{', '.join(adapter.get('modules_to_save') or []) or 'nothing else'}) with the processor: "
             f"{human_count(total)} parameters, on top of `{adapter.get('base_model_name_or_path')}`.\n")
 
@@ -407,7 +429,12 @@ model = {auto}.from_pretrained("{repo_id}")
 
 
 def adapter_usage_section(repo_id: str, base: str) -> str:
-    return f"""```python
+    note = ""
+    if not hub_ids(base):  # trained on a local folder: a path that means nothing on a reader's machine
+        note = (f"The adapter was trained on a local base folder (`{os.path.basename(os.path.normpath(base))}`): push "
+                "that folder too (`scripts/push_to_hub.py`) and put its repo id where the snippet says BASE_REPO.\n\n")
+        base = "BASE_REPO"
+    return note + f"""```python
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoProcessor
 

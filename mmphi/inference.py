@@ -48,6 +48,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                         help="an MM-Phi folder or hub id (whatever from_pretrained resolves, its cache included)")
     parser.add_argument("--adapter", help="an instruct LoRA adapter folder run on top of --model, unmerged (LLaVA's "
                         "--model-base)")
+    parser.add_argument("--allow_other_base", action="store_true",
+                        help="run --adapter even when its run_info.json records another base than --model")
     quantization = parser.add_mutually_exclusive_group()
     quantization.add_argument("--load_in_4bit", action="store_true", help="nf4 language model (bitsandbytes)")
     quantization.add_argument("--load_in_8bit", action="store_true", help="int8 language model (bitsandbytes)")
@@ -70,7 +72,7 @@ def load_from_arguments(args: argparse.Namespace):
     as a user of the published folder loads them; 4/8-bit quantizes the language model only)."""
     quantization = quantization_from_flags(args.load_in_4bit, args.load_in_8bit)
     return load_mmphi(args.model, adapter=args.adapter, quantization=quantization, device=args.device,
-                      dtype=args.dtype)
+                      dtype=args.dtype, allow_other_base=args.allow_other_base)
 
 
 def generation_options(args: argparse.Namespace) -> GenerationOptions:

@@ -4,9 +4,13 @@ on top of its base (unmerged, as LLaVA's `--model-base`), and merging an adapter
 from __future__ import annotations
 
 import fnmatch
+import glob
+import hashlib
+import json
 import logging
 import os
 import shutil
+import struct
 import tempfile
 
 import torch
@@ -101,16 +105,65 @@ def load_processor(path: str, adapter: str | None = None):
     return AutoProcessor.from_pretrained(processor_folder(adapter, path), trust_remote_code=True)
 
 
+FINGERPRINT_BYTES = 4096
+
+
+def weights_fingerprint(folder: str) -> str | None:
+    """SHA-256 over every tensor's name, dtype, shape and first 4 KB in the folder's safetensors weights (None when it
+    holds none): it tells two bases of one architecture apart, as training changes a tensor's first bytes, in
+    milliseconds where hashing 5 GB of weights would take seconds."""
+    files = sorted(path for path in glob.glob(os.path.join(folder, "*.safetensors"))
+                   if os.path.basename(path) != "adapter_model.safetensors")
+    if not files:
+        return None
+    digest = hashlib.sha256()
+    for path in files:
+        with open(path, "rb") as handle:
+            (header_size,) = struct.unpack("<Q", handle.read(8))
+            header = json.loads(handle.read(header_size))
+            for name in sorted(key for key in header if key != "__metadata__"):
+                entry = header[name]
+                start, end = entry["data_offsets"]
+                handle.seek(8 + header_size + start)
+                digest.update(json.dumps([name, entry["dtype"], entry["shape"]]).encode())
+                digest.update(handle.read(min(FINGERPRINT_BYTES, end - start)))
+    return digest.hexdigest()
+
+
+def check_adapter_base(adapter: str, base: str, allow_other_base: bool = False) -> None:
+    """Refuse an instruct adapter on a base other than the one it was trained on (a LoRA applies to any base of the
+    same shapes, and answers nonsense on the wrong one). The instruct stage records its base's `weights_fingerprint`
+    in the adapter's run_info.json; adapters without one, and bases that are hub ids not on disk, are not checked."""
+    record_path = os.path.join(adapter, "run_info.json")
+    if not os.path.isfile(record_path) or not os.path.isdir(base):
+        return
+    with open(record_path, encoding="utf-8") as handle:
+        record = json.load(handle)
+    expected, actual = record.get("base_fingerprint"), weights_fingerprint(base)
+    if not expected or actual is None or expected == actual:
+        return
+    message = (f"{adapter}: this adapter was trained on another base than {base} (trained on "
+               f"{record.get('base_model')!r}, weights fingerprint {expected[:12]}; {base} has {actual[:12]}). Give "
+               "the base it was trained on, or pass --allow_other_base to apply it anyway.")
+    if not allow_other_base:
+        raise ValueError(message)
+    logger.warning("%s Applying it anyway (--allow_other_base).", message)
+
+
 def load_causal_lm(path: str, adapter: str | None = None, quantization: str | None = None,
-                   device: str | None = None, dtype: str | torch.dtype | None = "auto", **kwargs):
+                   device: str | None = None, dtype: str | torch.dtype | None = "auto",
+                   allow_other_base: bool = False, **kwargs):
     """A model through `AutoModelForCausalLM` (MM-Phi or any causal LM, e.g. a pretrained Phi), in eval mode on
     `device`. `adapter`: an instruct LoRA folder applied on top, unmerged (LLaVA's `--model-base`). `quantization`:
-    "4bit" / "8bit" (MM-Phi quantizes its language model only). Extra keyword arguments go to `from_pretrained`."""
+    "4bit" / "8bit" (MM-Phi quantizes its language model only). `allow_other_base`: apply an adapter whose recorded
+    base differs from `path` (`check_adapter_base`). Extra keyword arguments go to `from_pretrained`."""
     from transformers import AutoModelForCausalLM
 
     if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json")):
         raise FileNotFoundError(f"{path} is not an MM-Phi folder (no config.json)")
     check_model_path(path)
+    if adapter:
+        check_adapter_base(adapter, path, allow_other_base)
     device = pick_device(device)
     torch_dtype = pick_dtype(dtype, device)
     quantization_config = bnb_config(quantization, torch_dtype)
@@ -188,14 +241,15 @@ def write_folder_atomically(output_dir: str, write) -> None:
 
 def merge_lora(model_name_or_path: str, adapter: str, output_dir: str | None = None,
                dtype: torch.dtype = torch.float32, merge_into: str = "dequantized", base_quantization: str = "4bit",
-               quantized_from: torch.dtype | None = None):
+               quantized_from: torch.dtype | None = None, allow_other_base: bool = False):
     """Base + instruct adapter as one full-precision MM-Phi (written to `output_dir` when given); returns the merged
     model. LoRA deltas are folded into the weights and the adapter's `modules_to_save` (the projector, ...) replace
     the base's. A QLoRA adapter was trained against the NF4-rounded base: `merge_into="dequantized"` (the default)
     folds it into those dequantized weights, so the merged model computes what was trained (BENCHMARKS.md "Merge
     target": much closer to 4-bit base + adapter than a merge into the original weights); "original" merges into the
     unquantized base weights. An 8-bit or unquantized base is always merged into its original weights.
-    `quantized_from`: the dtype instruct loaded the base in (bf16 on most GPUs; default `dtype`)."""
+    `quantized_from`: the dtype instruct loaded the base in (bf16 on most GPUs; default `dtype`). `allow_other_base`:
+    merge even when the adapter records another base (`check_adapter_base`)."""
     from peft import PeftModel
 
     from modeling_mmphi import QUANTIZATION_SKIP_MODULES, MMPhiForCausalLM
@@ -206,6 +260,7 @@ def merge_lora(model_name_or_path: str, adapter: str, output_dir: str | None = N
         check_replaceable(output_dir)  # before minutes of loading and merging at real size
     if not os.path.exists(os.path.join(adapter, "adapter_config.json")):
         raise FileNotFoundError(f"{adapter}: no adapter_config.json (is it an instruct LoRA output?)")
+    check_adapter_base(adapter, model_name_or_path, allow_other_base)
     base = MMPhiForCausalLM.from_pretrained(model_name_or_path, dtype=dtype)
     if merge_into == "dequantized" and base_quantization == "4bit":
         replaced = nf4_roundtrip_(base, QUANTIZATION_SKIP_MODULES, quantized_from)

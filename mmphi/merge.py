@@ -36,10 +36,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quantized_from", default=None, choices=["float32", "bfloat16", "float16"],
                         help="the dtype instruct loaded the base in before quantizing (bf16 on most GPUs; default "
                              "--dtype): the NF4 round trip then matches training bit for bit")
+    parser.add_argument("--allow_other_base", action="store_true",
+                        help="merge even when the adapter's run_info.json records another base than "
+                             "--model_name_or_path")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     merge_lora(args.model_name_or_path, args.adapter, args.output_dir, getattr(torch, args.dtype), args.merge_into,
-               args.base_quantization, getattr(torch, args.quantized_from) if args.quantized_from else None)
+               args.base_quantization, getattr(torch, args.quantized_from) if args.quantized_from else None,
+               allow_other_base=args.allow_other_base)
 
 
 if __name__ == "__main__":

@@ -187,3 +187,30 @@ def test_a_missing_local_folder_is_named_not_taken_for_a_hub_id(tmp_path):
         load_causal_lm(str(tmp_path / "instruct" / "merged"))
     assert [looks_local(p) for p in ("microsoft/phi-2", "gpt2", "./out", "outputs/demo/instruct", "/tmp/x")] == [
         False, False, True, True, True]
+
+
+def test_an_adapter_refuses_a_base_it_was_not_trained_on(files, tmp_path):
+    """The adapter records its base's weights fingerprint; loading or merging it onto another base of the same
+    shapes stops with both named (unless --allow_other_base), while a copy of its base elsewhere passes."""
+    from mmphi.loading import merge_lora, weights_fingerprint
+    from mmphi.stages import instruct
+
+    data = generate(str(tmp_path / "data"), num_images=8, val_fraction=0.0, seed=2)
+    adapter = tmp_path / "instruct"
+    instruct.main(["--model_name_or_path", files["model"], "--data_path", data["llava_train"], "--image_folder",
+                   data["images"], "--output_dir", str(adapter), "--load_in_4bit", "false", "--lora_r", "4",
+                   "--max_steps", "2", "--per_device_train_batch_size", "2", "--optim", "adamw_torch",
+                   "--val_fraction", "0", "--save_strategy", "no", "--report_to", "none"])
+    with open(adapter / "run_info.json") as handle:
+        assert json.load(handle)["base_fingerprint"] == weights_fingerprint(files["model"])
+    other = tmp_path / "other"
+    save_mmphi(*build_tiny(seed=1), str(other))
+    with pytest.raises(ValueError, match=r"trained on another base than .*other .*--allow_other_base"):
+        load_mmphi(str(other), adapter=str(adapter))
+    with pytest.raises(ValueError, match="--allow_other_base"):
+        merge_lora(str(other), str(adapter), merge_into="original")
+    model, _ = load_mmphi(str(other), adapter=str(adapter), allow_other_base=True)
+    assert type(model).__name__.startswith("PeftModel")
+    shutil.copytree(files["model"], tmp_path / "moved")
+    model, _ = load_mmphi(str(tmp_path / "moved"), adapter=str(adapter))
+    assert type(model).__name__.startswith("PeftModel")

@@ -96,8 +96,9 @@ def test_model_card_metadata_components_stages_and_metrics(trained_folder, dry_r
     assert "COCO 2017 captions" in text and "LLaVA-Instruct-150K" in text  # the recipe, described as such
     assert "not of these\nweights" in text and "claims no training for these weights" in text  # no run record
     assert "transformers\n>=5.23,<6" in text and "## Limitations" in text
-    index = {(r.task_type, r.metric_type): r.metric_value for r in card.data.eval_results}
-    assert index == {("visual-question-answering", "accuracy"): scores["accuracy"]}
+    assert card.data.eval_results is None  # scored on a local file: no model-index entry
+    assert "`llava_instruct_val.json` (a local file)" in text
+    assert "\n\nThis run:\n\n| stage |" in text  # a paragraph of its own, not a row of the table before it
     total = sum(p.numel() for p in trained_folder["model"].parameters())
     assert f"**{push_to_hub.human_count(total)}**" in text  # counted from the safetensors header, no loading
     assert 'AutoModelForCausalLM.from_pretrained("someone/mmphi-tiny", trust_remote_code=True' in text
@@ -224,3 +225,21 @@ def test_metrics_flag_adds_an_outside_evaluation(trained_folder, tmp_path):
     assert "caption_eval.json" in staged and "vqa_eval.json" in staged
     text = (output_dir / "README.md").read_text()
     assert "| bleu4 | 0.1234 |" in text and "| cider | 0.5678 |" in text and "**caption**" in text
+
+
+def test_model_index_names_hub_datasets_only():
+    """A score on a Hub dataset is a model-index entry; one on a local file (the demo's synthetic shapes) is not."""
+    evaluations = [("vqa_eval.json", {"task": "vqa", "data": ["data/synthetic/llava_instruct_val.json"],
+                                      "accuracy": 0.9}),
+                   ("vqav2_eval.json", {"task": "vqa", "data": "lmms-lab/VQAv2", "accuracy": 0.5})]
+    index = push_to_hub.model_index(evaluations)
+    assert [(r.dataset_type, r.metric_type, r.metric_value) for r in index] == [("lmms-lab/VQAv2", "accuracy", 0.5)]
+    section = push_to_hub.evaluation_section(evaluations)
+    assert "`llava_instruct_val.json` (a local file)" in section and "`lmms-lab/VQAv2`" in section
+
+
+def test_table_cells_escape_pipes_and_keep_one_line():
+    assert push_to_hub.table_cell("a|b\nc") == "a\\|b c"
+    assert push_to_hub.table_cell(["x|y"]) == '["x\\|y"]' and push_to_hub.table_cell(0.123456) == "0.1235"
+    assert push_to_hub.describe_target_modules(["v_proj", "q_proj"]) == "q_proj, v_proj"
+    assert push_to_hub.describe_target_modules(r".*\.(q|v)_proj") == r"the modules matching `.*\.(q|v)_proj`"

@@ -94,6 +94,14 @@ def test_instruct_pushes_the_adapter_with_its_processor(setup, recorded, tmp_pat
     card = card_of(files)
     assert card.data.library_name == "peft"
     assert "| LoRA r | 4 |" in card.text and "PeftModel.from_pretrained" in card.text
+    # the regex target_modules read as one pattern, its `|` escaped in the table; the local base as a placeholder
+    pattern = json.loads(files["adapter_config.json"])["target_modules"]
+    assert isinstance(pattern, str) and "|" in pattern
+    assert f"the modules matching `{pattern}`" in card.text
+    assert f"| LoRA target_modules | {pattern.replace('|', chr(92) + '|')} |" in card.text
+    usage = card.text.split("## Usage")[1]
+    assert str(root) not in usage and 'from_pretrained("BASE_REPO"' in usage
+    assert "local base folder (`base`)" in card.text
 
 
 def test_instruct_with_merge_pushes_the_merged_model(setup, recorded, tmp_path):

@@ -75,6 +75,42 @@ def test_every_supported_format_reads_the_same_records(tmp_path):
     assert zip_records[2]["location"].endswith("subset.zip!subset/c4.jsonl.gz:3")
 
 
+def test_a_multi_frame_zst_reads_every_frame(tmp_path):
+    """zstd writers (zstdmt, streaming compressors) often emit several frames: all of them are the file."""
+    docs = make_docs(30, "frame")
+    write_jsonl(tmp_path / "c4.jsonl", docs, "RedPajamaC4")
+    lines = (tmp_path / "c4.jsonl").read_bytes().splitlines(keepends=True)
+    frames = [zstandard.ZstdCompressor().compress(b"".join(lines[i:i + 10])) for i in range(0, 30, 10)]
+    (tmp_path / "c4.jsonl.zst").write_bytes(b"".join(frames))
+    assert [r["text"] for r in iter_jsonl_records(str(tmp_path / "c4.jsonl.zst"))] == docs
+
+
+@pytest.mark.parametrize("cut", ["inside a frame", "at a frame boundary of an unfinished file"])
+def test_a_truncated_zst_stops_with_the_file_named_like_gz(tmp_path, cut):
+    docs = make_docs(30, "cut")
+    write_jsonl(tmp_path / "c4.jsonl", docs, "RedPajamaC4")
+    payload = (tmp_path / "c4.jsonl").read_bytes()
+    whole = zstandard.ZstdCompressor().compress(payload)
+    if cut == "inside a frame":
+        data = whole[: len(whole) * 2 // 3]
+    else:  # two frames, the second cut off right after its header
+        data = zstandard.ZstdCompressor().compress(payload[:100]) + whole[:20]
+    (tmp_path / "c4.jsonl.zst").write_bytes(data)
+    (tmp_path / "c4.jsonl.gz").write_bytes(gzip.compress(payload)[:400])
+    for name in ("c4.jsonl.zst", "c4.jsonl.gz"):
+        with pytest.raises(BadRecordError, match=rf"{name}: cannot read past line"):
+            list(iter_jsonl_records(str(tmp_path / name), skip_bad_records=True))
+
+
+def test_a_truncated_zip_names_the_file(tmp_path):
+    with zipfile.ZipFile(tmp_path / "subset.zip", "w") as archive:
+        archive.writestr("c4.jsonl", "\n".join(json.dumps({"text": t}) for t in make_docs(20, "zip")))
+    data = (tmp_path / "subset.zip").read_bytes()
+    (tmp_path / "subset.zip").write_bytes(data[: len(data) - 30])
+    with pytest.raises(BadRecordError, match=r"subset\.zip: not a readable zip archive"):
+        list(iter_jsonl_records(str(tmp_path / "subset.zip")))
+
+
 # ---------------------------------------------------------------------------------------------------- bad input
 
 BAD_LINES = [

@@ -50,15 +50,57 @@ def source_name_of_file(path: str) -> str:
     return name
 
 
+class ZstdFrames(io.RawIOBase):
+    """Every frame of a zstd stream, in order, and an error when the data ends inside a frame. zstandard's own
+    `stream_reader` stops after the first frame and returns a cut-off frame's prefix as if it were the whole file;
+    gzip, bz2 and lzma raise on a truncated stream, and so does this."""
+
+    def __init__(self, raw: IO[bytes], name: str, chunk_size: int = 1 << 16):
+        import zstandard
+
+        self.raw, self.name, self.chunk_size = raw, name, chunk_size
+        self.decompressor = zstandard.ZstdDecompressor()
+        self.frame = self.decompressor.decompressobj()
+        self.in_frame, self.pending = False, b""
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        while not self.pending:
+            chunk = self.raw.read(self.chunk_size)
+            if not chunk:
+                if self.in_frame:
+                    raise EOFError(f"{self.name}: the zstd data ends inside a frame (a truncated file?)")
+                return 0
+            self.feed(chunk)
+        size = min(len(buffer), len(self.pending))
+        buffer[:size], self.pending = self.pending[:size], self.pending[size:]
+        return size
+
+    def feed(self, chunk: bytes) -> None:
+        while chunk:
+            self.in_frame = True
+            self.pending += self.frame.decompress(chunk)
+            if not self.frame.eof:
+                return
+            chunk, self.in_frame = self.frame.unused_data, False  # the next frame starts in the same chunk
+            self.frame = self.decompressor.decompressobj()
+
+
+def zstd_reader(raw: IO[bytes], name: str) -> IO[bytes]:
+    try:
+        import zstandard  # noqa: F401
+    except ImportError as e:
+        raise ImportError(f"{name}: reading .zst needs the `zstandard` package (pip install zstandard)") from e
+    return io.BufferedReader(ZstdFrames(raw, name))
+
+
 def _decompressed(name: str, raw: IO[bytes]) -> IO[bytes]:
     if name.endswith(".gz"):
         return gzip.GzipFile(fileobj=raw)
     if name.endswith(".zst"):
-        try:
-            import zstandard
-        except ImportError as e:
-            raise ImportError(f"{name}: reading .zst needs the `zstandard` package (pip install zstandard)") from e
-        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw))
+        return zstd_reader(raw, name)
     return raw
 
 
@@ -67,7 +109,11 @@ def open_jsonl_streams(path: str) -> Iterator[tuple[str, IO[bytes]]]:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such file")
     if path.endswith(".zip"):
-        with zipfile.ZipFile(path) as archive:
+        try:
+            archive = zipfile.ZipFile(path)
+        except zipfile.BadZipFile as e:  # a cut-off zip loses its central directory, at the end of the file
+            raise BadRecordError(f"{path}: not a readable zip archive ({e}; a truncated file?)") from e
+        with archive:
             names = sorted(n for n in archive.namelist() if is_jsonl_name(n) and not n.endswith("/"))
             if not names:
                 raise BadRecordError(f"{path}: the zip archive holds no {'/'.join(JSONL_SUFFIXES)} file")

@@ -145,10 +145,10 @@ def _json_line(path: str, number: int, line: str) -> dict:
 def _read_bytes(path: str) -> bytes:
     _, compression = _file_kind(path)
     if compression in (".zst", ".zstd"):
-        import zstandard
+        from mmphi.data.corpus import zstd_reader
 
         with open(path, "rb") as handle:
-            return zstandard.ZstdDecompressor().stream_reader(handle).read()
+            return zstd_reader(handle, path).read()
     opener = COMPRESSIONS[compression] if compression else open
     with opener(path, "rb") as handle:
         return handle.read()

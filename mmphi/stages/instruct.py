@@ -37,7 +37,7 @@ from transformers import Trainer, set_seed
 from trl import ModelConfig, SFTConfig, SFTTrainer, get_peft_config, get_quantization_config
 
 from mmphi.data import build_datasets, load_train_eval, validate_data
-from mmphi.loading import MERGE_TARGETS, check_replaceable, merge_lora, training_dtype
+from mmphi.loading import MERGE_TARGETS, check_replaceable, merge_lora, training_dtype, weights_fingerprint
 from mmphi.stages.arguments import MultimodalDataArguments
 from mmphi.training import (
     BuiltStage,
@@ -253,7 +253,13 @@ def build_trainer(model_args: ModelArguments, data_args: DataArguments, args: In
             "modules_to_save": model_args.lora_modules_to_save, "quantization": model_args.quantization,
             } if model_args.use_peft else None
     return BuiltStage(trainer, trainer.model, processor, collator, train, evaluation, [report, collator.skipped],
-                      trainable, data_metrics=lambda: encoded_data_metrics(collator, train), run_info={"lora": lora})
+                      trainable, data_metrics=lambda: encoded_data_metrics(collator, train),
+                      run_info={"lora": lora, "base_fingerprint": base_fingerprint(model_args.model_name_or_path)})
+
+
+def base_fingerprint(model_name_or_path: str) -> str | None:
+    """The base's `weights_fingerprint` for the adapter's record (loading and merging check it); None for a hub id."""
+    return weights_fingerprint(model_name_or_path) if os.path.isdir(model_name_or_path) else None
 
 
 def merged_output_dir(model_args: ModelArguments, args) -> str:
