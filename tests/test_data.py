@@ -400,6 +400,11 @@ BAD_LLAVA = [
     ({"id": "r1", "conversations": [{"from": "human", "value": "Q"}]}, "without a gpt answer"),
     ({"id": "r1", "conversations": turns(("<image>\nQ", "A"))}, 'has <image> but the record has no "image"'),
     ({"id": "r1", "image": "red.png", "conversations": turns(("Q", "A"), ("<image> Q", "A"))}, "only the first"),
+    ({"id": "r1", "image": "red.png", "conversations": turns(("<image>\nQ", "an <image> of a cat"))},
+     "answer 0 holds <image>, which the tokenizer reads as a control token"),
+    ({"id": "r1", "conversations": turns(("Q", "yes"), ("Q2", "done<|endoftext|>more"))},
+     "answer 1 holds <|endoftext|>"),
+    ({"id": "r1", "conversations": turns(("say <pad>", "ok"))}, "question 0 holds <pad>"),
 ]
 
 
@@ -421,6 +426,7 @@ BAD_COCO = [
     ({"image_id": 99, "caption": "a cat"}, "caption for unknown image id 99"),
     ({"image_id": 1, "caption": ""}, "empty caption"),
     ({"caption": "a cat"}, 'no "image_id"'),
+    ({"image_id": 1, "caption": "a cat<|endoftext|>"}, "the caption holds <|endoftext|>"),
 ]
 
 

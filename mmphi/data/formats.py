@@ -43,7 +43,13 @@ from tqdm.auto import tqdm
 from mmphi.data.images import check_images, embedded_image_keys
 from mmphi.data.records import CAPTION_PROMPT, CaptionedImage, Conversation, Turn, first_images, split_by_image
 from mmphi.errors import BadRecordError, SkipReport, handle_bad_record, parse_json_object, validation_exit
-from processing_mmphi import IMAGE_TOKEN
+from processing_mmphi import AUDIO_TOKEN, IMAGE_TOKEN, PAD_TOKEN
+
+# Text that the tokenizer turns into a control token instead of words: in an answer `<image>` would ask the model for
+# image features that no image supplies, and `<|endoftext|>` (Phi's EOS) would train a false end of the answer. A
+# record that holds one is refused with what and where (or skipped and counted with --skip_bad_records); the question
+# keeps its one leading `<image>` placeholder, checked on its own.
+RESERVED_TEXTS = (IMAGE_TOKEN, AUDIO_TOKEN, PAD_TOKEN, "<|endoftext|>")
 
 logger = logging.getLogger(__name__)
 
@@ -413,6 +419,7 @@ def _trl_turns(messages) -> tuple[list[Turn], int]:
         if not texts[position] and not (position == 0 and n_images):
             raise BadRecordError(f"empty question in message {position}")
         turns.append(Turn(texts[position], texts[position + 1]))
+    check_turn_texts(turns)
     return turns, n_images
 
 
@@ -517,7 +524,23 @@ def _parse_coco_annotation(annotation, images: dict) -> tuple:
     caption = annotation["caption"]
     if not isinstance(caption, str) or not caption.strip():
         raise BadRecordError(f"empty caption ({caption!r})")
+    check_reserved_text(caption, "the caption")
     return annotation["image_id"], caption.strip()
+
+
+def check_reserved_text(text: str, where: str, allowed: tuple[str, ...] = ()) -> None:
+    """BadRecordError when `text` holds a RESERVED_TEXTS entry other than `allowed`."""
+    found = [reserved for reserved in RESERVED_TEXTS if reserved in text and reserved not in allowed]
+    if found:
+        raise BadRecordError(f"{where} holds {', '.join(found)}, which the tokenizer reads as a control token, not "
+                             "text: remove or rewrite it")
+
+
+def check_turn_texts(turns: list[Turn]) -> None:
+    """Every answer, and every question apart from the first's `<image>` placeholder, free of reserved text."""
+    for position, turn in enumerate(turns):
+        check_reserved_text(turn.question, f"question {position}", allowed=(IMAGE_TOKEN,))
+        check_reserved_text(turn.answer, f"answer {position}")
 
 
 def caption_conversations(images: Iterable[CaptionedImage], prompt: str = CAPTION_PROMPT) -> list[Conversation]:
@@ -571,6 +594,7 @@ def _pair_turns(turns_raw: list) -> list[Turn]:
         if not gpt["value"].strip():
             raise BadRecordError(f"empty answer in turn {position + 1}")
         turns.append(Turn(human["value"], gpt["value"].strip(), human.get("question_type")))
+    check_turn_texts(turns)
     return turns
 
 

@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 from configuration_mmphi import MMPhiConfig
 from mmphi.build import build_tiny, save_mmphi
 from mmphi.data.synthetic import generate
+from mmphi.errors import BadRecordError
 from mmphi.stages.projector import build_trainer, freeze_for_training, main, parse_args
 from modeling_mmphi import MMPhiForCausalLM
 
@@ -309,3 +310,22 @@ def test_only_the_main_process_logs_info(setup, tmp_path):
         assert logging.getLogger().level == logging.WARNING
     finally:
         configure_logging(training_args)
+
+
+def test_validate_data_and_training_refuse_control_tokens_in_answers_alike(setup, tmp_path, capsys):
+    """A caption holding <image> or <|endoftext|>: --validate_data names it, training stops on it naming the same
+    record, and --skip_bad_records trains without it."""
+    root, data = setup
+    captions = json.loads(Path(data["captions_train"]).read_text())
+    captions["annotations"][2]["caption"] = "an <image> of two squares"
+    bad = tmp_path / "captions.json"
+    bad.write_text(json.dumps(captions))
+    argv = projector_argv(root, data, tmp_path / "out", "--max_steps", "1")
+    argv[argv.index("--data_path") + 1] = str(bad)
+    with pytest.raises(SystemExit) as scanned:
+        main([*argv, "--validate_data"])
+    out = capsys.readouterr().out
+    assert scanned.value.code == 1 and "annotations[2]" in out and "the caption holds <image>" in out
+    with pytest.raises(BadRecordError, match=r"annotations\[2\].*the caption holds <image>"):
+        main(argv)
+    assert "eval_loss" in main([*argv, "--skip_bad_records"])
