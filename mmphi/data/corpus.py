@@ -61,31 +61,35 @@ class ZstdFrames(io.RawIOBase):
         self.raw, self.name, self.chunk_size = raw, name, chunk_size
         self.decompressor = zstandard.ZstdDecompressor()
         self.frame = self.decompressor.decompressobj()
-        self.in_frame, self.pending = False, b""
+        self.in_frame = False
+        self.pending, self.offset = b"", 0  # decompressed bytes not yet read, from `offset` on (no copy per read)
 
     def readable(self) -> bool:
         return True
 
     def readinto(self, buffer) -> int:
-        while not self.pending:
+        while self.offset == len(self.pending):
             chunk = self.raw.read(self.chunk_size)
             if not chunk:
                 if self.in_frame:
                     raise EOFError(f"{self.name}: the zstd data ends inside a frame (a truncated file?)")
                 return 0
-            self.feed(chunk)
-        size = min(len(buffer), len(self.pending))
-        buffer[:size], self.pending = self.pending[:size], self.pending[size:]
+            self.pending, self.offset = self.decompress(chunk), 0
+        size = min(len(buffer), len(self.pending) - self.offset)
+        buffer[:size] = self.pending[self.offset:self.offset + size]
+        self.offset += size
         return size
 
-    def feed(self, chunk: bytes) -> None:
+    def decompress(self, chunk: bytes) -> bytes:
+        out = []
         while chunk:
             self.in_frame = True
-            self.pending += self.frame.decompress(chunk)
+            out.append(self.frame.decompress(chunk))
             if not self.frame.eof:
-                return
+                break
             chunk, self.in_frame = self.frame.unused_data, False  # the next frame starts in the same chunk
             self.frame = self.decompressor.decompressobj()
+        return b"".join(out)
 
 
 def zstd_reader(raw: IO[bytes], name: str) -> IO[bytes]:

@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 import datasets
 from tqdm.auto import tqdm
 
+from mmphi.data.corpus import zstd_reader
 from mmphi.data.images import check_images, embedded_image_keys
 from mmphi.data.records import CAPTION_PROMPT, CaptionedImage, Conversation, Turn, first_images, split_by_image
 from mmphi.errors import BadRecordError, SkipReport, handle_bad_record, parse_json_object, validation_exit
@@ -151,8 +152,6 @@ def _json_line(path: str, number: int, line: str) -> dict:
 def _read_bytes(path: str) -> bytes:
     _, compression = _file_kind(path)
     if compression in (".zst", ".zstd"):
-        from mmphi.data.corpus import zstd_reader
-
         with open(path, "rb") as handle:
             return zstd_reader(handle, path).read()
     opener = COMPRESSIONS[compression] if compression else open

@@ -252,14 +252,11 @@ def build_trainer(model_args: ModelArguments, data_args: DataArguments, args: In
             "lora_target_modules": model_args.lora_target_modules,
             "modules_to_save": model_args.lora_modules_to_save, "quantization": model_args.quantization,
             } if model_args.use_peft else None
+    # the adapter's base, which loading and merging check (None: a hub id, no local weights to read)
+    base_fingerprint = weights_fingerprint(model_args.model_name_or_path) if lora else None
     return BuiltStage(trainer, trainer.model, processor, collator, train, evaluation, [report, collator.skipped],
                       trainable, data_metrics=lambda: encoded_data_metrics(collator, train),
-                      run_info={"lora": lora, "base_fingerprint": base_fingerprint(model_args.model_name_or_path)})
-
-
-def base_fingerprint(model_name_or_path: str) -> str | None:
-    """The base's `weights_fingerprint` for the adapter's record (loading and merging check it); None for a hub id."""
-    return weights_fingerprint(model_name_or_path) if os.path.isdir(model_name_or_path) else None
+                      run_info={"lora": lora, "base_fingerprint": base_fingerprint})
 
 
 def merged_output_dir(model_args: ModelArguments, args) -> str:
