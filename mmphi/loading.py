@@ -29,7 +29,7 @@ MODEL_FOLDER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.json",
     "merges.txt", "tokenizer.model", *CODE_FILES,
     "run_info.json", "trainer_state.json", "all_results.json", "train_results.json", "eval_results.json",
-    "training_summary.json", "loss_curve.png",
+    "training_summary.json", "loss_curve.png", "README.md",  # the model card
 )
 
 
@@ -274,7 +274,8 @@ def merge_lora(model_name_or_path: str, adapter: str, output_dir: str | None = N
         from mmphi.build import save_mmphi
         from processing_mmphi import MMPhiProcessor  # this repo's class: the folder gets this repo's code files
 
-        processor = MMPhiProcessor.from_pretrained(processor_folder(adapter, model_name_or_path))
+        processor = MMPhiProcessor.from_pretrained(processor_folder(adapter, model_name_or_path),
+                                                  trust_remote_code=True)  # its tokenizer names our class
         write_folder_atomically(output_dir, lambda folder: save_mmphi(merged, processor, folder))
         logger.info("merged %s + %s into %s", model_name_or_path, adapter, output_dir)
     return merged

@@ -32,7 +32,7 @@ from trl import TrlParser
 
 from mmphi.build import enable_kv_cache
 from mmphi.errors import SkipReport, warn_skipped
-from mmphi.loading import check_model_path
+from mmphi.loading import check_model_path, check_replaceable
 
 logger = logging.getLogger(__name__)
 
@@ -272,6 +272,8 @@ class Stage:
         model_args, data_args, training_args = self.parse_args(argv)
         if getattr(model_args, "model_name_or_path", None):  # before the data is read: minutes at real size
             check_model_path(model_args.model_name_or_path)
+        if getattr(model_args, "export_llava", None):  # a folder the export may not replace: say so before training
+            check_replaceable(model_args.export_llava)
         configure_logging(training_args)
         if data_args.validate_data:
             sys.exit(self.validate_data(data_args))
@@ -297,6 +299,10 @@ class Stage:
         final = training_args.output_dir
         if self.finish is not None:
             final = self.finish(stage, model_args, training_args, metrics, run_info)
+        if getattr(model_args, "export_llava", None):
+            from mmphi.export import export_llava
+
+            metrics["export_llava"] = export_llava(final, model_args.export_llava)
         push_final(training_args, final)
         return metrics
 

@@ -90,3 +90,8 @@ class MultimodalDataArguments(DataSourceArguments):
         if self.eval_data_path:
             sources.append((DataSource(path=self.eval_data_path), self.eval_image_folder))
         return sources
+
+
+EXPORT_LLAVA_HELP = ("also write the final model as a native transformers Llava folder here (scripts/export_llava.py): "
+                     "no remote code, servable by engines that know Llava")
+

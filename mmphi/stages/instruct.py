@@ -38,7 +38,7 @@ from trl import ModelConfig, SFTConfig, SFTTrainer, get_peft_config, get_quantiz
 
 from mmphi.data import build_datasets, load_train_eval, validate_data
 from mmphi.loading import MERGE_TARGETS, check_replaceable, merge_lora, training_dtype, weights_fingerprint
-from mmphi.stages.arguments import MultimodalDataArguments
+from mmphi.stages.arguments import EXPORT_LLAVA_HELP, MultimodalDataArguments
 from mmphi.training import (
     BuiltStage,
     MMPhiTrainerMixin,
@@ -92,6 +92,7 @@ class ModelArguments(ModelConfig):
                                          "choices": list(MERGE_TARGETS)},
     )
     merged_output_dir: str | None = field(default=None, metadata={"help": "default: <output_dir>/merged"})
+    export_llava: str | None = field(default=None, metadata={"help": EXPORT_LLAVA_HELP + "; with LoRA, needs --merge"})
 
     def __post_init__(self):
         if self.model_name_or_path is None:
@@ -105,6 +106,9 @@ class ModelArguments(ModelConfig):
         if not self.use_peft and self.merge:  # else output_dir/merged, which a script may read, never appears
             raise ValueError("--merge folds a LoRA adapter into its base; with --use_peft false, output_dir already "
                              "holds the full model: drop --merge")
+        if self.export_llava and self.use_peft and not self.merge:
+            raise ValueError("--export_llava writes a full model: with LoRA, add --merge (the export is made from the "
+                             "merged folder)")
         self.refuse_what_the_base_cannot_reproduce()
 
     def refuse_what_the_base_cannot_reproduce(self) -> None:

@@ -40,7 +40,7 @@ from transformers import Trainer, set_seed
 
 from mmphi.data import CAPTION_PROMPT, build_datasets, load_train_eval, padding_fraction, validate_data
 from mmphi.loading import training_dtype
-from mmphi.stages.arguments import MultimodalDataArguments
+from mmphi.stages.arguments import EXPORT_LLAVA_HELP, MultimodalDataArguments
 from mmphi.training import (
     BuiltStage,
     MMPhiTrainerMixin,
@@ -68,6 +68,7 @@ class ModelArguments:
                           "Phi is too weak for image tokens to steer while frozen; the real recipe keeps Phi-2 frozen"},
     )
     attn_implementation: str = field(default="sdpa", metadata={"help": "eager, sdpa, flash_attention_2, ..."})
+    export_llava: str | None = field(default=None, metadata={"help": EXPORT_LLAVA_HELP})
 
 
 @dataclass
