@@ -6,22 +6,26 @@ replaced by the transcript of the matching audio clip (speech joins the prompt a
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import shutil
+import time
 from collections.abc import Sequence
 
 import numpy as np
 from transformers import AutoTokenizer, BatchFeature, CLIPImageProcessorPil, ProcessorMixin
 
 try:
-    from PIL import Image
+    from PIL import Image, ImageOps
 except ImportError:  # pillow is a hard dependency of the image processor; keep remote-code scanning happy
-    Image = None
+    Image = ImageOps = None
 
 IMAGE_TOKEN = "<image>"
 AUDIO_TOKEN = "<audio>"
 PAD_TOKEN = "<pad>"
+URL_PREFIXES = ("http://", "https://")
+IMAGE_URL_TIMEOUT = 30.0  # seconds for a whole image download
 PLACEHOLDER_PATTERN = re.compile(f"{re.escape(IMAGE_TOKEN)}|{re.escape(AUDIO_TOKEN)}")
 
 # Phi-2 has no chat template. "User:/Assistant:" turns; the `{% generation %}` block (answer + EOS) is what training
@@ -275,13 +279,46 @@ def _check_placeholder_count(texts: list[str], placeholder: str, n_inputs: int, 
 
 def _load_image(image):
     if isinstance(image, (str, os.PathLike)):
-        try:
-            with Image.open(image) as opened:
-                opened.load()
-                return opened.copy()
-        except (OSError, SyntaxError) as error:
-            raise ValueError(f"Cannot read image {image}: {error}") from error
+        return open_image(image)
     return image
+
+
+def upright_rgb(image):
+    """A decoded image turned the way its EXIF orientation says (as cameras and viewers show it), in RGB."""
+    return to_rgb(ImageOps.exif_transpose(image))
+
+
+def open_image(source, timeout: float = IMAGE_URL_TIMEOUT):
+    """A path or an http(s) URL -> upright RGB PIL image, decoded fully; errors name the file or URL. A download
+    gets `timeout` seconds in all, however slowly the server sends."""
+    source = os.fspath(source)
+    try:
+        opened = Image.open(io.BytesIO(fetch_url(source, timeout))) if source.startswith(URL_PREFIXES) else \
+            Image.open(source)
+        with opened:
+            opened.load()
+            return upright_rgb(opened)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+        raise ValueError(f"Cannot read image {source}: {error}") from error
+
+
+def fetch_url(url: str, timeout: float = IMAGE_URL_TIMEOUT) -> bytes:
+    """The body of `url` (httpx, as transformers' own `load_image`), within `timeout` seconds in all: httpx's timeout
+    bounds each read, so a server sending a byte at a time would otherwise hold the caller for minutes."""
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    chunks = []
+    try:
+        with httpx.stream("GET", url, timeout=timeout, follow_redirects=True) as response:
+            response.raise_for_status()
+            for chunk in response.iter_bytes():
+                chunks.append(chunk)
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"not downloaded within {timeout:g} s")
+    except httpx.HTTPError as error:
+        raise OSError(f"{type(error).__name__}: {error}") from None
+    return b"".join(chunks)
 
 
 def add_mmphi_tokens(tokenizer) -> None:
@@ -295,4 +332,4 @@ def add_mmphi_tokens(tokenizer) -> None:
 
 MMPhiProcessor.register_for_auto_class("AutoProcessor")  # every save writes auto_map and the code files
 
-__all__ = ["MMPhiProcessor", "add_mmphi_tokens", "to_rgb", "CHAT_TEMPLATE"]
+__all__ = ["MMPhiProcessor", "add_mmphi_tokens", "to_rgb", "upright_rgb", "open_image", "CHAT_TEMPLATE"]

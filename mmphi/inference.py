@@ -25,11 +25,10 @@ from mmphi.data.images import load_image as decode_image
 from mmphi.errors import BadRecordError, parse_json_object
 from mmphi.loading import load_mmphi
 from processing_mmphi import IMAGE_TOKEN as IMAGE_PLACEHOLDER
-from processing_mmphi import to_rgb
+from processing_mmphi import IMAGE_URL_TIMEOUT, URL_PREFIXES, open_image
 
 AUDIO_PLACEHOLDER = "<audio>"
 REQUEST_KEYS = {"image", "audio", "prompt", "id"}
-URL_PREFIXES = ("http://", "https://")
 
 
 # --- loading -----------------------------------------------------------------------------------------------------
@@ -119,14 +118,12 @@ def load_image(image):
     return decode_image(image)
 
 
-def download_image(url: str, timeout: float = 30.0) -> Image.Image:
-    """An image from a URL, through transformers' own loader."""
-    from transformers.image_utils import load_image as load_url
-
+def download_image(url: str, timeout: float = IMAGE_URL_TIMEOUT) -> Image.Image:
+    """An image from a URL, the whole download within `timeout` seconds (the processor's loader)."""
     try:
-        return to_rgb(load_url(url, timeout=timeout))
-    except Exception as error:  # network, HTTP status, not an image: all named with the URL
-        raise BadRecordError(f"cannot load image {url}: {type(error).__name__}: {error}") from None
+        return open_image(url, timeout)
+    except ValueError as error:  # network, HTTP status, too slow, not an image: all named with the URL
+        raise BadRecordError(f"cannot load image {url}: {error.__cause__ or error}") from None
 
 
 @dataclass

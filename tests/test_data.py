@@ -546,6 +546,70 @@ def test_vision_feature_cache_is_extended_not_rewritten_for_more_images(tiny, sy
             torch.testing.assert_close(store.get(path), model.model.get_vision_features(pixel_values))
 
 
+def features_of(model, processor, path):
+    pixel_values = processor.image_processor([md.load_image(path)], return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        return model.model.get_vision_features(pixel_values)
+
+
+def test_vision_feature_cache_follows_replaced_and_repaired_images(tiny, synthetic, tmp_path):
+    """Entries are keyed by the file as it is (size + mtime): a replaced image gets new features, a repaired one
+    leaves the unreadable list; unchanged images are not recomputed."""
+    import shutil
+
+    model, processor = tiny
+    sources = sorted(i.image for i in coco_images(synthetic["captions_val"], synthetic["images"]))[:4]
+    folder = tmp_path / "images"
+    folder.mkdir()
+    paths = [str(shutil.copy(source, folder / f"{n}.png")) for n, source in enumerate(sources)]
+    Path(paths[3]).write_bytes(Path(sources[3]).read_bytes()[:100])  # broken
+    store = md.cache_vision_features(model, processor, paths, str(tmp_path / "cache"), shard_size=2)
+    assert os.path.abspath(paths[3]) in store.unreadable
+    first_shards = {store.rows[os.path.abspath(p)][0] for p in paths[:3]}
+
+    shutil.copy(sources[1], paths[0])  # replaced by another picture
+    os.utime(paths[0], ns=(1, 10**18))  # a clearly different mtime, whatever the file system's resolution
+    shutil.copy(sources[3], paths[3])  # repaired
+    store = md.cache_vision_features(model, processor, paths, str(tmp_path / "cache"), shard_size=2)
+    assert not store.unreadable and len(store) == 4
+    for path in paths:
+        torch.testing.assert_close(store.get(path), features_of(model, processor, path))
+    torch.testing.assert_close(store.get(paths[0]), features_of(model, processor, sources[1]))
+    assert store.rows[os.path.abspath(paths[2])][0] in first_shards  # unchanged: not recomputed
+
+
+def test_an_interrupted_run_with_another_tower_never_rewrites_the_cache_it_found(tiny, synthetic, tmp_path,
+                                                                                  monkeypatch):
+    """Tower B in tower A's folder, stopped before its index: A's index and shards are untouched, so A's next run
+    reads A's features. B's finished run points the index at B's own shards and removes the ones nothing indexes."""
+    import mmphi.data.features as features
+
+    model, processor = tiny
+    other, _ = build_tiny(seed=5)
+    paths = sorted(i.image for i in coco_images(synthetic["captions_val"], synthetic["images"]))[:6]
+    cache = tmp_path / "cache"
+    md.cache_vision_features(model, processor, paths, str(cache), shard_size=2)
+    before = {shard.name: shard.read_bytes() for shard in cache.glob("*.safetensors")}
+
+    def stop(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(features, "_write_unreadable", stop)
+    with pytest.raises(KeyboardInterrupt):
+        md.cache_vision_features(other, processor, paths, str(cache), shard_size=2)
+    monkeypatch.undo()
+    assert all((cache / name).read_bytes() == data for name, data in before.items())
+    store = md.cache_vision_features(model, processor, paths, str(cache), shard_size=2)
+    for path in paths:
+        torch.testing.assert_close(store.get(path), features_of(model, processor, path))
+
+    store = md.cache_vision_features(other, processor, paths, str(cache), shard_size=2)
+    for path in paths:
+        torch.testing.assert_close(store.get(path), features_of(other, processor, path))
+    assert {shard.name for shard in cache.glob("*.safetensors")} == {row[0] for row in store.rows.values()}
+    assert not set(before) & {row[0] for row in store.rows.values()}
+
+
 def test_vision_feature_cache_names_unreadable_images_and_leaves_them_out(tiny, synthetic, tmp_path):
     model, processor = tiny
     paths = [i.image for i in coco_images(synthetic["captions_val"], synthetic["images"])][:4]

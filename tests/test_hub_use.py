@@ -103,6 +103,78 @@ def test_an_image_url_is_downloaded_and_answered_like_the_file(files, loaded, ht
         ChatTurn("x", image=f"{http_server}/missing.png")
 
 
+def test_chat_messages_take_images_by_url_in_the_processor_and_the_pipeline(files, loaded, http_server):
+    """`{"type": "image", "url": ...}` in chat messages: the processor's chat template and the pipeline download it,
+    with the file's pixels and answer."""
+    from transformers import pipeline
+
+    model, processor = loaded
+
+    def chat(image_block):
+        return [{"role": "user", "content": [image_block, {"type": "text", "text": "What colour is the circle?"}]}]
+
+    by_url = processor.apply_chat_template(chat({"type": "image", "url": f"{http_server}/red.png"}),
+                                           add_generation_prompt=True, tokenize=True, return_dict=True)
+    by_path = processor.apply_chat_template(chat({"type": "image", "path": files["red"]}),
+                                            add_generation_prompt=True, tokenize=True, return_dict=True)
+    assert torch.equal(by_url["pixel_values"], by_path["pixel_values"])
+    assert torch.equal(by_url["input_ids"], by_path["input_ids"])
+    pipe = pipeline("image-text-to-text", model=model, processor=processor)
+    blocks = ({"type": "image", "url": f"{http_server}/red.png"}, {"type": "image", "path": files["red"]})
+    answers = [pipe(text=chat(block), max_new_tokens=6, do_sample=False)[0]["generated_text"][-1]["content"]
+               for block in blocks]
+    assert answers[0] == answers[1]
+    assert answers[0].strip() == answer(model, processor, ChatTurn("What colour is the circle?", image=files["red"]))
+
+
+def test_a_slow_image_download_stops_at_the_total_timeout():
+    """A server that sends a byte every 0.2 s never trips httpx's per-read timeout; the download's total one stops
+    it, naming the URL."""
+    import time
+
+    from processing_mmphi import open_image
+
+    class Trickle(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Length", "1000")
+            self.end_headers()
+            for _ in range(1000):
+                self.wfile.write(b"x")
+                self.wfile.flush()
+                time.sleep(0.2)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Trickle)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/slow.png"
+    started = time.monotonic()
+    with pytest.raises(ValueError, match=rf"Cannot read image {url}: not downloaded within 1 s"):
+        open_image(url, timeout=1.0)
+    assert time.monotonic() - started < 5
+    server.shutdown()
+
+
+def test_exif_orientation_is_applied_to_image_files_everywhere(tmp_path):
+    """A photo stored sideways with an EXIF orientation tag is read upright by training, chat and the processor."""
+    from mmphi.data.images import load_image as training_image
+    from processing_mmphi import open_image
+
+    upright = Image.new("RGB", (40, 20), "white")
+    upright.paste((255, 0, 0), (0, 0, 10, 20))  # red on the left
+    stored = upright.transpose(Image.Transpose.ROTATE_90)  # what the camera wrote: 20 x 40
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 clockwise to view"
+    path = tmp_path / "sideways.jpg"
+    stored.save(path, exif=exif, quality=95)
+    for image in (training_image(str(path)), open_image(path), ChatTurn("What is it?", image=str(path)).image):
+        assert image.size == (40, 20)
+        assert image.getpixel((2, 10))[0] > 200 and image.getpixel((2, 10))[1] < 60
+
+
 def test_several_images_in_one_question_each_get_a_placeholder_in_order(files, loaded):
     model, processor = loaded
     turn = ChatTurn("Which one is red?", image=[files["red"], files["blue"]])

@@ -11,10 +11,14 @@ from collections.abc import Iterable
 
 import torch
 
-from mmphi.data.images import load_image
+from mmphi.data.images import EMBEDDED_ROW, load_image
 from mmphi.errors import BadRecordError
 
 logger = logging.getLogger(__name__)
+
+# How images are decoded (mmphi.data.images.load_image): part of the tower fingerprint, so features made by another
+# decoding are recomputed.
+IMAGE_DECODING = "rgb-exif-upright"
 
 
 class VisionFeatureStore:
@@ -30,6 +34,7 @@ class VisionFeatureStore:
         self.fingerprint = index["fingerprint"]
         self.rows = {path: tuple(location) for path, location in index["rows"].items()}
         self.unreadable = index.get("unreadable", {})
+        self.stamps = {path: tuple(stamp) if stamp else None for path, stamp in index.get("stamps", {}).items()}
         self._handles: dict = {}
 
     def __contains__(self, path: str) -> bool:
@@ -63,6 +68,7 @@ def tower_fingerprint(model, processor) -> str:
         digest.update(tensor.detach().float().cpu().numpy().tobytes())
     config = model.config
     digest.update(f"{config.vision_feature_layer}:{config.vision_feature_select_strategy}".encode())
+    digest.update(IMAGE_DECODING.encode())
     digest.update(json.dumps(processor.image_processor.to_dict(), sort_keys=True, default=str).encode())
     return digest.hexdigest()[:16]
 
@@ -90,6 +96,21 @@ def default_cache_dir(fingerprint: str, paths: list[str]) -> str:
     root = os.environ.get("MMPHI_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "mmphi"))
     images = hashlib.sha256("\n".join(paths).encode()).hexdigest()[:12]
     return os.path.join(root, "vision_features", f"{fingerprint}-{images}")
+
+
+def file_stamp(path: str) -> tuple[int, int] | None:
+    """(size, modification time in ns) of an image file (of its arrow file for an embedded image); None when it is
+    missing. A replaced or repaired image gets a new stamp, so its features are computed again."""
+    try:
+        stat = os.stat(path.rsplit(EMBEDDED_ROW, 1)[0])
+    except OSError:
+        return None
+    return stat.st_size, stat.st_mtime_ns
+
+
+def _still_valid(kept: VisionFeatureStore, path: str, stamp) -> bool:
+    """The cache's entry for `path` (features or "unreadable") was made from the file as it is now."""
+    return (path in kept.rows or path in kept.unreadable) and kept.stamps.get(path, False) == stamp
 
 
 _SHARD_PREFIX, _SHARD_SUFFIX = "vision_features-", ".safetensors"
@@ -126,8 +147,8 @@ def _write_shard(tower_model, paths: list[str], directory: str, name: str, image
                 rows = torch.zeros((len(paths), *features.shape[1:]), dtype=features.dtype)
             rows[[index for index, _ in good]] = features
         progress.update(len(batch))
-    if rows is None:
-        raise BadRecordError(f"no image of {name} could be read: {next(iter(bad.values()))}")
+    if rows is None:  # every image of the shard unreadable: nothing to store, the index names them
+        return bad
     save_file({"features": rows.contiguous()}, os.path.join(directory, name))
     return bad
 
@@ -150,27 +171,32 @@ def cache_vision_features(model, processor, image_paths: Iterable[str], director
     workers, with a progress bar. Under DDP (`state`: accelerate's PartialState) each process computes every
     `num_processes`-th shard, so the work is shared and nobody waits in a barrier for the whole cache; the shards are
     the same whatever the process count. An existing cache with the same tower fingerprint that covers the images is
-    reused; one that covers part of them is extended with the rest. Unreadable images are left out of the index (the
-    collator then names or skips their samples)."""
+    reused; one that covers part of them is extended with the rest. Each entry records its file's size and mtime: an
+    image replaced since, or an unreadable one repaired, is computed again. Unreadable images are left out of the
+    index (the collator then names or skips their samples)."""
     from accelerate import PartialState
     from tqdm.auto import tqdm
 
     state = state or PartialState()
     refuse_a_split_tower(model)
     paths = sorted({os.path.abspath(p) for p in image_paths})
+    stamps = {path: file_stamp(path) for path in paths}
     fingerprint = tower_fingerprint(model, processor)
     directory = directory or default_cache_dir(fingerprint, paths)
     index_path = os.path.join(directory, VisionFeatureStore.INDEX)
     kept = VisionFeatureStore(directory) if os.path.isfile(index_path) else None
     if kept is not None and kept.fingerprint != fingerprint:
-        kept = None  # another tower or preprocessing: every image is computed again
-    if kept is not None and all(p in kept.rows or p in kept.unreadable for p in paths):
+        logger.info("%s holds another tower's (or preprocessing's) features: this one's go into new shards", directory)
+        kept = None
+    # Computed again: images the cache lacks, and images replaced or repaired since (size or mtime changed).
+    todo = [path for path in paths if kept is None or not _still_valid(kept, path, stamps[path])]
+    if not todo:
         logger.info("reusing cached vision features in %s (%d images)", directory, len(kept))
         return kept
-    # A folder with the same tower (another stage's, another image set) is extended: its shards stay as they are and
-    # only the images it lacks get new shards after them, so the stage that wrote it can still read it.
-    paths = [p for p in paths if p not in kept.rows and p not in kept.unreadable] if kept else paths
-    first = _next_shard_index(directory) if kept else 0
+    # New shards always come after every shard in the folder: the shards the current index (or another tower's, or
+    # another stage's) points at are never rewritten, so a run stopped midway leaves that index true.
+    paths = todo
+    first = _next_shard_index(directory) if os.path.isdir(directory) else 0
     state.wait_for_everyone()  # nobody may still be reading an old index in this folder
     os.makedirs(directory, exist_ok=True)
     backbone = model.model
@@ -196,17 +222,29 @@ def cache_vision_features(model, processor, image_paths: Iterable[str], director
         unreadable = _read_unreadable(directory, state.num_processes)
         rows = {p: (_shard_name(first + k), row) for k, shard in enumerate(shards) for row, p in enumerate(shard)
                 if p not in unreadable}
-        if kept:
-            rows, unreadable = {**kept.rows, **rows}, {**kept.unreadable, **unreadable}
+        if kept:  # an image now readable leaves "unreadable", one now broken leaves the rows
+            rows = {**{p: r for p, r in kept.rows.items() if p not in unreadable}, **rows}
+            unreadable = {**{p: u for p, u in kept.unreadable.items() if p not in rows}, **unreadable}
+        all_stamps = {**(kept.stamps if kept else {}), **{p: stamps[p] for p in paths}}
         with open(index_path + ".partial", "w") as handle:
-            json.dump({"fingerprint": fingerprint, "rows": rows, "unreadable": unreadable}, handle)
+            json.dump({"fingerprint": fingerprint, "rows": rows, "unreadable": unreadable, "stamps": all_stamps},
+                      handle)
         os.replace(index_path + ".partial", index_path)
+        _remove_unindexed_shards(directory, rows)
         if unreadable:
             logger.warning("%d image(s) could not be read and have no cached features, e.g. %s",
                            len(unreadable), next(iter(unreadable.values())))
     state.wait_for_everyone()
     logger.info("cached vision features of %d images in %s", len(paths), directory)
     return VisionFeatureStore(directory)
+
+
+def _remove_unindexed_shards(directory: str, rows: dict) -> None:
+    """Shards the index no longer points at (another tower's, replaced images' only shard, a stopped run's)."""
+    indexed = {shard for shard, _ in rows.values()}
+    for name in os.listdir(directory):
+        if name.startswith(_SHARD_PREFIX) and name.endswith(_SHARD_SUFFIX) and name not in indexed:
+            os.remove(os.path.join(directory, name))
 
 
 def _write_unreadable(directory: str, process_index: int, bad: dict[str, str]) -> None:

@@ -18,7 +18,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from mmphi.errors import BadRecordError, SkipReport
-from processing_mmphi import to_rgb
+from processing_mmphi import upright_rgb
 
 EMBEDDED_ROW = "#row="
 
@@ -70,12 +70,12 @@ def _not_found(path: str, error: FileNotFoundError) -> str:
 
 
 def load_image(path: str) -> Image.Image:
-    """Decode an image (a path or an embedded-image key) fully (truncated files fail here, not mid-batch) and
-    convert it to RGB."""
+    """Decode an image (a path or an embedded-image key) fully (truncated files fail here, not mid-batch), turned
+    upright by its EXIF orientation and converted to RGB, as the processor does for chat and evaluation."""
     try:
         with Image.open(_open(path)) as opened:
             opened.load()
-            return to_rgb(opened).copy()
+            return upright_rgb(opened).copy()
     except FileNotFoundError as error:
         raise BadRecordError(_not_found(path, error)) from None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
