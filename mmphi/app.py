@@ -4,7 +4,8 @@ transcript, and the answer streamed into a multi-turn chat.
     python scripts/app.py --model outputs/mmphi                 # http://127.0.0.1:7860
     python scripts/app.py --model outputs/mmphi --host 0.0.0.0 --port 8080 --load_in_4bit
 
-An image stays in the conversation once sent: upload a new one to ask about it (earlier images stay in the context).
+An image stays in the conversation once sent and is shown in the chat; a new image starts a new conversation (the
+model answers about one image at a time), and the page says so.
 Each spoken question is transcribed by Whisper (`--speech_model`; the offline tiny.en when installed) and the
 transcript joins the prompt as text. "Regenerate" answers the last question again (with the current generation
 settings), "Undo" takes the last exchange back, "New chat" clears the history; the examples fill in an image and a
@@ -78,10 +79,15 @@ def read_examples(path: str) -> list[list[str]]:
     return examples
 
 
-def user_bubble(turn: ChatTurn, transcript: str | None) -> str:
+NEW_CONVERSATION = "New image: a new conversation (the model answers about one image at a time)."
+
+
+def user_bubble(turn: ChatTurn, transcript: str | None, image_path: str | None = None):
+    """The user's message in the chat: the image it brought (if any), then the question."""
     question = turn.question(transcript) if transcript is not None else turn.prompt
     spoken = "(spoken) " if turn.audio is not None else ""
-    return spoken + (question or "…")
+    text = spoken + (question or "…")
+    return [{"path": image_path}, text] if turn.images and image_path else text
 
 
 def build_app(model, processor, options: GenerationOptions | None = None, speech_model: str | None = None,
@@ -98,18 +104,22 @@ def build_app(model, processor, options: GenerationOptions | None = None, speech
         except ValueError as error:
             raise gr.Error(str(error)) from error
         settings = (max_new_tokens, do_sample, temperature, top_p)
-        yield from answer(turn, image_path, list(history or []), session, settings)
+        history = list(history or [])
+        if session.conversation.needs_new_conversation(turn):  # the chat restarts, as the model's context does
+            session, history = Session(), []
+            gr.Info(NEW_CONVERSATION)
+        yield from answer(turn, image_path, history, session, settings)
 
     def answer(turn, image_path, history, session, settings):
         """Stream the answer to `turn` into the chat; record it in the session once complete."""
         max_new_tokens, do_sample, temperature, top_p = settings
-        history.append({"role": "user", "content": user_bubble(turn, None)})
+        history.append({"role": "user", "content": user_bubble(turn, None, image_path)})
         transcript_box = "(transcribing…)" if turn.audio is not None else ""
         yield history, session, transcript_box, "", None
         turn_options = GenerationOptions(int(max_new_tokens), bool(do_sample), float(temperature), float(top_p))
         try:
             inputs, (transcript,) = inference.prepare_inputs(processor, [session.conversation], [turn], transcriber)
-            history[-1]["content"] = user_bubble(turn, transcript)
+            history[-1]["content"] = user_bubble(turn, transcript, image_path)
             if transcript is not None:
                 transcript_box = transcript or "(no speech detected)"
             history.append({"role": "assistant", "content": ""})

@@ -120,7 +120,7 @@ def run_questions(args, questions, model, processor, options) -> None:
 
 def interactive(args, model, processor, options, transcriber, first_turn: inference.ChatTurn | None) -> None:
     """A multi-turn chat on stdin/stdout. History goes through the chat template; each /image attaches to the next
-    message (earlier images stay in the context)."""
+    message, and a message with a new image starts a new conversation (`Chat.needs_new_conversation`)."""
     conversation = inference.Chat()
     images, audio = list(args.image), args.audio
     print(f"MM-Phi chat ({args.model}). /help for commands.", file=sys.stderr)
@@ -161,6 +161,9 @@ def interactive(args, model, processor, options, transcriber, first_turn: infere
             continue
         try:
             turn = inference.ChatTurn(line, image=images, audio=audio)
+            if conversation.needs_new_conversation(turn):
+                conversation.reset()
+                print("(new image: a new conversation; the model answers about one image at a time)")
             stream = not args.no_stream
             answer_and_print(model, processor, conversation, turn, options, transcriber, stream, "Assistant: ")
         except ValueError as error:  # bad image/audio, context full: report and keep the session

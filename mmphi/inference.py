@@ -166,6 +166,12 @@ class Chat:
     images: list = field(default_factory=list)
     images_per_turn: list = field(default_factory=list)
 
+    def needs_new_conversation(self, turn: ChatTurn) -> bool:
+        """One image per conversation, as the model is trained (LLaVA's conversations hold one): a turn that brings
+        an image into a conversation that already has one is asked in a new conversation (the chat CLI and the app
+        start it and say so). Several images in one question stay together."""
+        return bool(turn.images) and bool(self.images)
+
     def prompt_messages(self, turn: ChatTurn) -> list[dict]:
         return self.messages + [turn.user_message()]
 

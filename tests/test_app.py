@@ -88,6 +88,11 @@ def expected_answers(served):
 
 def test_app_in_headless_chromium(served):
     spoken, typed = expected_answers(served)
+    example_image, example_question = mmphi_app.default_examples()[1]
+    example_answer, new_image_answer = (
+        inference.answer_turn(served["model"], served["processor"], Chat(), turn, OPTIONS).text
+        for turn in (ChatTurn(example_question, image=example_image),
+                     ChatTurn("What colour is the circle?", image=served["image"])))
     assert "circle" in spoken.transcript.lower()
     assert spoken.text and typed.text, "the tiny model should say something within 8 tokens"
     os.makedirs(ARTIFACTS, exist_ok=True)
@@ -126,11 +131,24 @@ def test_app_in_headless_chromium(served):
             page.locator("#undo").click()
             expect(chat).not_to_contain_text("(spoken)", timeout=TIMEOUT_MS)
 
-            # an example fills in the image and the question
+            # an example fills in the image and the question; the chat shows the image with the question
             page.locator("#examples").get_by_text("What shape is it?").click()
             expect(page.locator("#prompt textarea")).to_have_value("What shape is it?", timeout=TIMEOUT_MS)
             expect(page.locator("#image img")).to_be_visible(timeout=TIMEOUT_MS)
             page.screenshot(path=os.path.join(ARTIFACTS, "app-example.png"), full_page=True)
+            page.locator("#send").click()
+            expect(chat).to_contain_text(example_answer, timeout=TIMEOUT_MS)
+            expect(chat.locator("img")).to_have_count(1, timeout=TIMEOUT_MS)
+
+            # another image: the chat starts over (as the model's context does) and says so
+            page.locator("#image input[type=file]").set_input_files(served["image"])
+            page.locator("#prompt textarea").fill("What colour is the circle?")
+            page.locator("#send").click()
+            expect(page.get_by_text(mmphi_app.NEW_CONVERSATION)).to_be_visible(timeout=TIMEOUT_MS)
+            expect(chat).to_contain_text(new_image_answer, timeout=TIMEOUT_MS)
+            expect(chat).not_to_contain_text("What shape is it?")
+            expect(chat.locator("img")).to_have_count(1, timeout=TIMEOUT_MS)
+            page.screenshot(path=os.path.join(ARTIFACTS, "app-new-image.png"), full_page=True)
         finally:
             browser.close()
     assert os.path.getsize(os.path.join(ARTIFACTS, "app-follow-up.png")) > 10_000

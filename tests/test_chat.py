@@ -151,13 +151,17 @@ def test_cli_one_shot_and_interactive_in_process(files, loaded, capsys, monkeypa
     conversation = Chat()
     turns = [ChatTurn("What is it?", image=files["red"]), ChatTurn("And the colour?"), ChatTurn("Hello")]
     first, second = (inference.answer_turn(model, processor, conversation, t, GREEDY).text for t in turns[:2])
-    third = one_by_one(model, processor, turns[2:])[0].text  # after /reset: no history
-    stdin = f"/image {files['red']}\nWhat is it?\nAnd the colour?\n/reset\n/image missing.png\nHello\n/quit\n"
+    # a new image starts a new conversation: answered as a first question; after /reset: no history
+    new_image, third = (one_by_one(model, processor, [t])[0].text
+                        for t in (ChatTurn("What shape?", image=files["blue"]), turns[2]))
+    stdin = (f"/image {files['red']}\nWhat is it?\nAnd the colour?\n/image {files['blue']}\nWhat shape?\n"
+             "/reset\n/image missing.png\nHello\n/quit\n")
     monkeypatch.setattr("sys.stdin", __import__("io").StringIO(stdin))
     chat.main(["--model", files["model"], "--max_new_tokens", "6", "--interactive"])
-    answers = [line.split("Assistant: ", 1)[1].strip() for line in capsys.readouterr().out.splitlines()
-               if "Assistant: " in line]
-    assert answers == [first, second, third]
+    out = capsys.readouterr().out
+    answers = [line.split("Assistant: ", 1)[1].strip() for line in out.splitlines() if "Assistant: " in line]
+    assert answers == [first, second, new_image, third]
+    assert out.count("(new image: a new conversation") == 1
 
 
 @needs_speech
