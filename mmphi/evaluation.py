@@ -9,10 +9,20 @@
     python scripts/evaluate_mmphi.py --task perplexity --model_name_or_path outputs/pretrain \
         --data_path data/corpus/c4.jsonl
 
-- vqa: a LLaVA-format file. Each human turn is a question and the next gpt turn its answer; earlier turns of the
-  same conversation (with their reference answers) are the context, the image comes with the first turn. Greedy,
-  batched, left-padded generation; normalized exact match as the VQA evaluation normalizes answers (lowercase,
-  punctuation, articles, number words); overall and per question type (the record's type field, else inferred).
+    python scripts/evaluate_mmphi.py --task vqa --model_name_or_path outputs/instruct/merged \
+        --data_path v2_OpenEnded_mscoco_val2014_questions.json --annotations_file v2_mscoco_val2014_annotations.json \
+        --image_folder coco/val2014 --output_file vqav2.json
+
+- vqa, VQAv2 (the official questions file + `--annotations_file`, 10 human answers a question; images
+  `COCO_<data_subtype>_<image_id:012d>.jpg`): the official soft accuracy (vqaEval.py: min(#humans / 3, 1) over the
+  10 leave-one-out subsets), overall and per answer type, comparable to VQAv2 papers; the question gets LLaVA-1.5's
+  short-answer instruction (`--vqav2_instruction`).
+- vqa, LLaVA format: each human turn is a question and the next gpt turn its answer; earlier turns of the same
+  conversation (with their reference answers) are the context, the image comes with the first turn. Normalized exact
+  match against that one answer (the output's "scoring" says so: not comparable to VQAv2's 10-answer accuracy);
+  overall and per question type (the record's type field, else inferred).
+  Both: greedy, batched, left-padded generation; answers normalized as the VQA evaluation does (lowercase,
+  punctuation, articles, number words).
 - caption: a COCO captions file; one caption per image with the projector stage's captioning prompt; BLEU-4 and
   CIDEr-D with pycocoevalcap's scorers against all references of each image (PTB tokenizer through Java, else its
   Python rules; the scores name the tokenizer).
@@ -54,6 +64,9 @@ from mmphi.metrics import (
 logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_NEW_TOKENS = {"vqa": 16, "caption": 40, "pope": 16}
+VQAV2_INSTRUCTION = "\nAnswer the question using a single word or phrase."  # LLaVA-1.5's VQAv2 prompt
+SINGLE_REFERENCE_SCORING = "exact match against the record's one answer (not VQAv2's 10-answer accuracy)"
+VQAV2_SCORING = "VQAv2 soft accuracy over 10 human answers (vqaEval.py)"
 TASKS = ["vqa", "caption", "pope", "perplexity"]
 
 
@@ -66,6 +79,10 @@ class EvaluationArguments:
         metadata={"help": "vqa: LLaVA JSON; caption: COCO captions JSON; perplexity: JSONL/.txt files (several ok)"},
     )
     image_folder: str | None = field(default=None, metadata={"help": "where the data's image paths are relative to"})
+    annotations_file: str | None = field(default=None, metadata={
+        "help": "vqa: VQAv2's annotations JSON (10 answers a question), with its questions JSON as --data_path"})
+    vqav2_instruction: str = field(default=VQAV2_INSTRUCTION, metadata={
+        "help": "vqa on VQAv2: appended to each question (LLaVA-1.5's; '' for none)"})
     adapter: str | None = field(default=None, metadata={"help": "a PEFT adapter (instruct) applied on the model"})
     allow_other_base: bool = field(default=False, metadata={
         "help": "apply --adapter even when its run_info.json records another base than --model_name_or_path"})
@@ -202,17 +219,91 @@ def score_vqa(items: list[EvalItem]) -> dict:
 
 def evaluate_vqa(args: EvaluationArguments, model, processor) -> tuple[dict, list[dict]]:
     report = mmphi_data.SkipReport()
-    conversations = mmphi_data.read_source(one_data_path(args), args.image_folder, args.skip_bad_records, report,
-                                           data_format="llava")
-    items = drop_unreadable_images(vqa_items(conversations)[: args.max_samples], args.skip_bad_records, report)
+    path = one_data_path(args)
+    vqav2 = args.annotations_file is not None or is_vqav2_questions(path)
+    if vqav2:
+        items = vqav2_items(path, args.annotations_file, args.image_folder, args.vqav2_instruction,
+                            args.skip_bad_records, report)
+    else:
+        conversations = mmphi_data.read_source(path, args.image_folder, args.skip_bad_records, report,
+                                               data_format="llava")
+        items = vqa_items(conversations)
+    items = drop_unreadable_images(items[: args.max_samples], args.skip_bad_records, report)
     if not items:
-        raise ValueError(f"{one_data_path(args)}: no (question, answer) pairs to evaluate")
+        raise ValueError(f"{path}: no (question, answer) pairs to evaluate")
     generate_answers(model, processor, items, args.batch_size, args.max_new_tokens or DEFAULT_MAX_NEW_TOKENS["vqa"])
-    scores = {**score_vqa(items), "skipped_bad_records": report.total}
-    predictions = [{"id": i.record_id, "turn": i.turn, "type": i.question_type, "question": i.question,
-                    "answer": i.references[0], "prediction": i.prediction,
-                    "correct": vqa_exact_match(i.prediction, i.references)} for i in items]
+    scores = {**score_vqa(items), "scoring": VQAV2_SCORING if vqav2 else SINGLE_REFERENCE_SCORING,
+              "skipped_bad_records": report.total}
+    if vqav2:  # the official results format (question_id, answer), with each question's score
+        predictions = [{"question_id": int(i.record_id), "answer": i.prediction, "answer_type": i.question_type,
+                        "question": i.question, "accuracy": vqa_accuracy(i.prediction, i.references)} for i in items]
+    else:
+        predictions = [{"id": i.record_id, "turn": i.turn, "type": i.question_type, "question": i.question,
+                        "answer": i.references[0], "prediction": i.prediction,
+                        "correct": vqa_exact_match(i.prediction, i.references)} for i in items]
     return scores, predictions
+
+
+def is_vqav2_questions(path: str) -> bool:
+    """VQAv2's questions file is one JSON object with a "questions" list (LLaVA files are a list of records)."""
+    with open(path, encoding="utf-8") as handle:
+        return handle.read(1).lstrip() == "{" and '"questions"' in handle.read(4096)
+
+
+def read_json_object(path: str, key: str, what: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            data = json.load(handle)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{what} not found: {path}") from None
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: not valid JSON ({error.msg}, line {error.lineno})") from None
+    if not isinstance(data, dict) or not isinstance(data.get(key), list):
+        raise ValueError(f"{path}: not a VQAv2 {what} (a JSON object with a {key!r} list)")
+    return data
+
+
+def vqav2_items(questions_path: str, annotations_path: str | None, image_folder: str | None, instruction: str,
+                skip_bad_records: bool, report) -> list[EvalItem]:
+    """VQAv2 questions joined to their annotations by question_id: one item per question, its 10 human answers the
+    references, its answer type ("yes/no", "number", "other") the type. A question without an annotation, or an
+    annotation without answers, is a bad record (named, or skipped and counted)."""
+    if annotations_path is None:
+        raise ValueError(f"{questions_path} is a VQAv2 questions file: pass its annotations with --annotations_file "
+                         "(v2_mscoco_<split>_annotations.json)")
+    questions = read_json_object(questions_path, "questions", "questions file")
+    annotations = {a.get("question_id"): a for a in
+                   read_json_object(annotations_path, "annotations", "annotations file")["annotations"]}
+    subtype = questions.get("data_subtype")
+    if not subtype:
+        raise ValueError(f"{questions_path}: no \"data_subtype\" (e.g. val2014), which names the image files")
+    items = []
+    for index, question in enumerate(questions["questions"]):
+        location = f"{questions_path}: question {index} (question_id={question.get('question_id')})"
+        try:
+            items.append(_vqav2_item(question, annotations, subtype, image_folder, instruction, location))
+        except mmphi_data.BadRecordError as error:
+            handle_bad_record(location, error, skip_bad_records, report)
+    return items
+
+
+def _vqav2_item(question: dict, annotations: dict, subtype: str, image_folder: str | None, instruction: str,
+                location: str) -> EvalItem:
+    question_id, image_id, text = question.get("question_id"), question.get("image_id"), question.get("question")
+    if not isinstance(question_id, int) or not isinstance(image_id, int) or not isinstance(text, str):
+        raise mmphi_data.BadRecordError("needs an integer question_id and image_id and a question string")
+    annotation = annotations.get(question_id)
+    if annotation is None:
+        raise mmphi_data.BadRecordError("no annotation with this question_id in --annotations_file")
+    answers = [a.get("answer") for a in annotation.get("answers") or [] if isinstance(a, dict)]
+    if not answers or not all(isinstance(a, str) for a in answers):
+        raise mmphi_data.BadRecordError("its annotation has no answers")
+    name = f"COCO_{subtype}_{image_id:012d}.jpg"
+    image = os.path.join(image_folder, name) if image_folder else name
+    prompt = text.strip() + instruction
+    conversation = mmphi_data.Conversation(str(question_id), image, [mmphi_data.Turn(prompt, "")])
+    return EvalItem(record_id=str(question_id), messages=conversation.messages()[:1], image=image, question=text,
+                    references=answers, location=location, question_type=annotation.get("answer_type") or "other")
 
 
 def evaluate_caption(args: EvaluationArguments, model, processor) -> tuple[dict, list[dict]]:

@@ -250,6 +250,8 @@ def evaluation_section(evaluations: list[tuple[str, dict]]) -> str:
         source = ", ".join(f"`{d}`" if d in hub else f"`{os.path.basename(d)}` (a local file)" for d in sources)
         parts.append(f"**{data['task']}** on {source or 'unspecified data'} (from `{name}`, written by "
                      "`scripts/evaluate_mmphi.py`):\n")
+        if data.get("scoring"):
+            parts.append(f"Scoring: {data['scoring']}.\n")
         parts.append("| metric | value |\n| --- | --- |")
         parts += [f"| {table_cell(metric)} | {table_cell(value)} |" for metric, value in flatten_scores(data)]
         parts.append("")

@@ -217,6 +217,57 @@ def test_vqa_end_to_end(tiny_folder, synthetic, tmp_path):
     for p in predictions:
         assert p["correct"] == (normalize_vqa_answer(p["prediction"]) == normalize_vqa_answer(p["answer"]))
     assert result["accuracy"] == pytest.approx(sum(p["correct"] for p in predictions) / len(predictions))
+    assert result["scoring"].startswith("exact match against the record's one answer")
+
+
+def test_vqav2_files_are_scored_with_the_official_soft_accuracy(tiny_folder, synthetic, tmp_path):
+    """VQAv2's questions + annotations files (10 human answers, COCO_<subtype>_<id>.jpg images): each question's
+    score is vqaEval's leave-one-out average, here set by hand by putting the model's own answer among the human
+    answers 0-4 times; a question without an annotation is named, or skipped and counted."""
+    import shutil
+
+    records = json.loads(Path(synthetic["llava_val"]).read_text())
+    folder = tmp_path / "val2014"
+    folder.mkdir()
+    questions = []
+    for n, record in enumerate(r for r in records if r.get("image")):
+        shutil.copy(Path(synthetic["images"]) / record["image"], folder / f"COCO_val2014_{n:012d}.jpg")
+        questions.append({"image_id": n, "question": record["conversations"][0]["value"].replace("<image>", "")
+                          .strip(), "question_id": 1000 + n})
+    questions_file = tmp_path / "v2_OpenEnded_mscoco_val2014_questions.json"
+    questions_file.write_text(json.dumps({"data_subtype": "val2014", "questions": questions}))
+    annotations_file = tmp_path / "v2_mscoco_val2014_annotations.json"
+
+    def annotate(answers_by_question):
+        annotations_file.write_text(json.dumps({"annotations": [
+            {"question_id": q["question_id"], "image_id": q["image_id"], "answer_type": ("yes/no", "other")[k % 2],
+             "answers": [{"answer": a, "answer_id": i + 1} for i, a in enumerate(answers_by_question[k])]}
+            for k, q in enumerate(questions)]}))
+
+    argv = ["--task", "vqa", "--model_name_or_path", str(tiny_folder), "--data_path", str(questions_file),
+            "--annotations_file", str(annotations_file), "--image_folder", str(folder), "--max_new_tokens", "3",
+            "--predictions_file", str(tmp_path / "p.jsonl")]
+    annotate([["zebra"] * 10 for _ in questions])
+    main(argv)
+    predicted = [json.loads(line)["answer"] for line in (tmp_path / "p.jsonl").read_text().splitlines()]
+    matches = [k % 5 for k in range(len(questions))]  # how many humans gave the model's answer
+    annotate([[predicted[k]] * m + ["zebra"] * (10 - m) for k, m in enumerate(matches)])
+    result = main(argv)
+    by_hand = [(m * min(1, (m - 1) / 3) + (10 - m) * min(1, m / 3)) / 10 for m in matches]
+    assert result["scoring"].startswith("VQAv2 soft accuracy") and result["questions"] == len(questions)
+    assert result["accuracy"] == pytest.approx(sum(by_hand) / len(by_hand))
+    scored = [json.loads(line) for line in (tmp_path / "p.jsonl").read_text().splitlines()]
+    assert [p["question_id"] for p in scored] == [q["question_id"] for q in questions]
+    assert [p["accuracy"] for p in scored] == pytest.approx(by_hand)
+    assert set(result["per_type"]) == {"yes/no", "other"}
+
+    questions.append({"image_id": 0, "question": "Is it?", "question_id": 5})
+    questions_file.write_text(json.dumps({"data_subtype": "val2014", "questions": questions}))
+    with pytest.raises(BadRecordError, match=r"question \d+ \(question_id=5\): no annotation"):
+        main(argv)
+    assert main([*argv, "--skip_bad_records"])["skipped_bad_records"] == 1
+    with pytest.raises(ValueError, match="is a VQAv2 questions file: pass its annotations with --annotations_file"):
+        main([a for a in argv if a not in ("--annotations_file", str(annotations_file))])
 
 
 def test_caption_end_to_end(tiny_folder, synthetic, tmp_path):

@@ -230,12 +230,13 @@ def test_metrics_flag_adds_an_outside_evaluation(trained_folder, tmp_path):
 def test_model_index_names_hub_datasets_only():
     """A score on a Hub dataset is a model-index entry; one on a local file (the demo's synthetic shapes) is not."""
     evaluations = [("vqa_eval.json", {"task": "vqa", "data": ["data/synthetic/llava_instruct_val.json"],
-                                      "accuracy": 0.9}),
+                                      "accuracy": 0.9, "scoring": "exact match against the record's one answer"}),
                    ("vqav2_eval.json", {"task": "vqa", "data": "lmms-lab/VQAv2", "accuracy": 0.5})]
     index = push_to_hub.model_index(evaluations)
     assert [(r.dataset_type, r.metric_type, r.metric_value) for r in index] == [("lmms-lab/VQAv2", "accuracy", 0.5)]
     section = push_to_hub.evaluation_section(evaluations)
     assert "`llava_instruct_val.json` (a local file)" in section and "`lmms-lab/VQAv2`" in section
+    assert "Scoring: exact match against the record's one answer." in section
 
 
 def test_table_cells_escape_pipes_and_keep_one_line():
