@@ -155,6 +155,38 @@ def test_dry_run_loads_through_auto_classes_in_a_fresh_process(trained_folder, d
     assert loaded["ids"] == expected.tolist()
 
 
+def card_snippet(card_text: str) -> str:
+    """The first Python block of the card's Usage section, as a reader would copy it."""
+    usage = card_text.split("## Usage", 1)[1]
+    return usage.split("```python\n", 1)[1].split("```", 1)[0]
+
+
+def run_snippet(snippet: str, tmp_path) -> subprocess.CompletedProcess:
+    """A card's snippet in a fresh process without this repository (the hub offline, as for a downloaded repo)."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"), TRANSFORMERS_VERBOSITY="error")
+    return subprocess.run([sys.executable, "-c", snippet], capture_output=True, text=True, cwd=tmp_path, env=env,
+                          timeout=300)
+
+
+def test_the_cards_usage_snippet_runs_as_written(trained_folder, dry_run, tmp_path):
+    """The generated card's snippet, with only the repo id (a downloaded copy) and the photo filled in, answers as
+    `model.generate` does in this process."""
+    Image.new("RGB", (200, 160), (220, 20, 20)).save(tmp_path / "photo.jpg")
+    snippet = card_snippet(ModelCard.load(os.path.join(dry_run, "README.md")).text)
+    assert snippet.count('"someone/mmphi-tiny"') == 2
+    result = run_snippet(snippet.replace('"someone/mmphi-tiny"', repr(dry_run)), tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    model, processor = trained_folder["model"], trained_folder["processor"]
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is in the picture?"}]}]
+    inputs = processor(text=processor.apply_chat_template(messages, add_generation_prompt=True),
+                       images=Image.open(tmp_path / "photo.jpg"))
+    with torch.no_grad():
+        output = model.generate(**inputs, max_new_tokens=64)
+    expected = processor.batch_decode(output[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)[0]
+    assert result.stdout.rstrip("\n") == expected
+
+
 def test_real_upload_sends_the_dry_run_files(trained_folder, dry_run):
     """The upload path stages the same files and hands them to HfApi.create_repo + upload_folder (a recording
     stand-in for the Hub, which is not reachable here)."""

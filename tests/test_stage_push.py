@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 from huggingface_hub import ModelCard
+from test_push import card_snippet, run_snippet
 
 from mmphi import hub
 from mmphi.build import build_tiny, save_mmphi
@@ -102,6 +103,18 @@ def test_instruct_pushes_the_adapter_with_its_processor(setup, recorded, tmp_pat
     usage = card.text.split("## Usage")[1]
     assert str(root) not in usage and 'from_pretrained("BASE_REPO"' in usage
     assert "local base folder (`base`)" in card.text
+
+    # the snippet as a reader runs it: BASE_REPO and the repo id filled in with downloaded copies
+    pushed = tmp_path / "pushed-adapter"
+    pushed.mkdir()
+    for name, content in files.items():
+        (pushed / name).write_bytes(content)
+    snippet = card_snippet(card.text).replace('"BASE_REPO"', repr(str(root / "base")))
+    snippet = snippet.replace('"adapter-run"', repr(str(pushed)))
+    snippet += "print(type(model).__name__, type(processor).__name__, model.peft_config['default'].r)\n"
+    result = run_snippet(snippet, tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split() == ["PeftModelForCausalLM", "MMPhiProcessor", "4"]
 
 
 def test_instruct_with_merge_pushes_the_merged_model(setup, recorded, tmp_path):
