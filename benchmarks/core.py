@@ -17,7 +17,7 @@ import torch
 from transformers import LlavaForConditionalGeneration
 
 from configuration_mmphi import TINY_TEXT_CONFIG, TINY_VISION_CONFIG, MMPhiConfig
-from mmphi.build import to_llava_config
+from mmphi.export import llava_config
 from modeling_mmphi import MMPhiForCausalLM
 
 
@@ -26,7 +26,7 @@ def build_pair(hidden: int, layers: int):
     config = MMPhiConfig(
         vision_config=dict(TINY_VISION_CONFIG), text_config=text, projector_type="mlp2x_gelu", image_token_index=4000
     )
-    llava = LlavaForConditionalGeneration(to_llava_config(config))
+    llava = LlavaForConditionalGeneration(llava_config(config))
     mmphi = MMPhiForCausalLM(config)
     mmphi.load_state_dict(llava.state_dict(), strict=False)
     torch.nn.init.zeros_(mmphi.lm_head.bias)

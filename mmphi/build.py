@@ -140,20 +140,6 @@ def save_tiny_clip(output_dir: str, seed: int = 0) -> str:
     return output_dir
 
 
-def to_llava_config(config: MMPhiConfig):
-    """The `LlavaConfig` of the same architecture: MM-Phi's weights load into `LlavaForConditionalGeneration` 1:1
-    (parameter names match; Llava's lm_head has no bias)."""
-    from transformers import LlavaConfig
-
-    return LlavaConfig(
-        vision_config=config.vision_config.to_dict(), text_config=config.text_config.to_dict(),
-        image_token_index=config.image_token_index, image_seq_length=config.image_seq_length,
-        vision_feature_layer=config.vision_feature_layer,
-        vision_feature_select_strategy=config.vision_feature_select_strategy,
-        projector_hidden_act="gelu",
-    )
-
-
 def build_from_components(vision_model: str, text_model: str, **config_overrides):
     strategy = config_overrides.get("vision_feature_select_strategy", "default")
     vision_config = AutoConfig.from_pretrained(vision_model)
@@ -206,4 +192,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from mmphi.errors import run_command
+
+    run_command(main)

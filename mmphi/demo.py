@@ -128,6 +128,8 @@ def plan(work: str, data: str, generator: str = "synthetic") -> list[Step]:
                 "evaluation", "--task", "vqa", "--model_name_or_path", os.path.join(instruct, "merged"),
                 "--data_path", os.path.join(synthetic, "llava_instruct_val.json"), "--image_folder", images,
                 "--output_file", evaluation,
+                # the demo's own folder (an earlier checkout's code, when reused): no question to ask
+                "--trust_remote_code",
             ),
         ),
         Step("final model folder", os.path.join(final, "model.safetensors"), ["copy", os.path.join(instruct, "merged"),
@@ -256,4 +258,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from mmphi.errors import run_command
+
+    run_command(main)

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
+import os
+import sys
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -82,3 +85,29 @@ def validation_exit(path: str, n_good: int, report: SkipReport) -> int:
     for example in report.examples:
         print(f"  {example}")
     return 1
+
+
+def run_command(main) -> None:
+    """A command line's entry point (scripts/*.py). An error the user can act on (bad input, a missing or foreign
+    file, a full disk: `ValueError`, `OSError`) prints as one line, `prog: error: ...`, exit status 1; Ctrl-C as one
+    line, exit status 130. MMPHI_TRACEBACK=1 shows the traceback instead."""
+    prog = os.path.basename(sys.argv[0])
+    try:
+        main()
+    except KeyboardInterrupt as interrupt:
+        print(f"{prog}: interrupted" + (f": {interrupt}" if str(interrupt) else ""), file=sys.stderr)
+        sys.exit(130)
+    except (ValueError, OSError) as error:
+        if os.environ.get("MMPHI_TRACEBACK"):
+            raise
+        print(f"{prog}: error: {describe_error(error)}", file=sys.stderr)
+        sys.exit(1)
+
+
+def describe_error(error: Exception) -> str:
+    """The error's own message, one line; a full disk said in words, with the file being written."""
+    if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+        where = f" (writing {error.filename})" if error.filename else ""
+        return f"the disk is full{where}: free space or choose another output folder"
+    return " ".join(str(error).split("\n")) or type(error).__name__
+

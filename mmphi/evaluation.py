@@ -86,6 +86,8 @@ class EvaluationArguments:
     adapter: str | None = field(default=None, metadata={"help": "a PEFT adapter (instruct) applied on the model"})
     allow_other_base: bool = field(default=False, metadata={
         "help": "apply --adapter even when its run_info.json records another base than --model_name_or_path"})
+    trust_remote_code: bool = field(default=False, metadata={
+        "help": "run Python code in the model folder that is not this MM-Phi's own (its own files need no flag)"})
     output_file: str | None = field(default=None, metadata={"help": "write the scores here as JSON"})
     predictions_file: str | None = field(default=None, metadata={"help": "write every prediction here as JSONL"})
     batch_size: int = field(default=16, metadata={"help": "prompts (or perplexity windows) per forward"})
@@ -464,21 +466,31 @@ def evaluate_perplexity(args: EvaluationArguments, model, tokenizer) -> tuple[di
 def run_evaluation(args: EvaluationArguments) -> dict:
     if not args.data_path:
         raise ValueError("--data_path is required")
+    check_input_paths(args)  # before minutes of model loading at real size
     started = time.perf_counter()
     if args.task == "perplexity":  # any causal LM (a pretrained Phi too): no processor needed
         model = load_causal_lm(args.model_name_or_path, adapter=args.adapter, device=args.device, dtype=args.dtype,
-                               allow_other_base=args.allow_other_base)
+                               allow_other_base=args.allow_other_base, trust_remote_code=args.trust_remote_code)
         tokenizer = AutoTokenizer.from_pretrained(args.adapter or args.model_name_or_path)
         scores, predictions = evaluate_perplexity(args, model, tokenizer)
     else:
         model, processor = load_mmphi(args.model_name_or_path, adapter=args.adapter, device=args.device,
-                                      dtype=args.dtype, allow_other_base=args.allow_other_base)
+                                      dtype=args.dtype, allow_other_base=args.allow_other_base,
+                                      trust_remote_code=args.trust_remote_code)
         evaluate_task = {"vqa": evaluate_vqa, "caption": evaluate_caption, "pope": evaluate_pope}[args.task]
         scores, predictions = evaluate_task(args, model, processor)
     result = {"task": args.task, "model": args.model_name_or_path, "adapter": args.adapter,
               "data": args.data_path, **scores, "seconds": round(time.perf_counter() - started, 2)}
     write_outputs(args, result, predictions)
     return result
+
+
+def check_input_paths(args: EvaluationArguments) -> None:
+    for flag, path in [*(("--data_path", p) for p in args.data_path), ("--annotations_file", args.annotations_file)]:
+        if path is not None and not os.path.isfile(path):
+            raise FileNotFoundError(f"{flag} {path}: no such file")
+    if args.image_folder is not None and not os.path.isdir(args.image_folder):
+        raise FileNotFoundError(f"--image_folder {args.image_folder}: no such folder")
 
 
 def write_outputs(args: EvaluationArguments, result: dict, predictions: list[dict]) -> None:
@@ -509,4 +521,6 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    from mmphi.errors import run_command
+
+    run_command(main)

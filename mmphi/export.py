@@ -24,7 +24,7 @@ import os
 
 import torch
 
-from mmphi.loading import check_model_path, write_folder_atomically
+from mmphi.loading import check_model_path, readable_weights, write_folder_atomically
 
 logger = logging.getLogger(__name__)
 
@@ -137,7 +137,8 @@ def export_llava(model_path: str, output_dir: str, dtype: str | torch.dtype | No
     if os.path.isfile(os.path.join(model_path, "adapter_config.json")):
         raise ValueError(f"{model_path} is a LoRA adapter: merge it into its base first (scripts/merge_lora.py, or "
                          "the instruct stage's --merge) and export the merged folder")
-    model = MMPhiForCausalLM.from_pretrained(model_path, dtype="auto")
+    with readable_weights(model_path):
+        model = MMPhiForCausalLM.from_pretrained(model_path, dtype="auto")
     dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype or model.dtype
     config = llava_config(model.config)
     config.dtype = dtype

@@ -49,6 +49,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                         "--model-base)")
     parser.add_argument("--allow_other_base", action="store_true",
                         help="run --adapter even when its run_info.json records another base than --model")
+    parser.add_argument("--trust_remote_code", action="store_true",
+                        help="run Python code in the model folder that is not this MM-Phi's own (MM-Phi's own model "
+                             "files are trusted without it)")
     quantization = parser.add_mutually_exclusive_group()
     quantization.add_argument("--load_in_4bit", action="store_true", help="nf4 language model (bitsandbytes)")
     quantization.add_argument("--load_in_8bit", action="store_true", help="int8 language model (bitsandbytes)")
@@ -71,7 +74,8 @@ def load_from_arguments(args: argparse.Namespace):
     as a user of the published folder loads them; 4/8-bit quantizes the language model only)."""
     quantization = quantization_from_flags(args.load_in_4bit, args.load_in_8bit)
     return load_mmphi(args.model, adapter=args.adapter, quantization=quantization, device=args.device,
-                      dtype=args.dtype, allow_other_base=args.allow_other_base)
+                      dtype=args.dtype, allow_other_base=args.allow_other_base,
+                      trust_remote_code=args.trust_remote_code)
 
 
 def generation_options(args: argparse.Namespace) -> GenerationOptions:
@@ -406,7 +410,7 @@ def _read_turns(path: str, what: str, make_turn) -> list[Request]:
 
 
 def _json_lines(path: str) -> Iterator[tuple[int, dict]]:
-    with open(path, encoding="utf-8") as handle:
+    with open(path, "rb") as handle:  # bytes: parse_json_object names a line that is not UTF-8
         for number, raw in enumerate(handle, start=1):
             if raw.strip():
                 try:

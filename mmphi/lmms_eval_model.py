@@ -36,10 +36,12 @@ class MMPhi(lmms):
     is_simple = True
 
     def __init__(self, pretrained: str, adapter: str | None = None, device: str | None = None, dtype: str = "auto",
-                 batch_size: int | str = 8, max_new_tokens: int = 128, allow_other_base: bool | str = False, **unused):
+                 batch_size: int | str = 8, max_new_tokens: int = 128, allow_other_base: bool | str = False,
+                 trust_remote_code: bool | str = False, **unused):
         super().__init__()
         self.model, self.processor = load_mmphi(pretrained, adapter=adapter, device=device, dtype=dtype,
-                                                allow_other_base=str(allow_other_base).lower() in ("true", "1"))
+                                                allow_other_base=str(allow_other_base).lower() in ("true", "1"),
+                                                trust_remote_code=str(trust_remote_code).lower() in ("true", "1"))
         self.batch_size_per_gpu = int(batch_size)
         self.default_max_new_tokens = int(max_new_tokens)
 

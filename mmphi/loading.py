@@ -3,6 +3,7 @@ on top of its base (unmerged, as LLaVA's `--model-base`), and merging an adapter
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import glob
 import hashlib
@@ -19,6 +20,7 @@ logger = logging.getLogger(__name__)
 
 QUANTIZATION_CHOICES = ("4bit", "8bit", "none")
 PROCESSOR_FILE = "processor_config.json"
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer.model")
 CODE_FILES = ("configuration_mmphi.py", "modeling_mmphi.py", "processing_mmphi.py", "speech_mmphi.py")
 # What a model folder holds, by name: weights, configs, processor / tokenizer files, our code, the run's record and
 # loss curve (what is pushed, and what a folder this project writes may replace).
@@ -78,14 +80,32 @@ def bnb_config(quantization: str | None, compute_dtype: torch.dtype):
 
 def processor_folder(adapter: str | None, path: str) -> str:
     """Where the processor comes from: the adapter folder when instruct saved one there, else the model: a local
-    folder (which must hold one) or a hub id, which `from_pretrained` resolves (its local cache included, offline
-    too)."""
+    folder (which must hold one, with its tokenizer) or a hub id, which `from_pretrained` resolves (its local cache
+    included, offline too)."""
     if adapter and os.path.isfile(os.path.join(adapter, PROCESSOR_FILE)):
-        return adapter
-    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, PROCESSOR_FILE)):
+        folder = adapter
+    elif os.path.isdir(path) and not os.path.isfile(os.path.join(path, PROCESSOR_FILE)):
         where = f"{adapter} or {path}" if adapter else path
         raise FileNotFoundError(f"no {PROCESSOR_FILE} in {where} (not an MM-Phi folder?)")
-    return path
+    else:
+        folder = path
+    if os.path.isdir(folder) and not any(os.path.isfile(os.path.join(folder, name)) for name in TOKENIZER_FILES):
+        raise FileNotFoundError(f"{folder} has a processor but no tokenizer ({' or '.join(TOKENIZER_FILES)}): copy "
+                                "the tokenizer files from the folder it was saved from")
+    return folder
+
+
+@contextlib.contextmanager
+def readable_weights(path: str):
+    """Loading weights: a damaged or cut-off safetensors file (safetensors' own error names neither file nor fix)
+    becomes an error that names the folder."""
+    try:
+        yield
+    except Exception as error:
+        if type(error).__name__ != "SafetensorError":
+            raise
+        raise ValueError(f"{path}: cannot read its safetensors weights ({error}): the file is damaged or cut short; "
+                         "save or download it again") from None
 
 
 def looks_local(path: str) -> bool:
@@ -99,10 +119,57 @@ def check_model_path(path: str) -> None:
         raise FileNotFoundError(f"no such model folder: {path}")
 
 
-def load_processor(path: str, adapter: str | None = None):
+def untrusted_code_files(folder: str) -> list[str]:
+    """The Python files of a model folder that are not MM-Phi's own: any file that is not one of `CODE_FILES`, or one
+    whose content differs from the installed package's (a folder saved by another MM-Phi version, or edited)."""
+    import importlib.util
+
+    foreign = []
+    for path in sorted(glob.glob(os.path.join(folder, "*.py"))):
+        name = os.path.basename(path)
+        spec = importlib.util.find_spec(name.removesuffix(".py")) if name in CODE_FILES else None
+        if spec is None or spec.origin is None or _file_digest(spec.origin) != _file_digest(path):
+            foreign.append(name)
+    return foreign
+
+
+def _file_digest(path: str) -> str:
+    with open(path, "rb") as handle:
+        return hashlib.sha256(handle.read()).hexdigest()
+
+
+def local_code_folder(path: str) -> str | None:
+    """Where the Python files of `path` are on this machine: the folder itself, or a hub id's cached snapshot
+    (downloading only its *.py files when online); None when a hub id cannot be resolved."""
+    if os.path.isdir(path):
+        return path
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(path, allow_patterns=["*.py"])
+    except Exception:  # unreachable or unknown: from_pretrained reports it in its own words
+        return None
+
+
+def check_remote_code(path: str, trust_remote_code: bool = False) -> None:
+    """MM-Phi folders load through transformers' remote code. Our own model files (byte for byte the installed
+    package's) are trusted; any other code in the folder runs only with `trust_remote_code` (`--trust_remote_code`),
+    as transformers' own command lines ask."""
+    folder = None if trust_remote_code else local_code_folder(path)
+    foreign = untrusted_code_files(folder) if folder else []
+    if foreign:
+        raise ValueError(f"{path} holds Python code that is not this MM-Phi's own ({', '.join(foreign)}: another "
+                         "version's, edited, or extra files), which loading would run: read it, then pass "
+                         "--trust_remote_code to run it")
+
+
+def load_processor(path: str, adapter: str | None = None, trust_remote_code: bool = False):
     from transformers import AutoProcessor
 
-    return AutoProcessor.from_pretrained(processor_folder(adapter, path), trust_remote_code=True)
+    check_model_path(path)
+    folder = processor_folder(adapter, path)
+    check_remote_code(folder, trust_remote_code)
+    return AutoProcessor.from_pretrained(folder, trust_remote_code=True)
 
 
 FINGERPRINT_BYTES = 4096
@@ -152,16 +219,20 @@ def check_adapter_base(adapter: str, base: str, allow_other_base: bool = False) 
 
 def load_causal_lm(path: str, adapter: str | None = None, quantization: str | None = None,
                    device: str | None = None, dtype: str | torch.dtype | None = "auto",
-                   allow_other_base: bool = False, **kwargs):
+                   allow_other_base: bool = False, trust_remote_code: bool = False, **kwargs):
     """A model through `AutoModelForCausalLM` (MM-Phi or any causal LM, e.g. a pretrained Phi), in eval mode on
     `device`. `adapter`: an instruct LoRA folder applied on top, unmerged (LLaVA's `--model-base`). `quantization`:
     "4bit" / "8bit" (MM-Phi quantizes its language model only). `allow_other_base`: apply an adapter whose recorded
-    base differs from `path` (`check_adapter_base`). Extra keyword arguments go to `from_pretrained`."""
+    base differs from `path` (`check_adapter_base`). `trust_remote_code`: run code in the folder that is not MM-Phi's
+    own (`check_remote_code`). Extra keyword arguments go to `from_pretrained`."""
     from transformers import AutoModelForCausalLM
 
     if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json")):
-        raise FileNotFoundError(f"{path} is not an MM-Phi folder (no config.json)")
+        hint = " (it is a LoRA adapter: pass it as --adapter, with its base as --model)" if os.path.isfile(
+            os.path.join(path, "adapter_config.json")) else ""
+        raise FileNotFoundError(f"{path} is not an MM-Phi folder (no config.json){hint}")
     check_model_path(path)
+    check_remote_code(path, trust_remote_code)
     if adapter:
         check_adapter_base(adapter, path, allow_other_base)
     device = pick_device(device)
@@ -170,7 +241,8 @@ def load_causal_lm(path: str, adapter: str | None = None, quantization: str | No
     kwargs.update(trust_remote_code=True, dtype=torch_dtype)
     if quantization_config is not None:
         kwargs.update(quantization_config=quantization_config, device_map={"": device})
-    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    with readable_weights(path):
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     if adapter:
         from peft import PeftModel
 
@@ -181,10 +253,11 @@ def load_causal_lm(path: str, adapter: str | None = None, quantization: str | No
 
 
 def load_mmphi(path: str, adapter: str | None = None, quantization: str | None = None, device: str | None = None,
-               dtype: str | torch.dtype | None = "auto", **kwargs):
+               dtype: str | torch.dtype | None = "auto", trust_remote_code: bool = False, **kwargs):
     """(model in eval mode, processor), as a user of the published folder loads them (see `load_causal_lm`)."""
-    model = load_causal_lm(path, adapter, quantization, device, dtype, **kwargs)
-    return model, load_processor(path, adapter)
+    processor = load_processor(path, adapter, trust_remote_code)  # a missing or foreign processor before the weights
+    model = load_causal_lm(path, adapter, quantization, device, dtype, trust_remote_code=trust_remote_code, **kwargs)
+    return model, processor
 
 
 MERGE_TARGETS = ("dequantized", "original")
@@ -261,7 +334,8 @@ def merge_lora(model_name_or_path: str, adapter: str, output_dir: str | None = N
     if not os.path.exists(os.path.join(adapter, "adapter_config.json")):
         raise FileNotFoundError(f"{adapter}: no adapter_config.json (is it an instruct LoRA output?)")
     check_adapter_base(adapter, model_name_or_path, allow_other_base)
-    base = MMPhiForCausalLM.from_pretrained(model_name_or_path, dtype=dtype)
+    with readable_weights(model_name_or_path):
+        base = MMPhiForCausalLM.from_pretrained(model_name_or_path, dtype=dtype)
     if merge_into == "dequantized" and base_quantization == "4bit":
         replaced = nf4_roundtrip_(base, QUANTIZATION_SKIP_MODULES, quantized_from)
         logger.info("merging into the NF4-dequantized weights of %d layers (what the adapter was trained on)",

@@ -80,4 +80,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from mmphi.errors import run_command
+
+    run_command(main)

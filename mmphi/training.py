@@ -185,7 +185,10 @@ def train_and_evaluate(stage: BuiltStage, resume_from_checkpoint=None) -> dict:
     evaluation adds its batches), the trainable size and the skipped records."""
     trainer = stage.trainer
     start = time.perf_counter()
-    metrics = dict(trainer.train(resume_from_checkpoint=resume_from_checkpoint).metrics)
+    try:
+        metrics = dict(trainer.train(resume_from_checkpoint=resume_from_checkpoint).metrics)
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(save_on_interrupt(trainer)) from None
     metrics["train_wall_s"] = round(time.perf_counter() - start, 1)
     metrics.update(stage.data_metrics())
     if stage.evaluation is not None:
@@ -193,6 +196,22 @@ def train_and_evaluate(stage: BuiltStage, resume_from_checkpoint=None) -> dict:
     metrics["trainable_parameters"] = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     metrics["skipped_bad_records"] = warn_skipped(logger, *stage.reports)
     return metrics
+
+
+def save_on_interrupt(trainer) -> str:
+    """Ctrl-C during training: a one-process run saves a checkpoint of the optimizer steps done so far, so nothing
+    since the last save is lost; says where and how to continue. Several processes are left as they are: a sharded
+    save needs every process, which an interrupt cannot promise."""
+    step, resume = trainer.state.global_step, "continue with --resume_from_checkpoint latest"
+    if step == 0:
+        return "before the first optimizer step: nothing to save"
+    if trainer.args.world_size > 1:
+        return f"at step {step}, {trainer.args.world_size} processes: no checkpoint on interrupt; {resume} (the " \
+               "last one saved)"
+    folder = os.path.join(trainer.args.output_dir, f"checkpoint-{step}")
+    if not os.path.isfile(os.path.join(folder, "trainer_state.json")):
+        trainer._save_checkpoint(trainer.model, trial=None)
+    return f"at step {step}: saved {folder}; {resume}"
 
 
 def encoded_data_metrics(collator, train) -> dict:

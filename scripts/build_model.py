@@ -4,6 +4,7 @@ Thin command line; the code is mmphi/build.py (`--help` lists the flags).
 """
 
 from mmphi.build import main
+from mmphi.errors import run_command
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

@@ -3,7 +3,8 @@
 Thin command line; the code is mmphi/export.py (`--help` lists the flags).
 """
 
+from mmphi.errors import run_command
 from mmphi.export import main
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

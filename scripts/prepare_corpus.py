@@ -4,6 +4,7 @@ Thin command line; the code is mmphi/data/npm_corpus.py (`--help` lists the flag
 """
 
 from mmphi.data.npm_corpus import main
+from mmphi.errors import run_command
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

@@ -3,7 +3,8 @@
 Thin command line; the code is mmphi/stages/projector.py (`--help` lists the flags).
 """
 
+from mmphi.errors import run_command
 from mmphi.stages.projector import main
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

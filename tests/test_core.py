@@ -20,7 +20,8 @@ from transformers import (
 
 from configuration_mmphi import TINY_TEXT_CONFIG, TINY_VISION_CONFIG, MMPhiConfig
 from mmphi import TINY_TOKENIZER
-from mmphi.build import build_from_components, build_tiny, save_mmphi, save_tiny_clip, tiny_tokenizer, to_llava_config
+from mmphi.build import build_from_components, build_tiny, save_mmphi, save_tiny_clip, tiny_tokenizer
+from mmphi.export import llava_config
 from modeling_mmphi import MMPhiForCausalLM, MMPhiModel
 from processing_mmphi import MMPhiProcessor
 
@@ -88,7 +89,7 @@ def test_parameter_names_and_logits_match_llava(feature_layer, strategy):
     config = MMPhiConfig.tiny(
         projector_type="mlp2x_gelu", vision_feature_layer=feature_layer, vision_feature_select_strategy=strategy
     )
-    llava = LlavaForConditionalGeneration(to_llava_config(config)).eval()
+    llava = LlavaForConditionalGeneration(llava_config(config)).eval()
     ours = MMPhiForCausalLM(config).eval()
     result = ours.load_state_dict(llava.state_dict(), strict=False)
     assert result.missing_keys == ["lm_head.bias"] and result.unexpected_keys == []  # Llava's head has no bias

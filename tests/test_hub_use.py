@@ -175,6 +175,24 @@ def test_exif_orientation_is_applied_to_image_files_everywhere(tmp_path):
         assert image.getpixel((2, 10))[0] > 200 and image.getpixel((2, 10))[1] < 60
 
 
+def test_code_that_is_not_mmphis_own_runs_only_with_trust_remote_code(files, tmp_path):
+    """MM-Phi's own model files load without a flag; an extra or edited Python file is refused, named, until
+    --trust_remote_code; a processor folder (an adapter's) is checked too."""
+    folder = tmp_path / "model"
+    shutil.copytree(files["model"], folder)
+    load_mmphi(str(folder))
+    (folder / "helper.py").write_text("print('runs on load')\n")
+    with open(folder / "modeling_mmphi.py", "a") as handle:
+        handle.write("\n# edited\n")
+    with pytest.raises(ValueError, match=r"code that is not this MM-Phi's own \(helper.py, modeling_mmphi.py: .*"
+                                         r"pass --trust_remote_code"):
+        load_mmphi(str(folder))
+    with pytest.raises(ValueError, match="helper.py, modeling_mmphi.py"):
+        chat.main(["--model", str(folder), "--image", files["red"], "What colour is the circle?"])
+    model, _ = load_mmphi(str(folder), trust_remote_code=True)
+    assert type(model).__name__ == "MMPhiForCausalLM"
+
+
 def test_several_images_in_one_question_each_get_a_placeholder_in_order(files, loaded):
     model, processor = loaded
     turn = ChatTurn("Which one is red?", image=[files["red"], files["blue"]])

@@ -297,4 +297,6 @@ parse_args = STAGE.parse_args
 main = STAGE.main
 
 if __name__ == "__main__":
-    main()
+    from mmphi.errors import run_command
+
+    run_command(main)

@@ -102,6 +102,31 @@ def test_training_changes_only_the_projector_and_saves_a_loadable_folder(setup, 
                                after["model.multi_modal_projector.linear_1.weight"])
 
 
+def test_ctrl_c_saves_a_checkpoint_that_training_resumes_from(setup, tmp_path):
+    """An interrupt at step 2 of 4 (no saves asked for): checkpoint-2 is written and named; `latest` resumes it and
+    training ends at step 4."""
+    from transformers import TrainerCallback
+
+    from mmphi.training import train_and_evaluate
+
+    class CtrlC(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 2:
+                raise KeyboardInterrupt
+
+    out = tmp_path / "out"
+    stage = build(*setup, out, "--max_steps", "4")
+    stage.trainer.add_callback(CtrlC())
+    with pytest.raises(KeyboardInterrupt, match=r"at step 2: saved .*checkpoint-2; continue with "
+                                                r"--resume_from_checkpoint latest"):
+        train_and_evaluate(stage)
+    assert (out / "checkpoint-2" / "trainer_state.json").is_file()
+    main(projector_argv(*setup, out, "--max_steps", "4", "--resume_from_checkpoint", "latest"))
+    state = json.loads((out / "trainer_state.json").read_text())
+    assert state["global_step"] == 4
+    assert [entry["step"] for entry in state["log_history"] if "loss" in entry][-2:] == [3, 4]  # resumed at 2
+
+
 def test_validation_is_split_by_image(setup, tmp_path):
     root, data = setup
     stage = build(root, data, tmp_path / "out")
