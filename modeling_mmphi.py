@@ -331,29 +331,38 @@ class MMPhiForCausalLM(MMPhiPreTrainedModel, GenerationMixin):
         cls,
         vision_model: str | PreTrainedModel,
         text_model: str | PreTrainedModel,
-        dtype: torch.dtype | None = None,
+        dtype: torch.dtype | str | None = "auto",
         **config_overrides,
     ) -> MMPhiForCausalLM:
         """Build MM-Phi from a CLIP checkpoint (`CLIPModel` or `CLIPVisionModel`, e.g.
-        `wkcn/TinyCLIP-ViT-61M-32-Text-29M-LAION400M`) and a Phi checkpoint (e.g. `microsoft/phi-2`), copying their
-        weights. The projector is freshly initialised. Ids or paths are loaded with `from_pretrained`."""
-        vision = _load_vision_tower(vision_model, dtype)
+        `wkcn/TinyCLIP-ViT-61M-32-Text-29M-LAION400M`) and a Phi checkpoint (e.g. `microsoft/phi-2`), keeping their
+        weights, in `dtype` (default `"auto"`: the Phi checkpoint's, so Phi-2's bf16 stays bf16 and the whole model
+        is saved and reloaded in it). Ids or paths are loaded with `from_pretrained`. The loaded tower, language
+        model and head become MM-Phi's own modules (MM-Phi is laid out on the meta device, so a 2.7B model is never
+        held twice); the projector is freshly initialised."""
         text = text_model if isinstance(text_model, PreTrainedModel) else PhiForCausalLM.from_pretrained(
             text_model, dtype=dtype
         )
         if not isinstance(text, PhiForCausalLM):
             raise TypeError(f"text_model must be a PhiForCausalLM checkpoint, got {type(text).__name__}")
+        vision = _load_vision_tower(vision_model, text.dtype)
         config = MMPhiConfig(
             vision_config=vision.config.to_dict(), text_config=text.config.to_dict(), **config_overrides
         )
-        model = cls(config)
-        model.model.vision_tower.load_state_dict(vision.state_dict())
-        model.model.language_model.load_state_dict(text.model.state_dict())
-        model.lm_head.load_state_dict(text.lm_head.state_dict())
-        return model.to(dtype) if dtype is not None else model
+        with torch.device("meta"):
+            model = cls(config)
+        model.model.vision_tower = vision
+        model.model.language_model = text.model
+        model.lm_head = text.lm_head
+        projector = MMPhiMultiModalProjector(config).to(text.dtype)  # before the init: drawn in the model's dtype
+        projector.apply(model._init_weights)
+        model.model.multi_modal_projector = projector
+        vision.config, text.model.config = config.vision_config, config.text_config  # one config, as saved
+        model.config.dtype = text.dtype
+        return model
 
 
-def _load_vision_tower(vision_model: str | PreTrainedModel, dtype: torch.dtype | None) -> CLIPVisionModel:
+def _load_vision_tower(vision_model: str | PreTrainedModel, dtype: torch.dtype | str | None) -> CLIPVisionModel:
     """A `CLIPVisionModel` from a CLIPVisionModel/CLIPModel instance, or from a checkpoint of either kind."""
     if isinstance(vision_model, str):
         from transformers import AutoConfig

@@ -35,6 +35,11 @@ class SkipReport:
     def total(self) -> int:
         return sum(self.counts.values())
 
+    def merge(self, other: SkipReport) -> None:
+        """Add another report's counts (and examples, up to `max_examples`): a DataLoader worker's, another rank's."""
+        self.counts.update(other.counts)
+        self.examples.extend(other.examples[: max(0, self.max_examples - len(self.examples))])
+
     def summary(self) -> str:
         if not self.total:
             return "no bad records"

@@ -31,6 +31,7 @@ from transformers.trainer_pt_utils import LengthGroupedSampler
 from trl import TrlParser
 
 from mmphi.build import enable_kv_cache
+from mmphi.data.encoding import COLLATED_COUNTS, gather_collator_counts
 from mmphi.errors import SkipReport, warn_skipped
 from mmphi.loading import check_model_path, check_replaceable
 
@@ -190,9 +191,10 @@ def train_and_evaluate(stage: BuiltStage, resume_from_checkpoint=None) -> dict:
     except KeyboardInterrupt:
         raise KeyboardInterrupt(save_on_interrupt(trainer)) from None
     metrics["train_wall_s"] = round(time.perf_counter() - start, 1)
-    metrics.update(stage.data_metrics())
     if stage.evaluation is not None:
         metrics.update(trainer.evaluate())
+    gather_collator_counts(trainer)  # the collator counts training and evaluation batches apart
+    metrics.update(stage.data_metrics())
     metrics["trainable_parameters"] = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     metrics["skipped_bad_records"] = warn_skipped(logger, *stage.reports)
     return metrics
@@ -398,6 +400,14 @@ class MMPhiTrainerMixin(FSDPOnCPUMixin):
                 or self.compute_loss_func is not None:
             return inputs
         return {**inputs, "skip_logits": True}
+
+    def _prepare_inputs(self, inputs):
+        """The counts a DataLoader worker's collator made for this batch go to the trainer's collator, not the
+        model."""
+        counts = inputs.pop(COLLATED_COUNTS, None) if isinstance(inputs, dict) else None
+        if counts is not None:
+            self.data_collator.add_counts(counts)
+        return super()._prepare_inputs(inputs)
 
     def evaluate(self, *args, **kwargs):
         self.data_collator.evaluating = True

@@ -292,6 +292,36 @@ def test_from_components_copies_weights(component_checkpoints, vision_kind):
         torch.testing.assert_close(model(input_ids=ids).logits[..., : phi.config.vocab_size], phi(input_ids=ids).logits)
 
 
+def test_a_bf16_phi_stays_bf16_and_is_held_once(component_checkpoints, tmp_path):
+    """Phi-2 ships in bf16: the build keeps the checkpoint's weights and dtype (the tower follows it), makes them
+    MM-Phi's modules instead of copying them into a second model, and saves and reloads them so."""
+    from safetensors import safe_open
+
+    root, _ = component_checkpoints
+    torch.manual_seed(1)
+    PhiForCausalLM(PhiConfig(**TINY_TEXT_CONFIG)).to(torch.bfloat16).save_pretrained(tmp_path / "phi")
+    tiny_tokenizer().__class__.from_pretrained(TINY_TOKENIZER).save_pretrained(tmp_path / "phi")
+    model, processor = build_from_components(str(root / "clip_vision"), str(tmp_path / "phi"))
+    language_model = model.model.language_model
+    assert language_model.embed_tokens.weight.dtype == torch.bfloat16 == model.lm_head.weight.dtype
+    assert model.model.multi_modal_projector.linear_1.weight.dtype == torch.bfloat16
+    assert model.model.vision_tower.get_input_embeddings().weight.dtype == torch.bfloat16
+    assert not any(t.is_meta for t in (*model.parameters(), *model.buffers()))
+    projector = model.model.multi_modal_projector.linear_1.weight.float()
+    assert 0.01 < projector.std() < 0.03 and not model.model.multi_modal_projector.linear_1.bias.any()
+    reloaded = PhiForCausalLM.from_pretrained(tmp_path / "phi")
+    for name, tensor in reloaded.model.state_dict().items():
+        assert torch.equal(language_model.state_dict()[name], tensor), name
+    save_mmphi(model, processor, str(tmp_path / "mmphi"))
+    with safe_open(str(tmp_path / "mmphi" / "model.safetensors"), framework="pt") as handle:
+        assert handle.get_slice("lm_head.weight").get_dtype() == "BF16"
+    loaded = MMPhiForCausalLM.from_pretrained(tmp_path / "mmphi", dtype="auto")
+    assert json.loads((tmp_path / "mmphi" / "config.json").read_text())["dtype"] == "bfloat16"
+    assert loaded.lm_head.weight.dtype == torch.bfloat16
+    batch = processor(text=["<image>\nhi"], images=[colour_image()])
+    assert loaded.generate(**batch, max_new_tokens=2, do_sample=False).shape[1] == batch["input_ids"].shape[1] + 2
+
+
 def test_resize_when_tokens_do_not_fit(tmp_path):
     tokenizer = tiny_tokenizer().__class__.from_pretrained(TINY_TOKENIZER)
     full_vocab = len(tokenizer)  # no spare rows: <image>/<pad> must grow the embeddings and the biased head

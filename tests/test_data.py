@@ -546,6 +546,27 @@ def test_vision_feature_cache_is_extended_not_rewritten_for_more_images(tiny, sy
             torch.testing.assert_close(store.get(path), model.model.get_vision_features(pixel_values))
 
 
+def test_collator_counts_are_summed_over_processes(tiny, monkeypatch):
+    """Under DDP each process collates its own batches: `gather_collator_counts` gives every process the sums (here
+    the gather of a second process's counts is stood in for; the two-process runs in test_multiprocess go through
+    accelerate's)."""
+    from types import SimpleNamespace
+
+    import accelerate.utils
+
+    _, processor = tiny
+    mine, other = md.MMPhiDataCollator(processor), md.MMPhiDataCollator(processor)
+    mine.token_counts, other.token_counts = {"train": [90, 10], "eval": [5, 0]}, {"train": [60, 40], "eval": [0, 0]}
+    mine.skipped.add("f.json: record 1", "cannot read image a.png")
+    other.skipped.add("f.json: record 9", "cannot read image b.png")
+    held = mine.skipped
+    monkeypatch.setattr(accelerate.utils, "gather_object",
+                        lambda objects: [*objects, (other.token_counts, other.skipped)])
+    md.gather_collator_counts(SimpleNamespace(data_collator=mine, args=SimpleNamespace(world_size=2)))
+    assert mine.token_counts == {"train": [150, 50], "eval": [5, 0]} and mine.padding_fraction == 0.25
+    assert held is mine.skipped and held.total == 2 and len(held.examples) == 2
+
+
 def features_of(model, processor, path):
     pixel_values = processor.image_processor([md.load_image(path)], return_tensors="pt")["pixel_values"]
     with torch.no_grad():

@@ -21,6 +21,7 @@ from mmphi.data.encoding import (
     encode_conversations,
     encode_messages,
     encode_train_eval,
+    gather_collator_counts,
     padding_fraction,
 )
 from mmphi.data.features import VisionFeatureStore, cache_vision_features
@@ -45,7 +46,8 @@ from mmphi.errors import SCAN_HINT, BadRecordError, SkipReport, validation_exit
 __all__ = [
     "IGNORE_INDEX", "EncodedSamples", "MMPhiDataCollator", "TruncationReport", "build_datasets",
     "encode_conversation", "encode_conversations", "encode_train_eval", "encode_messages",
-    "padding_fraction", "VisionFeatureStore", "cache_vision_features", "FORMATS", "DataSource", "DatasetFormat",
+    "padding_fraction", "gather_collator_counts", "VisionFeatureStore", "cache_vision_features", "FORMATS",
+    "DataSource", "DatasetFormat",
     "ReadOptions", "caption_conversations", "detect_format", "load_train_eval", "register_format", "validate_data",
     "check_image_file", "check_images", "image_problems",
     "load_image", "embedded_image_keys", "load_rows", "read_source", "validate_source",

@@ -10,7 +10,9 @@ SFTTrainer get the same dataset and the same collator).
 - `MMPhiDataCollator(processor, vision_features=None, skip_bad_records=False)`: loads each row's image (in the
   DataLoader workers) or its cached tower features, right-pads with the pad token (never EOS), labels -100 on
   padding; an image that fails to load raises an error naming the record, or with `skip_bad_records` drops the
-  sample (counted in `collator.skipped`). Counts real and padding tokens, training and evaluation batches apart.
+  sample (counted in `collator.skipped`). Counts real and padding tokens, training and evaluation batches apart;
+  a batch collated in a DataLoader worker carries its counts back (`CollatedCounts`, added by the stages' Trainer
+  mixin), and `gather_collator_counts` sums them over the processes of a distributed run.
 - `build_datasets(model, processor, data_args, training_args, train, eval, max_length)`: both stages' entry point:
   the feature cache when asked (`--cache_vision_features`), the encoded samples and the collator.
 """
@@ -227,6 +229,20 @@ def build_datasets(model, processor, data_args, training_args, train_records: Se
 # ---------------------------------------------------------------------------------------------------------- batches
 
 
+COLLATED_COUNTS = "collated_counts"  # the batch key the counts travel under; popped before the model sees the batch
+
+
+@dataclass
+class CollatedCounts:
+    """What collating one batch counted: its real and padding tokens and the samples it skipped. A DataLoader worker
+    collates in its own process, whose collator is a copy; the batch brings these back to the trainer's."""
+
+    split: str
+    real: int
+    padding: int
+    skipped: SkipReport
+
+
 class MMPhiDataCollator:
     """Rows of `encode_conversations` -> a batch. Loads each row's image (or its cached features), right-pads
     `input_ids` with the pad token (never EOS, which the model must learn to emit), sets `attention_mask`, pads
@@ -252,12 +268,28 @@ class MMPhiDataCollator:
         self.token_counts = {"train": [0, 0], "eval": [0, 0]}  # [real, padding]
 
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
-        features = [feature for feature in map(self._feature, rows) if feature is not None]
+        skipped = SkipReport()
+        features = [feature for feature in (self._feature(row, skipped) for row in rows) if feature is not None]
+        self.skipped.merge(skipped)
         if not features:
-            raise BadRecordError(f"every sample of a batch failed to load: {self.skipped.summary()}")
-        return self._pad(features)
+            raise BadRecordError(f"every sample of a batch failed to load: {skipped.summary()}")
+        batch = self._pad(features)
+        real = int(batch["attention_mask"].sum())
+        split = "eval" if self.evaluating else "train"
+        counts = CollatedCounts(split, real, batch["attention_mask"].numel() - real, skipped)
+        self.add_counts(counts, skipped_merged=True)
+        if torch.utils.data.get_worker_info() is not None:  # a worker's copy: the trainer's collator adds them
+            batch[COLLATED_COUNTS] = counts
+        return batch
 
-    def _feature(self, row: dict) -> dict | None:
+    def add_counts(self, counts: CollatedCounts, skipped_merged: bool = False) -> None:
+        """Count a collated batch's tokens (and, unless already merged, its skipped samples)."""
+        self.token_counts[counts.split][0] += counts.real
+        self.token_counts[counts.split][1] += counts.padding
+        if not skipped_merged:
+            self.skipped.merge(counts.skipped)
+
+    def _feature(self, row: dict, skipped: SkipReport) -> dict | None:
         """A row with its image loaded (`pixel_values` [1, 3, H, W] or `vision_features` [1, seq, hidden]), or None
         when the image is bad and `skip_bad_records` is on."""
         feature = {"input_ids": row["input_ids"], "labels": row["labels"]}
@@ -274,7 +306,7 @@ class MMPhiDataCollator:
                 pixels = self.processor.image_processor([load_image(image)], return_tensors="pt")["pixel_values"]
                 feature["pixel_values"] = pixels
         except BadRecordError as error:
-            handle_bad_record(row.get("location", image), error, self.skip_bad_records, self.skipped, logger)
+            handle_bad_record(row.get("location", image), error, self.skip_bad_records, skipped, logger)
             return None
         return feature
 
@@ -293,9 +325,6 @@ class MMPhiDataCollator:
             input_ids[row, :n] = torch.as_tensor(feature["input_ids"])
             attention_mask[row, :n] = 1
             labels[row, :n] = torch.as_tensor(feature["labels"])
-        counts = self.token_counts["eval" if self.evaluating else "train"]
-        counts[0] += int(attention_mask.sum())
-        counts[1] += batch_size * longest - int(attention_mask.sum())
         batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
         for key, single_dims in (("pixel_values", 3), ("vision_features", 2)):  # [3, H, W] / [seq, hidden]
             tensors = [torch.as_tensor(f[key]) for f in features if f.get(key) is not None]
@@ -322,3 +351,21 @@ def padding_fraction(lengths: Sequence[int], batch_size: int, indices: Sequence[
         real += sum(batch)
         padded += max(batch) * len(batch)
     return 1 - real / padded if padded else 0.0
+
+
+def gather_collator_counts(trainer) -> None:
+    """Sum the collator's token counts and skipped samples over the processes of a distributed run (each counted
+    its own batches), so every process reports the run's totals. Every process must call it."""
+    collator = trainer.data_collator
+    if trainer.args.world_size <= 1 or not isinstance(collator, MMPhiDataCollator):
+        return
+    from accelerate.utils import gather_object
+
+    gathered = gather_object([(collator.token_counts, collator.skipped)])
+    collator.token_counts = {split: [sum(counts[split][i] for counts, _ in gathered) for i in range(2)]
+                             for split in collator.token_counts}
+    total = SkipReport()
+    for _, report in gathered:
+        total.merge(report)
+    collator.skipped.counts, collator.skipped.examples = total.counts, total.examples  # the stage holds this object
+

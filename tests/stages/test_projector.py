@@ -337,6 +337,24 @@ def test_only_the_main_process_logs_info(setup, tmp_path):
         configure_logging(training_args)
 
 
+def test_counts_made_in_dataloader_workers_reach_the_run_report(setup, tmp_path):
+    """With DataLoader workers (every real recipe uses 4) the collator runs in the workers: its skipped samples and
+    padding counts come back with the batches, so the run reports what a run without workers reports."""
+    root, data = setup
+    images = tmp_path / "images"
+    shutil.copytree(data["images"], images)
+    broken = images / json.loads(Path(data["captions_train"]).read_text())["images"][0]["file_name"]
+    broken.write_bytes(broken.read_bytes()[:200])
+    results = {}
+    for workers in ("0", "2"):
+        argv = projector_argv(root, data, tmp_path / f"out{workers}", "--max_steps", "-1", "--num_train_epochs", "1",
+                              "--val_fraction", "0", "--skip_bad_records", "--dataloader_num_workers", workers)
+        argv[argv.index("--image_folder") + 1] = str(images)
+        results[workers] = main(argv)
+    assert results["2"]["skipped_bad_records"] == results["0"]["skipped_bad_records"] >= 1
+    assert results["2"]["padding_fraction"] == results["0"]["padding_fraction"] > 0
+
+
 def test_validate_data_and_training_refuse_control_tokens_in_answers_alike(setup, tmp_path, capsys):
     """A caption holding <image> or <|endoftext|>: --validate_data names it, training stops on it naming the same
     record, and --skip_bad_records trains without it."""
