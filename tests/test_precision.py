@@ -56,6 +56,20 @@ def test_an_explicit_precision_is_kept(fake_gpu):
     assert (args.fp16, args.bf16) == (False, True)
 
 
+@pytest.mark.parametrize("fast_bf16", [True, False])
+def test_bf16_on_a_cpu_without_avx512_is_kept_with_a_warning(monkeypatch, caplog, fast_bf16):
+    """bf16 on an AVX2-only CPU multiplies in torch's reference GEMM (~180x slower than fp32 in a Phi-2-size
+    backward): the user's choice stands, and the log says so and how to train in fp32."""
+    import mmphi.training
+
+    monkeypatch.setattr(mmphi.training, "cpu_has_fast_bf16", lambda: fast_bf16)
+    args = SimpleNamespace(fp16=None, bf16=True, use_cpu=True)
+    with caplog.at_level("WARNING", logger="mmphi.training"):
+        resolve_precision(args)
+    assert args.bf16 is True
+    assert ("train in fp32 here (--bf16 false)" in caplog.text) == (not fast_bf16)
+
+
 def guard_log(logs: dict, fp16: bool = True, step: int = 30):
     return FP16OverflowGuard().on_log(SimpleNamespace(fp16=fp16), TrainerState(global_step=step), TrainerControl(),
                                       logs=logs)
