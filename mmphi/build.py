@@ -140,7 +140,7 @@ def save_tiny_clip(output_dir: str, seed: int = 0) -> str:
     return output_dir
 
 
-def build_from_components(vision_model: str, text_model: str, **config_overrides):
+def build_from_components(vision_model: str, text_model: str, dtype: str | torch.dtype = "auto", **config_overrides):
     strategy = config_overrides.get("vision_feature_select_strategy", "default")
     vision_config = AutoConfig.from_pretrained(vision_model)
     vision_config = getattr(vision_config, "vision_config", vision_config)  # a CLIPModel's, or a tower's own
@@ -149,7 +149,7 @@ def build_from_components(vision_model: str, text_model: str, **config_overrides
     tokenizer = processor.tokenizer
     overrides = dict(image_token_index=processor.image_token_id, image_seq_length=processor.image_seq_length)
     overrides.update(config_overrides)
-    model = MMPhiForCausalLM.from_components(vision_model, text_model, **overrides)
+    model = MMPhiForCausalLM.from_components(vision_model, text_model, dtype=dtype, **overrides)
     fit_embeddings_to_tokenizer(model, tokenizer)
     return model, processor
 
@@ -164,6 +164,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--vision_feature_select_strategy", choices=["default", "full"], default=None,
                         help="default: drop CLS (LLaVA; the real recipe); full: keep it (default for the tiny tower, "
                              "which learns to gather the image into CLS)")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                        help="the built model's dtype; auto: the Phi checkpoint's (Phi-2: bf16), the tower follows")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -180,7 +182,9 @@ def main(argv: list[str] | None = None) -> None:
         if vision_model == "tiny":
             vision_model = save_tiny_clip(os.path.join(args.output_dir, "_tiny_clip"), seed=args.seed)
         torch.manual_seed(args.seed)
-        model, processor = build_from_components(vision_model, args.text_model, projector_type=args.projector_type,
+        dtype = args.dtype if args.dtype == "auto" else getattr(torch, args.dtype)
+        model, processor = build_from_components(vision_model, args.text_model, dtype,
+                                                 projector_type=args.projector_type,
                                                  vision_feature_select_strategy=strategy)
         if args.vision_model == "tiny":
             shutil.rmtree(vision_model)

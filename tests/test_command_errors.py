@@ -17,6 +17,7 @@ import pytest
 from mmphi import chat, evaluation, export, merge
 from mmphi.build import build_tiny, save_mmphi
 from mmphi.errors import describe_error, run_command
+from mmphi.stages import projector
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL_FILES = ("config.json", "model.safetensors", "generation_config.json")
@@ -49,6 +50,8 @@ def corpus(tmp_path_factory, draw_shape):
     (other_architecture / "config.json").write_text(json.dumps({"model_type": "bert"}))
 
     (root / "not_utf8.jsonl").write_bytes(b'\xff{"prompt": "hi"}\n')
+    (root / "no_annotations.json").write_text(json.dumps({"images": [{"id": 1, "file_name": "red.png"}],
+                                                          "annotations": []}))
     (root / "notes").mkdir()
     (root / "notes" / "mine.txt").write_text("keep me")
 
@@ -80,6 +83,9 @@ CASES = [
     ("merge_lora.py", merge.main, ["--model_name_or_path", "{root}/model", "--adapter", "{root}/adapter",
                                    "--output_dir", "{root}/notes"],
      r"{root}/notes exists and holds more than a model \(mine.txt\)"),
+    ("projector.py", projector.main, ["--model_name_or_path", "{root}/model", "--data_path",
+                                      "{root}/no_annotations.json", "--output_dir", "{root}/projector"],
+     r"{root}/no_annotations.json: no samples in it \(a COCO file with no annotations"),
     ("export_llava.py", export.main, ["--model", "{root}/adapter", "--output_dir", "{root}/llava"],
      r"{root}/adapter is a LoRA adapter: merge it into its base first"),
 ]

@@ -320,6 +320,8 @@ def test_a_bf16_phi_stays_bf16_and_is_held_once(component_checkpoints, tmp_path)
     assert loaded.lm_head.weight.dtype == torch.bfloat16
     batch = processor(text=["<image>\nhi"], images=[colour_image()])
     assert loaded.generate(**batch, max_new_tokens=2, do_sample=False).shape[1] == batch["input_ids"].shape[1] + 2
+    told, _ = build_from_components(str(root / "clip_vision"), str(tmp_path / "phi"), torch.float32)  # --dtype
+    assert {p.dtype for p in told.parameters()} == {torch.float32}
 
 
 def test_resize_when_tokens_do_not_fit(tmp_path):

@@ -251,6 +251,8 @@ def read_source(source: DataSource | str, image_folder: str | None = None, skip_
     )
     rows = load_rows(source)
     conversations = detect_format(rows, source.label, data_format).read(rows, source.label, options)
+    if not conversations and not options.report.total:
+        raise BadRecordError(f"{source.label}: no samples in it (a COCO file with no annotations, an empty list?)")
     if options.report.total:
         logger.warning("%s: %s", source.label, options.report.summary())
     return conversations
