@@ -399,7 +399,7 @@ class MMPhiTrainerMixin(FSDPOnCPUMixin):
         dataset = train_dataset if train_dataset is not None else self.train_dataset
         if self.args.train_sampling_strategy == "group_by_length" and "length" in (
                 getattr(dataset, "column_names", None) or []):
-            return length_grouped_sampler(dataset["length"], self.args)
+            return length_grouped_sampler(dataset.with_format("arrow")["length"].to_pylist(), self.args)
         return super()._get_train_sampler(train_dataset)
 
     def loss_only_inputs(self, inputs: dict, return_outputs: bool) -> dict:
