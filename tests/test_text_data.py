@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import itertools
 import json
 import os
 import random
@@ -172,6 +173,25 @@ def test_corpus_smaller_than_one_block_is_a_clear_error(tmp_path, tokenizer):
 
 
 # ------------------------------------------------------------------------------------------------------ packing
+
+def test_a_long_document_is_tokenised_in_pieces_with_the_whole_texts_tokens(tokenizer, monkeypatch):
+    """Cuts fall before a single space between two non-space characters: never inside a run of spaces or newlines,
+    so the pieces' tokens equal one call's on the whole text (here with 60-character pieces)."""
+    import mmphi.data.corpus as corpus
+
+    rng = random.Random(0)
+    words = ["the", "Whale", "swam", "3.14", "don't", "naïve", "—", "x" * 40, "\n", "  ", "\t", "end."]
+    text = "".join(rng.choice(words) + rng.choice([" ", " ", " ", "", "\n", "   "]) for _ in range(3000))
+    pieces = corpus.text_pieces(text, size=60)
+    assert len(pieces) > 100 and "".join(pieces) == text
+    assert all(piece.startswith(" ") and piece[1:2].strip() and previous[-1:].strip()
+               for previous, piece in itertools.pairwise(pieces))
+    whole = tokenizer(text, add_special_tokens=False)["input_ids"]
+    monkeypatch.setattr(corpus, "LONG_TEXT_CHARS", 60)
+    eos = tokenizer.eos_token_id
+    assert tokenize_documents({"text": ["short one", text]}, tokenizer, eos)["input_ids"] == [
+        tokenizer("short one", add_special_tokens=False)["input_ids"] + [eos], whole + [eos]]
+
 
 def test_packing_fills_every_block_and_puts_eos_between_documents(tokenizer):
     docs = make_docs(7, "pack", words_per_doc=25)

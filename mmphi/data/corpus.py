@@ -245,9 +245,39 @@ def split_documents(docs, percentage: float):
     return train.remove_columns("doc_hash"), held_out.remove_columns("doc_hash")
 
 
+# A document longer than this is tokenised in pieces: one tokenizer call on a 30 MB document took minutes and GBs.
+LONG_TEXT_CHARS = 1 << 20
+
+
+def text_pieces(text: str, size: int = LONG_TEXT_CHARS) -> list[str]:
+    """`text` cut into pieces of about `size` characters, each cut just before a space between two non-space
+    characters: byte-level BPE's pre-tokenizer (GPT-2's, Phi-2's) starts a new word there anyway, so the pieces'
+    tokens put together are the whole text's."""
+    pieces, start = [], 0
+    while len(text) - start > size:
+        cut = text.find(" ", start + size)
+        while cut != -1 and not (text[cut - 1:cut].strip() and text[cut + 1:cut + 2].strip()):
+            cut = text.find(" ", cut + 1)
+        if cut == -1:
+            break
+        pieces.append(text[start:cut])
+        start = cut
+    pieces.append(text[start:])
+    return pieces
+
+
 def tokenize_documents(batch: dict, tokenizer, eos_token_id: int) -> dict:
-    ids = tokenizer(batch["text"], add_special_tokens=False, verbose=False)["input_ids"]
-    return {"input_ids": [doc + [eos_token_id] for doc in ids]}  # EOS after every document, so between any two
+    """Token ids of each document, then EOS (so one stands between any two documents in the packed stream)."""
+    pieces, owners = [], []
+    for number, text in enumerate(batch["text"]):
+        for piece in text_pieces(text, LONG_TEXT_CHARS):
+            pieces.append(piece)
+            owners.append(number)
+    documents = [[] for _ in batch["text"]]
+    for owner, ids in zip(owners, tokenizer(pieces, add_special_tokens=False, verbose=False)["input_ids"],
+                          strict=True):  # one batched call, as for short documents
+        documents[owner].extend(ids)
+    return {"input_ids": [ids + [eos_token_id] for ids in documents]}
 
 
 def pack_blocks(batch: dict, block_size: int) -> dict:
