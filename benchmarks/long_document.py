@@ -17,7 +17,8 @@ from transformers import AutoTokenizer
 from mmphi import TINY_TOKENIZER
 from mmphi.data.corpus import tokenize_documents
 
-WORDS = ["the", "whale", "swam", "across", "a", "grey", "sea", "while", "sailors", "watched", "from", "the", "deck", "and", "sang", "of", "home"]
+WORDS = ["the", "whale", "swam", "across", "a", "grey", "sea", "while", "sailors", "watched", "from", "the", "deck",
+         "and", "sang", "of", "home"]
 
 
 def main(argv: list[str] | None = None) -> dict:
