@@ -268,13 +268,21 @@ class MMPhiDataCollator:
         self.skipped = SkipReport()
         self.evaluating = False  # set by mmphi.training.MMPhiTrainerMixin.evaluate: its batches are counted apart
         self.token_counts = {"train": [0, 0], "eval": [0, 0]}  # [real, padding]
+        self.last_good = None  # the latest sample that loaded: stands in for a batch of bad ones (skip_bad_records)
 
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
         skipped = SkipReport()
         features = [feature for feature in (self._feature(row, skipped) for row in rows) if feature is not None]
         self.skipped.merge(skipped)
-        if not features:
-            raise BadRecordError(f"every sample of a batch failed to load: {skipped.summary()}")
+        if features:
+            self.last_good = features[-1]
+        elif self.last_good is not None:  # skipped, every one: a step cannot be left out (DDP's all-reduce waits)
+            logger.warning("every sample of a batch failed to load; training on the previous good sample again "
+                           "in its place: %s", skipped.summary())
+            features = [self.last_good]
+        else:
+            raise BadRecordError(f"every sample of a batch failed to load, and no good one came before it to "
+                                 f"train on in its place: {skipped.summary()}")
         batch = self._pad(features)
         real = int(batch["attention_mask"].sum())
         split = "eval" if self.evaluating else "train"

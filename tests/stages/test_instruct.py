@@ -228,6 +228,11 @@ def test_collator_mixes_image_and_text_samples_and_handles_bad_images(tiny_folde
         MMPhiDataCollator(processor)(rows)
     skipping = MMPhiDataCollator(processor, skip_bad_records=True)
     assert skipping(rows)["input_ids"].shape[0] == 2 and skipping.skipped.total == 1
+    # a batch of bad samples only (always so at batch size 1): the previous good sample stands in, counted
+    stand_in = skipping(rows[2:])
+    assert torch.equal(stand_in["input_ids"], torch.tensor([[8, 9]])) and skipping.skipped.total == 2
+    with pytest.raises(BadRecordError, match="no good one came before it"):
+        MMPhiDataCollator(processor, skip_bad_records=True)(rows[2:])
 
 
 # --- precision ---------------------------------------------------------------------------------------------------
