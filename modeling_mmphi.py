@@ -345,6 +345,8 @@ class MMPhiForCausalLM(MMPhiPreTrainedModel, GenerationMixin):
         )
         if not isinstance(text, PhiForCausalLM):
             raise TypeError(f"text_model must be a PhiForCausalLM checkpoint, got {type(text).__name__}")
+        if isinstance(dtype, torch.dtype):  # an instance given is cast as a checkpoint would be loaded
+            text = text.to(dtype)
         vision = _load_vision_tower(vision_model, text.dtype)
         config = MMPhiConfig(
             vision_config=vision.config.to_dict(), text_config=text.config.to_dict(), **config_overrides

@@ -62,6 +62,15 @@ def parse_json_object(raw: bytes | str) -> dict:
     return record
 
 
+def load_json(path: str):
+    """A JSON file's content; invalid JSON is an error naming the file and line."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return json.load(handle)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: not valid JSON ({error.msg}, line {error.lineno})") from error
+
+
 def handle_bad_record(location: str, error: Exception, skip_bad_records: bool, report: SkipReport,
                       log: logging.Logger | None = None, hint: str = SCAN_HINT) -> None:
     """Raise `location: error` (with the hint), or count the record in `report` (and log it when `log` is given)."""

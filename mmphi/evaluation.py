@@ -48,7 +48,7 @@ from tqdm.auto import tqdm
 from transformers import AutoTokenizer, HfArgumentParser
 
 from mmphi import data as mmphi_data
-from mmphi.errors import handle_bad_record
+from mmphi.errors import handle_bad_record, load_json
 from mmphi.inference import GenerationOptions
 from mmphi.inference import generate_answers as inference_answers
 from mmphi.loading import load_causal_lm, load_mmphi
@@ -253,13 +253,7 @@ def is_vqav2_questions(path: str) -> bool:
 
 
 def read_json_object(path: str, key: str, what: str) -> dict:
-    try:
-        with open(path, encoding="utf-8") as handle:
-            data = json.load(handle)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{what} not found: {path}") from None
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path}: not valid JSON ({error.msg}, line {error.lineno})") from None
+    data = load_json(path)  # its existence was checked before the model loaded (check_input_paths)
     if not isinstance(data, dict) or not isinstance(data.get(key), list):
         raise ValueError(f"{path}: not a VQAv2 {what} (a JSON object with a {key!r} list)")
     return data

@@ -36,6 +36,7 @@ from collections.abc import Iterable
 
 from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
 
+from mmphi.errors import load_json
 from mmphi.loading import CODE_FILES, is_model_file
 
 logger = logging.getLogger(__name__)
@@ -157,14 +158,6 @@ def stage_upload(model_dir: str, staging_dir: str, card: str, metrics_files: lis
 
 
 # --- the model card ----------------------------------------------------------------------------------------------
-
-
-def load_json(path: str):
-    try:
-        with open(path, encoding="utf-8") as handle:
-            return json.load(handle)
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path}: not valid JSON ({error.msg}, line {error.lineno})") from error
 
 
 def find_evaluations(model_dir: str, extra_files: list[str]) -> list[tuple[str, dict]]:

@@ -31,7 +31,7 @@ from transformers.trainer_pt_utils import LengthGroupedSampler
 from trl import TrlParser
 
 from mmphi.build import enable_kv_cache
-from mmphi.data.encoding import COLLATED_COUNTS, gather_collator_counts
+from mmphi.data.encoding import COLLATED_COUNTS, gather_collator_counts, sample_lengths
 from mmphi.errors import SkipReport, warn_skipped
 from mmphi.loading import check_model_path, check_replaceable
 
@@ -399,7 +399,7 @@ class MMPhiTrainerMixin(FSDPOnCPUMixin):
         dataset = train_dataset if train_dataset is not None else self.train_dataset
         if self.args.train_sampling_strategy == "group_by_length" and "length" in (
                 getattr(dataset, "column_names", None) or []):
-            return length_grouped_sampler(dataset.with_format("arrow")["length"].to_pylist(), self.args)
+            return length_grouped_sampler(sample_lengths(dataset), self.args)
         return super()._get_train_sampler(train_dataset)
 
     def loss_only_inputs(self, inputs: dict, return_outputs: bool) -> dict:

@@ -113,9 +113,7 @@ class EncodedSamples:
 
     @property
     def lengths(self) -> list[int]:
-        """Every sample's token count, as a list read through arrow in one go: indexing the dataset's column one
-        sample at a time re-reads the column each time (minutes for COCO's 591K captions)."""
-        return self.dataset.with_format("arrow")["length"].to_pylist()
+        return sample_lengths(self.dataset)
 
 
 def _as_rows(conversations: Sequence[Conversation]) -> dict[str, list]:
@@ -231,6 +229,12 @@ def build_datasets(model, processor, data_args, training_args, train_records: Se
 # ---------------------------------------------------------------------------------------------------------- batches
 
 
+def sample_lengths(dataset: datasets.Dataset) -> list[int]:
+    """Every sample's token count (the `length` column), read through arrow in one go: indexing the column one
+    sample at a time re-reads it each time (minutes for COCO's 591K captions)."""
+    return dataset.with_format("arrow")["length"].to_pylist()
+
+
 COLLATED_COUNTS = "collated_counts"  # the batch key the counts travel under; popped before the model sees the batch
 
 
@@ -268,24 +272,25 @@ class MMPhiDataCollator:
         self.skipped = SkipReport()
         self.evaluating = False  # set by mmphi.training.MMPhiTrainerMixin.evaluate: its batches are counted apart
         self.token_counts = {"train": [0, 0], "eval": [0, 0]}  # [real, padding]
-        self.last_good = None  # the latest sample that loaded: stands in for a batch of bad ones (skip_bad_records)
+        # the latest sample that loaded, per split: stands in for a batch of bad ones (skip_bad_records)
+        self.last_good = {"train": None, "eval": None}
 
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
         skipped = SkipReport()
         features = [feature for feature in (self._feature(row, skipped) for row in rows) if feature is not None]
         self.skipped.merge(skipped)
+        split = "eval" if self.evaluating else "train"
         if features:
-            self.last_good = features[-1]
-        elif self.last_good is not None:  # skipped, every one: a step cannot be left out (DDP's all-reduce waits)
-            logger.warning("every sample of a batch failed to load; training on the previous good sample again "
-                           "in its place: %s", skipped.summary())
-            features = [self.last_good]
+            self.last_good[split] = features[-1]
+        elif self.last_good[split] is not None:  # skipped, every one: a step cannot be left out (DDP's all-reduce)
+            logger.warning("every sample of a batch failed to load; using the previous good sample again in its "
+                           "place: %s", skipped.summary())
+            features = [self.last_good[split]]
         else:
             raise BadRecordError(f"every sample of a batch failed to load, and no good one came before it to "
-                                 f"train on in its place: {skipped.summary()}")
+                                 f"stand in for them: {skipped.summary()}")
         batch = self._pad(features)
         real = int(batch["attention_mask"].sum())
-        split = "eval" if self.evaluating else "train"
         counts = CollatedCounts(split, real, batch["attention_mask"].numel() - real, skipped)
         self.add_counts(counts, skipped_merged=True)
         if torch.utils.data.get_worker_info() is not None:  # a worker's copy: the trainer's collator adds them
