@@ -111,12 +111,9 @@ def llava_processor(processor, config):
     same count: one token per patch, plus CLS (`num_additional_image_tokens`) unless the "default" strategy drops it."""
     from transformers import LlavaProcessor
 
-    tokenizer, image_processor = processor.tokenizer, processor.image_processor
-    for part in (tokenizer.init_kwargs, image_processor.__dict__):  # they pointed AutoProcessor at MM-Phi's code
-        part.pop("auto_map", None)
-    return LlavaProcessor(
-        image_processor=image_processor,
-        tokenizer=tokenizer,
+    return LlavaProcessor(  # the auto_map its parts carry is stripped from the saved files (export_llava)
+        image_processor=processor.image_processor,
+        tokenizer=processor.tokenizer,
         patch_size=config.vision_config.patch_size,
         vision_feature_select_strategy=config.vision_feature_select_strategy,
         chat_template=processor.chat_template,
