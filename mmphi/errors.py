@@ -57,6 +57,8 @@ def parse_json_object(raw: bytes | str) -> dict:
         record = json.loads(line)
     except json.JSONDecodeError as e:
         raise BadRecordError(f"malformed JSON ({e.msg} at column {e.colno})") from None
+    except RecursionError:
+        raise BadRecordError("JSON nested too deeply to read") from None
     if not isinstance(record, dict):
         raise BadRecordError(f"record is a JSON {type(record).__name__}, not an object")
     return record

@@ -449,6 +449,10 @@ def test_malformed_files_are_clear_errors(tmp_path):
     broken.write_text('[{"id": 1,')
     with pytest.raises(md.BadRecordError, match="broken.json: malformed JSON"):
         read_llava(str(broken))
+    deep = tmp_path / "deep.json"
+    deep.write_text('[{"id": 1, "x": ' + "[" * 100_000 + "]" * 100_000 + "}]")
+    with pytest.raises(md.BadRecordError, match="deep.json: JSON nested too deeply to read"):
+        read_llava(str(deep))
     with pytest.raises(FileNotFoundError, match="missing.json"):
         coco_images(str(tmp_path / "missing.json"))
     with pytest.raises(md.BadRecordError, match=r"empty\.json: not a COCO captions file \(data_format "

@@ -27,6 +27,7 @@ from mmphi.data.corpus import (
     tokenize_documents,
 )
 from mmphi.errors import BadRecordError
+from mmphi.stages import pretrain
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORDS = ("the", "ship", "sailed", "north", "across", "cold", "water", "while", "captain", "watched", "sky", "and",
@@ -121,6 +122,8 @@ BAD_LINES = [
     (b'{"text": "fine"}\n{"text": "caf\xe9"}\n', r"bad\.jsonl:2: not valid UTF-8 \(byte 0xe9 at column 14\)"),
     (b'{"text": "fine"}\n[1, 2]\n', r"bad\.jsonl:2: record is a JSON list, not an object"),
     (b"", r"bad\.jsonl: empty file \(no records\)"),
+    (b'{"text": "fine"}\n{"text": "x", "meta": ' + b"[" * 10**5 + b"]" * 10**5 + b"}\n",
+     r"bad\.jsonl:2: JSON nested too deeply to read"),
 ]
 
 
@@ -268,6 +271,30 @@ def test_source_weight_mistakes_are_explained(tmp_path, tokenizer):
         build_lm_datasets([cc], tokenizer, block_size=16, validation_split_percentage=0,
                           source_weights={"RedPajamaBooks": 1.0, "RedPajamaCommonCrawl": 1.0},
                           cache_dir=str(tmp_path / "cache"))
+
+
+def test_a_meta_string_that_cannot_be_read_is_a_bad_record_when_mixing_by_set_name(tmp_path, tokenizer, capsys):
+    """Strings too deeply nested for json/ast (RecursionError, and MemoryError from the parser's stack) included."""
+    lines = [json.dumps({"text": t, "meta": repr({"redpajama_set_name": "RedPajamaC4"})})
+             for t in make_docs(20, "good", words_per_doc=30)]
+    lines[4] = json.dumps({"text": "deep", "meta": "[" * 100_000})
+    lines[9] = json.dumps({"text": "unary", "meta": "-" * 1_000_000 + "1"})
+    path = tmp_path / "c4.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+
+    with pytest.raises(BadRecordError, match=r'c4\.jsonl:5: "meta" is a string that reads as neither JSON'):
+        build_lm_datasets([str(path)], tokenizer, block_size=16, validation_split_percentage=0,
+                          cache_dir=str(tmp_path / "cache"))
+    data = build_lm_datasets([str(path)], tokenizer, block_size=16, validation_split_percentage=0,
+                             skip_bad_records=True, cache_dir=str(tmp_path / "cache"))
+    assert data.skip_report.total == 2 and data.sources == {"RedPajamaC4": 18}
+    by_file = build_lm_datasets([str(path)], tokenizer, block_size=16, validation_split_percentage=0, mix_by="file",
+                                cache_dir=str(tmp_path / "cache"))  # the set name is not read: nothing is bad
+    assert by_file.sources == {"c4": 20}
+
+    # --validate_data agrees with training
+    assert pretrain.validate_corpus(pretrain.DataArguments(train_files=[str(path)])) == 1
+    assert "2 bad: 2 x \"meta\" is a string" in capsys.readouterr().out
 
 
 # ---------------------------------------------------------------------------------------------- streaming/cache

@@ -143,18 +143,28 @@ def parse_record(raw_line: bytes) -> dict:
     return record
 
 
-def set_name_of(record: dict) -> str | None:
-    """`meta.redpajama_set_name`; some RedPajama dumps store `meta` as a JSON or Python-literal string."""
+def set_name_of(record: dict, strict: bool = False) -> str | None:
+    """`meta.redpajama_set_name`; some RedPajama dumps store `meta` as a JSON or Python-literal string. A string that
+    is neither (or nests too deeply to parse) has no set name, or with `strict` makes the record bad."""
     meta = record.get("meta")
     if isinstance(meta, str):
-        for parse in (json.loads, ast.literal_eval):
-            try:
-                meta = parse(meta)
-                break
-            except (ValueError, SyntaxError):
-                continue
+        meta = _parse_meta_string(meta)
+        if meta is None and strict:
+            raise BadRecordError(f'"meta" is a string that reads as neither JSON nor a Python literal '
+                                 f'({record["meta"][:40]!r})')
     if isinstance(meta, dict) and isinstance(meta.get("redpajama_set_name"), str):
         return meta["redpajama_set_name"]
+    return None
+
+
+def _parse_meta_string(text: str):
+    for parse in (json.loads, ast.literal_eval):
+        try:
+            return parse(text)
+        # The parsers' own limits: nesting beyond the recursion limit, and the parser's stack (MemoryError at once,
+        # not memory running out) on a deeply nested expression.
+        except (ValueError, SyntaxError, TypeError, RecursionError, MemoryError):
+            continue
     return None
 
 
@@ -188,6 +198,18 @@ def iter_jsonl_records(path: str, skip_bad_records: bool = False, report: SkipRe
             bad(name, "empty file (no records)" if line_no == 0 else "no valid records")
 
 
+def iter_documents(path: str, skip_bad_records: bool, report: SkipReport, mix_by: str) -> Iterator[tuple[str, str]]:
+    """(text, source) for each good record of `path`. Mixing by set name, a record whose `meta` cannot be read is
+    bad like any other."""
+    for record in iter_jsonl_records(path, skip_bad_records, report):
+        try:
+            source = set_name_of(record, strict=True) if mix_by == "set_name" else None
+        except BadRecordError as error:
+            handle_bad_record(record["location"], error, skip_bad_records, report, hint=SKIP_HINT)
+            continue
+        yield record["text"], source or source_name_of_file(path)
+
+
 def document_rows(files: list[str], skip_bad_records: bool, mix_by: str, signature: str) -> Iterator[dict]:
     """Rows for `datasets`: good documents, plus (when skipping) one row per bad record so the count survives caching.
 
@@ -196,9 +218,8 @@ def document_rows(files: list[str], skip_bad_records: bool, mix_by: str, signatu
     del signature
     for path in files:
         report = SkipReport(max_examples=10**9)
-        for record in iter_jsonl_records(path, skip_bad_records, report):
-            source = set_name_of(record) if mix_by == "set_name" else None
-            yield {"text": record["text"], "source": source or source_name_of_file(path), "error": ""}
+        for text, source in iter_documents(path, skip_bad_records, report, mix_by):
+            yield {"text": text, "source": source, "error": ""}
         for example in report.examples:
             yield {"text": "", "source": "", "error": example}
 

@@ -139,6 +139,8 @@ def _read_json_records(path: str) -> list:
             raise BadRecordError(f"{path}: malformed JSON ({error.msg} at line {error.lineno}, column "
                                  f"{error.colno})") from None
         return [_json_line(path, number, line) for number, line in enumerate(text.splitlines(), 1) if line.strip()]
+    except RecursionError:
+        raise BadRecordError(f"{path}: JSON nested too deeply to read (beyond Python's recursion limit)") from None
     return data if isinstance(data, list) else [data]
 
 

@@ -40,7 +40,7 @@ from mmphi.data.corpus import (
     CorpusDataset,
     build_lm_datasets,
     collate_blocks,
-    iter_jsonl_records,
+    iter_documents,
     parse_source_weights,
 )
 from mmphi.errors import BadRecordError, SkipReport, validation_exit
@@ -283,7 +283,7 @@ def validate_corpus(data_args: DataArguments) -> int:
     for path in [*data_args.train_files, *(data_args.validation_files or [])]:
         report = SkipReport()
         try:
-            good = sum(1 for _ in iter_jsonl_records(path, skip_bad_records=True, report=report))
+            good = sum(1 for _ in iter_documents(path, True, report, data_args.mix_by))
         except BadRecordError as error:  # a truncated or corrupt archive: nothing after it can be read
             print(error)
             status = 1
