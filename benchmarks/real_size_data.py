@@ -11,7 +11,9 @@ what is measured), a first run and a re-run, with wall time and peak RSS.
 
 Each run is `scripts/projector.py` / `scripts/instruct.py` with `--max_steps 1` in a child process under GNU time; the
 re-run finds the tokenised data in the `datasets` cache (`HF_DATASETS_CACHE` under --work_dir) and the images'
-features where the first run put them.
+features where the first run put them. `--processes 2` launches each run as two data-parallel CPU processes (gloo,
+`scripts/configs/cpu_multiprocess.yaml`) with caches of their own, so that their first run starts cold; the peak RSS
+is then the largest process's (GNU time reports the largest descendant).
 """
 
 from __future__ import annotations
@@ -58,9 +60,13 @@ def write_llava_instruct(path: str, file_names: list[str], rng: random.Random) -
         json.dump(records, handle)
 
 
-def timed(name: str, script: str, *args: str, env: dict) -> dict:
-    command = ["/usr/bin/time", "-f", "MMPHI_TIME %e %M", sys.executable, os.path.join(REPO_ROOT, "scripts", script),
-               *args]
+def timed(name: str, script: str, *args: str, env: dict, processes: int = 1) -> dict:
+    script = os.path.join(REPO_ROOT, "scripts", script)
+    launch = [sys.executable, script] if processes == 1 else [
+        sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+        os.path.join(REPO_ROOT, "scripts", "configs", "cpu_multiprocess.yaml"), "--num_processes", str(processes),
+        script, "--use_cpu", "true"]
+    command = ["/usr/bin/time", "-f", "MMPHI_TIME %e %M", *launch, *args]
     done = subprocess.run(command, capture_output=True, text=True, env=env)
     if done.returncode != 0:
         raise RuntimeError(f"{name} failed:\n{done.stderr[-3000:]}")
@@ -71,9 +77,12 @@ def timed(name: str, script: str, *args: str, env: dict) -> dict:
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work_dir", default="/tmp/mmphi-real-data")
+    parser.add_argument("--processes", type=int, default=1, help="data-parallel CPU processes per run")
     args = parser.parse_args(argv)
     work = functools.partial(os.path.join, args.work_dir)
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_CACHE=work("datasets-cache"), MMPHI_CACHE=work("mmphi"))
+    runs = "" if args.processes == 1 else f"-{args.processes}p"  # the files are shared, the caches and outputs not
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_CACHE=work(f"datasets-cache{runs}"),
+               MMPHI_CACHE=work(f"mmphi{runs}"))
     if not os.path.isfile(work("llava_instruct_150k.json")):
         subprocess.run([sys.executable, os.path.join(REPO_ROOT, "scripts", "make_synthetic_data.py"), "--output_dir",
                         work("drawn"), "--num_images", str(DRAWN_IMAGES), "--val_fraction", "0"], check=True,
@@ -88,11 +97,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
               "1", "--save_strategy", "no", "--val_fraction", "0", "--optim", "adamw_torch", "--report_to", "none"]
     results = []
     for attempt in ("first run", "re-run"):
-        results.append(timed(f"projector, COCO 2017 size, {attempt}", "projector.py", "--data_path",
-                             work("captions_train2017.json"), "--output_dir", work("projector"), *common, env=env))
-        results.append(timed(f"instruct, LLaVA-Instruct-150K size, {attempt}", "instruct.py", "--data_path",
-                             work("llava_instruct_150k.json"), "--output_dir", work("instruct"), "--load_in_4bit",
-                             "false", *common, env=env))
+        label = f"{attempt}, {args.processes} process{'es' if args.processes > 1 else ''}"
+        results.append(timed(f"projector, COCO 2017 size, {label}", "projector.py", "--data_path",
+                             work("captions_train2017.json"), "--output_dir", work(f"projector{runs}"), *common,
+                             env=env, processes=args.processes))
+        results.append(timed(f"instruct, LLaVA-Instruct-150K size, {label}", "instruct.py", "--data_path",
+                             work("llava_instruct_150k.json"), "--output_dir", work(f"instruct{runs}"),
+                             "--load_in_4bit", "false", *common, env=env, processes=args.processes))
     for row in results:
         print(json.dumps(row))
     return results

@@ -20,6 +20,7 @@ import os
 import re
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -114,6 +115,12 @@ class StageOptions:
 
     def __post_init__(self):
         resolve_precision(self)
+        # transformers warns on every run where `gradient_checkpointing` (TRL's and our defaults, or the flag) is set
+        # and its new name `activation_checkpointing` is not; taking the value over says the same without the warning
+        if self.activation_checkpointing is None:
+            self.activation_checkpointing = self.gradient_checkpointing
+        if not torch.accelerator.is_available():  # pinned memory needs an accelerator; torch warns at every loader
+            self.dataloader_pin_memory = False
         if self.logging_nan_inf_filter is None:  # the filter would log an overflowed fp16 step as a finite loss
             self.logging_nan_inf_filter = not self.fp16
         self.push_final_to_hub, self.push_to_hub = bool(self.push_to_hub), False
@@ -204,12 +211,25 @@ def train_and_evaluate(stage: BuiltStage, resume_from_checkpoint=None) -> dict:
         raise KeyboardInterrupt(save_on_interrupt(trainer)) from None
     metrics["train_wall_s"] = round(time.perf_counter() - start, 1)
     if stage.evaluation is not None:
-        metrics.update(trainer.evaluate())
+        metrics.update(evaluation_at_last_step(trainer) or trainer.evaluate())
     gather_collator_counts(trainer)  # the collator counts training and evaluation batches apart
     metrics.update(stage.data_metrics())
     metrics["trainable_parameters"] = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     metrics["skipped_bad_records"] = warn_skipped(logger, *stage.reports)
     return metrics
+
+
+def evaluation_at_last_step(trainer) -> dict:
+    """The held-out metrics the Trainer logged at the final step when it evaluated there (an `eval_steps` that
+    divides the run) and the final weights are that step's (no best checkpoint loaded back): another evaluation would
+    repeat them, which costs minutes at real size. {} otherwise. Every process logs, so all agree."""
+    if trainer.args.load_best_model_at_end:
+        return {}
+    logged = {}
+    for entry in trainer.state.log_history:
+        if entry.get("step") == trainer.state.global_step:
+            logged.update({key: value for key, value in entry.items() if key.startswith("eval_")})
+    return logged
 
 
 def save_on_interrupt(trainer) -> str:
@@ -310,9 +330,7 @@ class Stage:
         configure_logging(training_args)
         if data_args.validate_data:
             sys.exit(self.validate_data(data_args))
-        metrics = self.run(model_args, data_args, training_args)
-        print(json.dumps({k: v for k, v in metrics.items() if isinstance(v, (int, float, str))}, indent=1))
-        return metrics
+        return self.run(model_args, data_args, training_args)
 
     def run(self, model_args, data_args, training_args) -> dict:
         """Train and save output_dir (every process takes part in the save, as sharded engines need); the record,
@@ -336,6 +354,8 @@ class Stage:
             from mmphi.export import export_llava
 
             metrics["export_llava"] = export_llava(final, model_args.export_llava)
+        logger.info("%s done: the model is in %s; metrics in %s", self.name, final,
+                    os.path.join(training_args.output_dir, "all_results.json"))
         push_final(training_args, final)
         return metrics
 
@@ -521,6 +541,9 @@ def configure_logging(training_args) -> None:
         level = logging.INFO if training_args.should_log else logging.WARNING
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger().setLevel(level)  # also when a handler was set up before us
+    # The stages' default optimizer is paged_adamw_8bit (paging matters on GPUs); on a CPU bitsandbytes runs the same
+    # 8-bit AdamW unpaged and warns at every run, which no setting of a CPU run could act on.
+    warnings.filterwarnings("ignore", message="Paged optimizers are not supported on CPU", category=UserWarning)
     if not training_args.should_log:  # libraries too: a replica repeats the main process's progress and notes
         transformers.utils.logging.set_verbosity(max(level, logging.WARNING))
         datasets.utils.logging.set_verbosity(max(level, logging.WARNING))

@@ -1,6 +1,7 @@
 """The shared data module (mmphi/data/) and the synthetic data generator, on the tiny default (CPU, fast)."""
 
 import json
+import logging
 import os
 import random
 from collections import Counter
@@ -442,6 +443,27 @@ def test_bad_coco_annotations(tmp_path, annotation, problem):
     report = md.SkipReport()
     images = coco_images(str(path), str(tmp_path), skip_bad_records=True, report=report)
     assert report.total == 1 and images[0].captions == ["a red square"]
+
+
+def test_a_coco_file_is_read_without_datasets_logging_an_error(tmp_path):
+    """datasets' JSON builder cannot read a COCO file (one object of lists, past arrow's first block) as rows and logs
+    an ERROR before it raises; the file is read anyway, so nothing may be logged."""
+    red_png(tmp_path)
+    captions = [{"id": i, "image_id": 1, "caption": f"a red square, caption {i}"} for i in range(6000)]
+    path = tmp_path / "captions.json"
+    path.write_text(json.dumps({"info": {"description": "COCO 2017"}, "licenses": [],
+                                "images": [{"id": 1, "file_name": "red.png"}], "annotations": captions}, indent=1))
+    seen = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = seen.append
+    library_logger = logging.getLogger("datasets")
+    library_logger.addHandler(handler)
+    try:
+        images = coco_images(str(path), str(tmp_path))
+    finally:
+        library_logger.removeHandler(handler)
+    assert len(images[0].captions) == 6000
+    assert not [record.getMessage() for record in seen]
 
 
 def test_malformed_files_are_clear_errors(tmp_path):

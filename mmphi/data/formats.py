@@ -29,6 +29,7 @@ skipped and counted in a `SkipReport`.
 from __future__ import annotations
 
 import bz2
+import contextlib
 import gzip
 import json
 import logging
@@ -117,11 +118,25 @@ def load_rows(source: DataSource) -> Sequence[dict]:
         raise FileNotFoundError(f"{source.path}: no such file")
     builder, _ = _file_kind(source.path)
     try:
-        return datasets.load_dataset(builder, data_files=source.path, split="train")
+        with _quiet_json_builder():
+            return datasets.load_dataset(builder, data_files=source.path, split="train")
     except (datasets.exceptions.DatasetGenerationError, ValueError) as error:  # ValueError: no rows at all
         if builder != "json":
             raise BadRecordError(f"{source.path}: cannot be read as {builder}: {error.__cause__}") from None
         return _read_json_records(source.path)
+
+
+@contextlib.contextmanager
+def _quiet_json_builder():
+    """datasets' JSON builder logs an ERROR for a file arrow reads as no table of rows (a COCO file: one object of
+    lists) before it raises; that file is then read here, so the message would only alarm."""
+    json_logger = datasets.utils.logging.get_logger("datasets.packaged_modules.json.json")
+    level = json_logger.level
+    json_logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        json_logger.setLevel(level)
 
 
 def _read_json_records(path: str) -> list:
