@@ -1,7 +1,10 @@
 """The shared data module (mmphi/data/) and the synthetic data generator, on the tiny default (CPU, fast)."""
 
+import bz2
+import gzip
 import json
 import logging
+import lzma
 import os
 import random
 from collections import Counter
@@ -9,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import zstandard
 from PIL import Image
 
 from mmphi import data as md
@@ -464,6 +468,27 @@ def test_a_coco_file_is_read_without_datasets_logging_an_error(tmp_path):
         library_logger.removeHandler(handler)
     assert len(images[0].captions) == 6000
     assert not [record.getMessage() for record in seen]
+
+
+@pytest.mark.parametrize("name", ["llava.json.gz", "llava.jsonl.gz", "llava.json.bz2", "llava.json.xz",
+                                  "llava.json.zst"])
+def test_a_cut_off_or_mislabelled_compressed_file_is_named(tmp_path, name):
+    """Never the prefix before the cut, never the decompressor's bare EOFError: the file and what is wrong."""
+    red_png(tmp_path)
+    records = [{"id": str(i), "image": "red.png", "conversations": turns(("<image>\nColour?", "red " * 20))}
+               for i in range(3000)]
+    text = "\n".join(map(json.dumps, records)) if ".jsonl" in name else json.dumps(records)
+    opener = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open, ".zst": zstandard.open}[os.path.splitext(name)[1]]
+    whole = tmp_path / name
+    with opener(whole, "wt") as handle:
+        handle.write(text)
+    assert len(read_llava(str(whole), str(tmp_path))) == 3000
+    data = whole.read_bytes()
+    (tmp_path / ("cut_" + name)).write_bytes(data[: len(data) * 2 // 3])
+    (tmp_path / ("plain_" + name)).write_text(text)
+    for bad, problem in (("cut_" + name, "cut short"), ("plain_" + name, "not")):
+        with pytest.raises(md.BadRecordError, match=rf"{bad}: cannot decompress it as .*{problem}"):
+            read_llava(str(tmp_path / bad), str(tmp_path))
 
 
 def test_malformed_files_are_clear_errors(tmp_path):

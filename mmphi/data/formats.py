@@ -35,10 +35,12 @@ import json
 import logging
 import lzma
 import os
+import zlib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import datasets
+import zstandard
 from tqdm.auto import tqdm
 
 from mmphi.data.corpus import zstd_reader
@@ -116,10 +118,12 @@ def load_rows(source: DataSource) -> Sequence[dict]:
             raise ValueError(f"{source.label}: cannot load the dataset: {error}") from None
     if not os.path.isfile(source.path):
         raise FileNotFoundError(f"{source.path}: no such file")
-    builder, _ = _file_kind(source.path)
+    builder, compression = _file_kind(source.path)
     try:
         with _quiet_json_builder():
             return datasets.load_dataset(builder, data_files=source.path, split="train")
+    except DECOMPRESSION_ERRORS as error:  # met while datasets reads the first block for the columns
+        raise _not_decompressible(source.path, compression, error) from None
     except (datasets.exceptions.DatasetGenerationError, ValueError) as error:  # ValueError: no rows at all
         if builder != "json":
             raise BadRecordError(f"{source.path}: cannot be read as {builder}: {error.__cause__}") from None
@@ -168,12 +172,28 @@ def _json_line(path: str, number: int, line: str) -> dict:
 
 def _read_bytes(path: str) -> bytes:
     _, compression = _file_kind(path)
-    if compression in (".zst", ".zstd"):
-        with open(path, "rb") as handle:
-            return zstd_reader(handle, path).read()
-    opener = COMPRESSIONS[compression] if compression else open
-    with opener(path, "rb") as handle:
-        return handle.read()
+    try:
+        if compression in (".zst", ".zstd"):
+            with open(path, "rb") as handle:
+                return zstd_reader(handle, path).read()
+        opener = COMPRESSIONS[compression] if compression else open
+        with opener(path, "rb") as handle:
+            return handle.read()
+    except DECOMPRESSION_ERRORS as error:
+        raise _not_decompressible(path, compression, error) from None
+
+
+# what a cut-off or mislabelled .gz / .bz2 / .xz / .zst raises while read: bz2's "Invalid data stream" and gzip's
+# BadGzipFile are OSErrors without an errno, unlike a missing file or a full disk
+DECOMPRESSION_ERRORS = (EOFError, zlib.error, lzma.LZMAError, zstandard.ZstdError, OSError)
+
+
+def _not_decompressible(path: str, compression: str, error: Exception) -> Exception:
+    if not compression or (isinstance(error, OSError) and error.errno is not None):
+        return error
+    detail = str(error).removeprefix(f"{path}: ")
+    return BadRecordError(f"{path}: cannot decompress it as {compression} ({detail}): the file is cut short, damaged, "
+                          f"or not {compression}-compressed")
 
 
 def columns_of(rows: Sequence[dict]) -> frozenset[str]:
