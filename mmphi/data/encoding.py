@@ -180,8 +180,9 @@ def encode_conversations(conversations: Sequence[Conversation], processor, max_l
                        fn_kwargs=dict(processor=processor, max_length=max_length),
                        remove_columns=["questions", "answers"], new_fingerprint=fingerprint,
                        cache_file_name=encoded_cache_file(fingerprint))
-    verdicts = encoded["verdict"]
-    report = TruncationReport(truncated=sum(encoded["cut"]), dropped_image_cut=verdicts.count(DROP_IMAGE_CUT),
+    # through arrow in one go: iterating a column decodes row by row (49 s for COCO's 591K captions, on every process)
+    verdicts, cut = (encoded.with_format("arrow")[column].to_pylist() for column in ("verdict", "cut"))
+    report = TruncationReport(truncated=sum(cut), dropped_image_cut=verdicts.count(DROP_IMAGE_CUT),
                               dropped_no_answer=verdicts.count(DROP_NO_ANSWER))
     if report.dropped:
         encoded = encoded.select([i for i, verdict in enumerate(verdicts) if verdict == KEEP])
