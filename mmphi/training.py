@@ -415,6 +415,14 @@ class MMPhiTrainerMixin(FSDPOnCPUMixin):
     lengths from the dataset's `length` column (computed while tokenising) instead of loading every sample, images
     included; and the collator counts evaluation batches apart, so the padding fraction is the training batches'."""
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # The Trainer sets the top config's use_cache from its arguments (off for training); the language model reads
+        # its own, which would otherwise warn at the first checkpointed step. The final save turns both back on.
+        text_config = getattr(self.model.config, "text_config", None)
+        if text_config is not None:
+            text_config.use_cache = self.args.use_cache
+
     def _get_train_sampler(self, train_dataset=None):
         dataset = train_dataset if train_dataset is not None else self.train_dataset
         if self.args.train_sampling_strategy == "group_by_length" and "length" in (

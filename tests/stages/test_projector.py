@@ -49,6 +49,15 @@ def test_only_the_projector_is_trainable_and_optimized(setup, tmp_path):
     assert optimized == {id(p) for p in stage.model.parameters() if p.requires_grad}
 
 
+def test_training_turns_the_language_models_cache_off_too(setup, tmp_path):
+    """Both configs off while training (the Trainer sets only the top one; the language model reads its own and
+    would warn at the first checkpointed step)."""
+    root, data = setup
+    stage = build(root, data, tmp_path / "out", "--gradient_checkpointing", "true")
+    config = stage.trainer.model.config
+    assert config.use_cache is False and config.text_config.use_cache is False
+
+
 @pytest.mark.parametrize("feature_layer", [-1, -2, [0, -2]])
 def test_train_vision_tower_flag_keeps_the_language_model_frozen_and_every_trainable_tensor_gets_a_gradient(
     feature_layer,
