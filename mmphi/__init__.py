@@ -19,6 +19,7 @@ level of the repository because they travel with the weights (`trust_remote_code
 
 import logging
 import os
+import warnings
 
 
 class _ExpectedNotice(logging.Filter):
@@ -31,6 +32,16 @@ class _ExpectedNotice(logging.Filter):
 
 
 logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_ExpectedNotice())
+
+
+def quiet_library_notices() -> None:
+    """Warnings the libraries print at every run that no flag of ours or the user's changes (the command lines and
+    the stages call this; a filter set at import would not survive pytest's own warning filters):
+    - bitsandbytes' "Paged optimizers are not supported on CPU": the stages' default paged_adamw_8bit (paging matters
+      on GPUs) runs as the same 8-bit AdamW unpaged on a CPU;
+    - transformers' deprecation of `is_gradient_checkpointing`, which PEFT reads whenever it wraps a model."""
+    warnings.filterwarnings("ignore", message="Paged optimizers are not supported on CPU", category=UserWarning)
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 TINY_TOKENIZER = os.environ.get(
     "MMPHI_TINY_TOKENIZER", os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "tiny-tokenizer")

@@ -10,6 +10,8 @@ import sys
 from collections import Counter
 from dataclasses import dataclass, field
 
+from mmphi import quiet_library_notices
+
 SKIP_HINT = " (pass --skip_bad_records to skip and count such records)"
 SCAN_HINT = " (pass --skip_bad_records to skip and count such records, --validate_data to scan a file up front)"
 
@@ -108,6 +110,7 @@ def run_command(main) -> None:
     file, a full disk: `ValueError`, `OSError`) prints as one line, `prog: error: ...`, exit status 1; Ctrl-C as one
     line, exit status 130. MMPHI_TRACEBACK=1 shows the traceback instead."""
     prog = os.path.basename(sys.argv[0])
+    quiet_library_notices()
     try:
         main()
     except KeyboardInterrupt as interrupt:

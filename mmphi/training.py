@@ -20,7 +20,6 @@ import os
 import re
 import sys
 import time
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -31,6 +30,7 @@ from transformers import TrainerCallback, TrainingArguments
 from transformers.trainer_pt_utils import LengthGroupedSampler
 from trl import TrlParser
 
+from mmphi import quiet_library_notices
 from mmphi.build import enable_kv_cache
 from mmphi.data.encoding import COLLATED_COUNTS, gather_collator_counts, sample_lengths
 from mmphi.errors import SkipReport, warn_skipped
@@ -549,9 +549,7 @@ def configure_logging(training_args) -> None:
         level = logging.INFO if training_args.should_log else logging.WARNING
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger().setLevel(level)  # also when a handler was set up before us
-    # The stages' default optimizer is paged_adamw_8bit (paging matters on GPUs); on a CPU bitsandbytes runs the same
-    # 8-bit AdamW unpaged and warns at every run, which no setting of a CPU run could act on.
-    warnings.filterwarnings("ignore", message="Paged optimizers are not supported on CPU", category=UserWarning)
+    quiet_library_notices()
     if not training_args.should_log:  # libraries too: a replica repeats the main process's progress and notes
         transformers.utils.logging.set_verbosity(max(level, logging.WARNING))
         datasets.utils.logging.set_verbosity(max(level, logging.WARNING))
