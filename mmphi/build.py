@@ -178,6 +178,10 @@ def main(argv: list[str] | None = None) -> None:
         model, processor = build_tiny(seed=args.seed, projector_type=args.projector_type,
                                       vision_feature_select_strategy=strategy)
     elif args.vision_model and args.text_model:
+        from mmphi.loading import check_model_path
+
+        for path in {args.vision_model, args.text_model} - {"tiny"}:
+            check_model_path(path)
         vision_model = args.vision_model
         if vision_model == "tiny":
             vision_model = save_tiny_clip(os.path.join(args.output_dir, "_tiny_clip"), seed=args.seed)

@@ -66,6 +66,15 @@ def parse_json_object(raw: bytes | str) -> dict:
     return record
 
 
+def check_data_file(path: str, pattern: str) -> None:
+    """A data file flag given a missing path or a folder: say which, and for a folder how to pass it."""
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"{path}: a folder, not a file: give its files ({os.path.join(path, pattern)}), or "
+                                f"the folder as --dataset_name {path} (read by datasets)")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such file")
+
+
 def load_json(path: str):
     """A JSON file's content; invalid JSON is an error naming the file and line."""
     try:

@@ -14,10 +14,10 @@ import threading
 
 import pytest
 
-from mmphi import chat, evaluation, export, merge
+from mmphi import build, chat, evaluation, export, merge
 from mmphi.build import build_tiny, save_mmphi
 from mmphi.errors import describe_error, run_command
-from mmphi.stages import projector
+from mmphi.stages import pretrain, projector
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL_FILES = ("config.json", "model.safetensors", "generation_config.json")
@@ -88,6 +88,14 @@ CASES = [
      r"{root}/no_annotations.json: no samples in it \(a COCO file with no annotations"),
     ("export_llava.py", export.main, ["--model", "{root}/adapter", "--output_dir", "{root}/llava"],
      r"{root}/adapter is a LoRA adapter: merge it into its base first"),
+    ("projector.py", projector.main, ["--model_name_or_path", "{root}/model", "--data_path", "{root}/notes",
+                                      "--output_dir", "{root}/projector"],
+     r"{root}/notes: a folder, not a file: give its files \({root}/notes/\*\.json\), or the folder as "
+     r"--dataset_name {root}/notes"),
+    ("pretrain.py", pretrain.main, ["--train_files", "{root}/notes", "--output_dir", "{root}/pretrain",
+                                    "--config_name", "tiny"], r"{root}/notes: a folder, not a file"),
+    ("build_model.py", build.main, ["--vision_model", "/nope", "--text_model", "{root}/model", "--output_dir",
+                                    "{root}/built"], r"no such model folder: /nope"),
 ]
 
 

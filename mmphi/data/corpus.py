@@ -27,7 +27,14 @@ from typing import IO
 import datasets
 import torch
 
-from mmphi.errors import SKIP_HINT, BadRecordError, SkipReport, handle_bad_record, parse_json_object
+from mmphi.errors import (
+    SKIP_HINT,
+    BadRecordError,
+    SkipReport,
+    check_data_file,
+    handle_bad_record,
+    parse_json_object,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -110,8 +117,7 @@ def _decompressed(name: str, raw: IO[bytes]) -> IO[bytes]:
 
 def open_jsonl_streams(path: str) -> Iterator[tuple[str, IO[bytes]]]:
     """Yield (display name, binary line stream) for `path`, or for each JSONL member of a `.zip` (sorted by name)."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no such file")
+    check_data_file(path, "*.jsonl")
     if path.endswith(".zip"):
         try:
             archive = zipfile.ZipFile(path)
@@ -368,7 +374,7 @@ def load_documents(files: list[str], skip_bad_records: bool, mix_by: str, stream
         rows = datasets.Dataset.from_generator(document_rows, gen_kwargs=gen_kwargs, cache_dir=cache_dir)
     except datasets.exceptions.DatasetGenerationError as e:
         cause = e.__cause__ or e.__context__
-        if isinstance(cause, (BadRecordError, FileNotFoundError, ImportError)):
+        if isinstance(cause, (BadRecordError, FileNotFoundError, IsADirectoryError, ImportError)):
             raise cause from None  # the file:line message, not the datasets wrapper
         raise
     return _drop_bad_rows(rows, report)

@@ -46,7 +46,14 @@ from tqdm.auto import tqdm
 from mmphi.data.corpus import zstd_reader
 from mmphi.data.images import check_images, embedded_image_keys
 from mmphi.data.records import CAPTION_PROMPT, CaptionedImage, Conversation, Turn, first_images, split_by_image
-from mmphi.errors import BadRecordError, SkipReport, handle_bad_record, parse_json_object, validation_exit
+from mmphi.errors import (
+    BadRecordError,
+    SkipReport,
+    check_data_file,
+    handle_bad_record,
+    parse_json_object,
+    validation_exit,
+)
 from processing_mmphi import AUDIO_TOKEN, IMAGE_TOKEN, PAD_TOKEN
 
 # Text that the tokenizer turns into a control token instead of words: in an answer `<image>` would ask the model for
@@ -116,8 +123,7 @@ def load_rows(source: DataSource) -> Sequence[dict]:
             return datasets.load_dataset(source.name, source.config, split=source.split)
         except (FileNotFoundError, ValueError) as error:
             raise ValueError(f"{source.label}: cannot load the dataset: {error}") from None
-    if not os.path.isfile(source.path):
-        raise FileNotFoundError(f"{source.path}: no such file")
+    check_data_file(source.path, "*.json")
     builder, compression = _file_kind(source.path)
     try:
         with _quiet_json_builder():
