@@ -197,6 +197,20 @@ def weights_fingerprint(folder: str) -> str | None:
     return digest.hexdigest()
 
 
+def check_adapter_folder(adapter: str) -> None:
+    """A local adapter folder holds what PEFT loads (adapter_config.json, adapter_model.safetensors): without them
+    PEFT would take the path for a hub repo id and fail on its form. A hub id is left to PEFT."""
+    if not os.path.isdir(adapter):
+        if looks_local(adapter):
+            raise FileNotFoundError(f"no such adapter folder: {adapter}")
+        return
+    missing = [name for name in ("adapter_config.json", "adapter_model.safetensors")
+               if not os.path.isfile(os.path.join(adapter, name))]
+    if missing:
+        raise FileNotFoundError(f"{adapter}: no {' or '.join(missing)} (an instruct LoRA output holds both; a save "
+                                "cut short leaves them out)")
+
+
 def check_adapter_base(adapter: str, base: str, allow_other_base: bool = False) -> None:
     """Refuse an instruct adapter on a base other than the one it was trained on (a LoRA applies to any base of the
     same shapes, and answers nonsense on the wrong one). The instruct stage records its base's `weights_fingerprint`
@@ -234,6 +248,7 @@ def load_causal_lm(path: str, adapter: str | None = None, quantization: str | No
     check_model_path(path)
     check_remote_code(path, trust_remote_code)
     if adapter:
+        check_adapter_folder(adapter)
         check_adapter_base(adapter, path, allow_other_base)
     device = pick_device(device)
     torch_dtype = pick_dtype(dtype, device)
@@ -331,8 +346,7 @@ def merge_lora(model_name_or_path: str, adapter: str, output_dir: str | None = N
         raise ValueError(f"merge_into must be one of {MERGE_TARGETS}, got {merge_into!r}")
     if output_dir is not None:
         check_replaceable(output_dir)  # before minutes of loading and merging at real size
-    if not os.path.exists(os.path.join(adapter, "adapter_config.json")):
-        raise FileNotFoundError(f"{adapter}: no adapter_config.json (is it an instruct LoRA output?)")
+    check_adapter_folder(adapter)
     check_adapter_base(adapter, model_name_or_path, allow_other_base)
     with readable_weights(model_name_or_path):
         base = MMPhiForCausalLM.from_pretrained(model_name_or_path, dtype=dtype)

@@ -94,6 +94,10 @@ CASES = [
      r"--dataset_name {root}/notes"),
     ("pretrain.py", pretrain.main, ["--train_files", "{root}/notes", "--output_dir", "{root}/pretrain",
                                     "--config_name", "tiny"], r"{root}/notes: a folder, not a file"),
+    ("chat.py", chat.main, ["--model", "{root}/model", "--adapter", "{root}/adapter", "hi"],
+     r"{root}/adapter: no adapter_model.safetensors"),
+    ("merge_lora.py", merge.main, ["--model_name_or_path", "{root}/model", "--adapter", "{root}/nope",
+                                   "--output_dir", "{root}/merged"], r"no such adapter folder: {root}/nope"),
     ("build_model.py", build.main, ["--vision_model", "/nope", "--text_model", "{root}/model", "--output_dir",
                                     "{root}/built"], r"no such model folder: /nope"),
 ]
