@@ -30,7 +30,6 @@ import math
 import os
 import re
 import shutil
-import sys
 import tempfile
 from collections.abc import Iterable
 
@@ -547,6 +546,8 @@ def read_summary(model_dir: str, path: str | None):
 
 def push(args: argparse.Namespace, api: HfApi | None = None) -> list[str]:
     """Build the card, stage the files, then write them (dry run) or upload them. Returns the staged names."""
+    if not os.path.isdir(args.model):
+        raise FileNotFoundError(f"no such model folder: {args.model}")
     evaluations = find_evaluations(args.model, args.metrics)
     card = build_card(args.model, args.repo_id, evaluations, read_summary(args.model, args.training_summary),
                       args.license, args.base_model)
@@ -569,10 +570,7 @@ def push(args: argparse.Namespace, api: HfApi | None = None) -> list[str]:
 
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        push(parse_args(argv))
-    except (ValueError, FileNotFoundError) as error:
-        sys.exit(f"push_to_hub: {error}")
+    push(parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -182,6 +182,8 @@ def resolve_resume(training_args) -> str | bool | None:
             raise FileNotFoundError(f"--resume_from_checkpoint {value}: no complete checkpoint in "
                                     f"{training_args.output_dir}")
         return last
+    if isinstance(value, str) and not os.path.isdir(value):  # before the data is read, not after
+        raise FileNotFoundError(f"--resume_from_checkpoint {value}: no such checkpoint folder")
     return value
 
 
@@ -323,8 +325,9 @@ class Stage:
         """The command line: parse, then either scan the data (`--validate_data`; exits 0 when clean) or train,
         printing the metrics."""
         model_args, data_args, training_args = self.parse_args(argv)
-        if getattr(model_args, "model_name_or_path", None):  # before the data is read: minutes at real size
-            check_model_path(model_args.model_name_or_path)
+        for flag in ("model_name_or_path", "tokenizer_name", "config_name"):  # before the data is read
+            if getattr(model_args, flag, None):
+                check_model_path(getattr(model_args, flag))
         if getattr(model_args, "export_llava", None):  # a folder the export may not replace: say so before training
             check_replaceable(model_args.export_llava)
         configure_logging(training_args)

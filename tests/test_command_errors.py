@@ -14,7 +14,7 @@ import threading
 
 import pytest
 
-from mmphi import build, chat, evaluation, export, merge
+from mmphi import build, chat, evaluation, export, hub, merge
 from mmphi.build import build_tiny, save_mmphi
 from mmphi.errors import describe_error, run_command
 from mmphi.stages import pretrain, projector
@@ -54,6 +54,7 @@ def corpus(tmp_path_factory, draw_shape):
                                                           "annotations": []}))
     (root / "notes").mkdir()
     (root / "notes" / "mine.txt").write_text("keep me")
+    (root / "bad.parquet").write_text("not parquet")
 
     handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
@@ -98,6 +99,18 @@ CASES = [
      r"{root}/adapter: no adapter_model.safetensors"),
     ("merge_lora.py", merge.main, ["--model_name_or_path", "{root}/model", "--adapter", "{root}/nope",
                                    "--output_dir", "{root}/merged"], r"no such adapter folder: {root}/nope"),
+    ("push_to_hub.py", hub.main, ["--model", "/nope", "--repo_id", "someone/model", "--dry_run", "--output_dir",
+                                  "{root}/staged"], r"no such model folder: /nope"),
+    ("pretrain.py", pretrain.main, ["--train_files", "{root}/notes/mine.txt", "--tokenizer_name", "./nope",
+                                    "--output_dir", "{root}/pretrain", "--config_name", "tiny"],
+     r"no such model folder: \./nope"),
+    ("projector.py", projector.main, ["--model_name_or_path", "{root}/model", "--data_path",
+                                      "{root}/no_annotations.json", "--output_dir", "{root}/projector",
+                                      "--resume_from_checkpoint", "{root}/nope"],
+     r"--resume_from_checkpoint {root}/nope: no such checkpoint folder"),
+    ("projector.py", projector.main, ["--model_name_or_path", "{root}/model", "--data_path",
+                                      "{root}/bad.parquet", "--output_dir", "{root}/projector"],
+     r"{root}/bad.parquet: cannot be read as parquet: Parquet magic bytes not found"),
     ("build_model.py", build.main, ["--vision_model", "/nope", "--text_model", "{root}/model", "--output_dir",
                                     "{root}/built"], r"no such model folder: /nope"),
 ]

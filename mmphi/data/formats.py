@@ -126,27 +126,28 @@ def load_rows(source: DataSource) -> Sequence[dict]:
     check_data_file(source.path, "*.json")
     builder, compression = _file_kind(source.path)
     try:
-        with _quiet_json_builder():
+        with _quiet_builder(builder):
             return datasets.load_dataset(builder, data_files=source.path, split="train")
     except DECOMPRESSION_ERRORS as error:  # met while datasets reads the first block for the columns
         raise _not_decompressible(source.path, compression, error) from None
     except (datasets.exceptions.DatasetGenerationError, ValueError) as error:  # ValueError: no rows at all
         if builder != "json":
-            raise BadRecordError(f"{source.path}: cannot be read as {builder}: {error.__cause__}") from None
+            raise BadRecordError(f"{source.path}: cannot be read as {builder}: {error.__cause__ or error}") from None
         return _read_json_records(source.path)
 
 
 @contextlib.contextmanager
-def _quiet_json_builder():
-    """datasets' JSON builder logs an ERROR for a file arrow reads as no table of rows (a COCO file: one object of
-    lists) before it raises; that file is then read here, so the message would only alarm."""
-    json_logger = datasets.utils.logging.get_logger("datasets.packaged_modules.json.json")
-    level = json_logger.level
-    json_logger.setLevel(logging.CRITICAL)
+def _quiet_builder(builder: str):
+    """datasets' builders log an ERROR before they raise: the JSON one for a file arrow reads as no table of rows (a
+    COCO file: one object of lists), which is then read here, the parquet one for a file that is not parquet, which
+    the error raised here names; either message would only repeat or alarm."""
+    builder_logger = datasets.utils.logging.get_logger(f"datasets.packaged_modules.{builder}.{builder}")
+    level = builder_logger.level
+    builder_logger.setLevel(logging.CRITICAL)
     try:
         yield
     finally:
-        json_logger.setLevel(level)
+        builder_logger.setLevel(level)
 
 
 def _read_json_records(path: str) -> list:
