@@ -75,15 +75,21 @@ def folder_bytes(folder: str) -> int:
                if os.path.isfile(os.path.join(folder, name)))
 
 
-def timed(name: str, script: str, *args: str) -> dict:
-    """One command line (scripts/<script>) in a child process: its wall time and peak RSS (GNU time)."""
-    command = ["/usr/bin/time", "-f", "MMPHI_TIME %e %M", sys.executable, os.path.join(REPO_ROOT, "scripts", script),
-               *args]
-    done = subprocess.run(command, capture_output=True, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+def timed(name: str, script: str, *args: str, env: dict | None = None, processes: int = 1) -> dict:
+    """One command line (scripts/<script>) in a child process under GNU time: its wall time and peak RSS. With
+    `processes` > 1 it runs as that many data-parallel CPU processes (gloo, `scripts/configs/cpu_multiprocess.yaml`),
+    and the peak is the largest process's (GNU time reports the largest descendant)."""
+    script = os.path.join(REPO_ROOT, "scripts", script)
+    launch = [sys.executable, script] if processes == 1 else [
+        sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+        os.path.join(REPO_ROOT, "scripts", "configs", "cpu_multiprocess.yaml"), "--num_processes", str(processes),
+        script, "--use_cpu", "true"]
+    done = subprocess.run(["/usr/bin/time", "-f", "MMPHI_TIME %e %M", *launch, *args], capture_output=True,
+                          text=True, env=env or dict(os.environ, HF_HUB_OFFLINE="1"))
     if done.returncode != 0:
         raise RuntimeError(f"{name} failed:\n{done.stderr[-3000:]}")
     seconds, kib = done.stderr.rsplit("MMPHI_TIME ", 1)[1].split()[:2]
-    return {"step": name, "wall_s": float(seconds), "peak_rss_gb": round(int(kib) * 1024 / 1e9, 1),
+    return {"step": name, "wall_s": float(seconds), "peak_rss_gb": round(int(kib) * 1024 / 1e9, 2),
             "stdout": done.stdout.strip()[-200:]}
 
 

@@ -11,9 +11,8 @@ what is measured), a first run and a re-run, with wall time and peak RSS.
 
 Each run is `scripts/projector.py` / `scripts/instruct.py` with `--max_steps 1` in a child process under GNU time; the
 re-run finds the tokenised data in the `datasets` cache (`HF_DATASETS_CACHE` under --work_dir) and the images'
-features where the first run put them. `--processes 2` launches each run as two data-parallel CPU processes (gloo,
-`scripts/configs/cpu_multiprocess.yaml`) with caches of their own, so that their first run starts cold; the peak RSS
-is then the largest process's (GNU time reports the largest descendant).
+features where the first run put them. `--processes 2` launches each run as two data-parallel CPU processes
+(`benchmarks.real_size.timed`) with caches of their own, so that their first run starts cold.
 """
 
 from __future__ import annotations
@@ -26,7 +25,8 @@ import random
 import subprocess
 import sys
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from benchmarks.real_size import REPO_ROOT, timed
+
 COCO_IMAGES, COCO_CAPTIONS, LLAVA_RECORDS, DRAWN_IMAGES = 118_287, 591_753, 157_712, 300
 WORDS = ["a", "man", "woman", "dog", "cat", "red", "blue", "small", "large", "table", "street", "car", "bus", "train",
          "plate", "of", "food", "sitting", "standing", "next", "to", "the", "on", "in", "with", "near", "two", "three",
@@ -60,20 +60,6 @@ def write_llava_instruct(path: str, file_names: list[str], rng: random.Random) -
         json.dump(records, handle)
 
 
-def timed(name: str, script: str, *args: str, env: dict, processes: int = 1) -> dict:
-    script = os.path.join(REPO_ROOT, "scripts", script)
-    launch = [sys.executable, script] if processes == 1 else [
-        sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-        os.path.join(REPO_ROOT, "scripts", "configs", "cpu_multiprocess.yaml"), "--num_processes", str(processes),
-        script, "--use_cpu", "true"]
-    command = ["/usr/bin/time", "-f", "MMPHI_TIME %e %M", *launch, *args]
-    done = subprocess.run(command, capture_output=True, text=True, env=env)
-    if done.returncode != 0:
-        raise RuntimeError(f"{name} failed:\n{done.stderr[-3000:]}")
-    seconds, kib = done.stderr.rsplit("MMPHI_TIME ", 1)[1].split()[:2]
-    return {"run": name, "wall_s": float(seconds), "peak_rss_gb": round(int(kib) * 1024 / 1e9, 2)}
-
-
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work_dir", default="/tmp/mmphi-real-data")
@@ -105,7 +91,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                              work("llava_instruct_150k.json"), "--output_dir", work(f"instruct{runs}"),
                              "--load_in_4bit", "false", *common, env=env, processes=args.processes))
     for row in results:
-        print(json.dumps(row))
+        print(json.dumps({key: value for key, value in row.items() if key != "stdout"}))
     return results
 
 
