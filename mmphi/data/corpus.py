@@ -476,11 +476,9 @@ def file_sources(files: list[str], mix_by: str) -> dict[str, list[str]]:
     good record. RedPajama's files hold one set each; a stream is never scanned to find out more."""
     groups: dict[str, list[str]] = {}
     for path in files:
-        source = None
-        if mix_by == "set_name":
-            first = next(iter_jsonl_records(path, skip_bad_records=True), None)
-            source = set_name_of(first) if first is not None else None
-        groups.setdefault(source or source_name_of_file(path), []).append(path)
+        # (text, source) of the first good record, read as the cached path reads every record
+        first = next(iter_documents(path, True, SkipReport(), mix_by), None) if mix_by == "set_name" else None
+        groups.setdefault(first[1] if first else source_name_of_file(path), []).append(path)
     return groups
 
 

@@ -180,8 +180,7 @@ def encode_conversations(conversations: Sequence[Conversation], processor, max_l
                        fn_kwargs=dict(processor=processor, max_length=max_length),
                        remove_columns=["questions", "answers"], new_fingerprint=fingerprint,
                        cache_file_name=encoded_cache_file(fingerprint))
-    # through arrow in one go: iterating a column decodes row by row (49 s for COCO's 591K captions, on every process)
-    verdicts, cut = (encoded.with_format("arrow")[column].to_pylist() for column in ("verdict", "cut"))
+    verdicts, cut = column_values(encoded, "verdict"), column_values(encoded, "cut")
     report = TruncationReport(truncated=sum(cut), dropped_image_cut=verdicts.count(DROP_IMAGE_CUT),
                               dropped_no_answer=verdicts.count(DROP_NO_ANSWER))
     if report.dropped:
@@ -230,10 +229,15 @@ def build_datasets(model, processor, data_args, training_args, train_records: Se
 # ---------------------------------------------------------------------------------------------------------- batches
 
 
+def column_values(dataset: datasets.Dataset, column: str) -> list:
+    """A column's values read through arrow in one go: iterating or indexing a `datasets` column decodes it one row at
+    a time (49 s for three columns of COCO's 591K captions, on every process; minutes for per-sample indexing)."""
+    return dataset.with_format("arrow")[column].to_pylist()
+
+
 def sample_lengths(dataset: datasets.Dataset) -> list[int]:
-    """Every sample's token count (the `length` column), read through arrow in one go: indexing the column one
-    sample at a time re-reads it each time (minutes for COCO's 591K captions)."""
-    return dataset.with_format("arrow")["length"].to_pylist()
+    """Every sample's token count (the `length` column), for the length-grouped sampler and the padding report."""
+    return column_values(dataset, "length")
 
 
 COLLATED_COUNTS = "collated_counts"  # the batch key the counts travel under; popped before the model sees the batch
