@@ -38,6 +38,15 @@ def reset_bitsandbytes_optimizer_overrides():
 
 
 @pytest.fixture(scope="session")
+def unexpected_warnings():
+    """caught warnings -> the messages a default run should not print: all but torch's notice on importing the speech
+    stack, which no run setting touches."""
+    expected_elsewhere = ("torch.jit.script_method",)
+    return lambda caught: [str(w.message) for w in caught
+                           if not any(part in str(w.message) for part in expected_elsewhere)]
+
+
+@pytest.fixture(scope="session")
 def draw_shape():
     """`draw_shape(path, colour, shape="ellipse")`: a 224 x 224 white image with one filled shape, saved to `path`."""
     from PIL import Image, ImageDraw

@@ -41,29 +41,22 @@ def cpu_config(output_dir, **overrides) -> InstructSFTConfig:
 
 
 @pytest.fixture(scope="module")
-def qlora_run(tiny_folder, synthetic, tmp_path_factory):
+def qlora_run(tiny_folder, synthetic, tmp_path_factory, unexpected_warnings):
     """A real 4-bit QLoRA run: an evaluation pass first (eval_on_start), then training steps, evaluation again,
-    then the adapter is saved and merged."""
+    then the adapter is saved and merged. With the stage defaults (paged 8-bit AdamW, gradient checkpointing, PEFT
+    wrapping the model) it prints no warning the user could not act on."""
     output_dir = tmp_path_factory.mktemp("instruct") / "run"
     with warnings.catch_warnings(record=True) as caught:
-        metrics = run_quietly_checked(caught, [
-        "--model_name_or_path", str(tiny_folder), "--data_path", synthetic["llava_train"],
-        "--image_folder", synthetic["images"], "--output_dir", str(output_dir), "--load_in_4bit", "true",
-        "--lora_r", "8", "--max_steps", "3", "--per_device_train_batch_size", "2", "--gradient_accumulation_steps",
-        "1", "--learning_rate", "5e-3", "--warmup_steps", "0", "--val_fraction", "0.2", "--max_eval_samples", "2",
-        "--eval_on_start", "true", "--eval_strategy", "steps", "--eval_steps", "2", "--logging_steps", "1",
-        "--save_strategy", "no", "--max_length", str(MAX_LENGTH), "--merge",
+        metrics = main([
+            "--model_name_or_path", str(tiny_folder), "--data_path", synthetic["llava_train"],
+            "--image_folder", synthetic["images"], "--output_dir", str(output_dir), "--load_in_4bit", "true",
+            "--lora_r", "8", "--max_steps", "3", "--per_device_train_batch_size", "2",
+            "--gradient_accumulation_steps", "1", "--learning_rate", "5e-3", "--warmup_steps", "0", "--val_fraction",
+            "0.2", "--max_eval_samples", "2", "--eval_on_start", "true", "--eval_strategy", "steps", "--eval_steps",
+            "2", "--logging_steps", "1", "--save_strategy", "no", "--max_length", str(MAX_LENGTH), "--merge",
         ])
+    assert unexpected_warnings(caught) == []
     return output_dir, metrics
-
-
-def run_quietly_checked(caught: list, argv: list[str]) -> dict:
-    """The stage's main; afterwards, no warning the user could not act on (the stage defaults: paged 8-bit AdamW and
-    gradient checkpointing, with PEFT wrapping the model)."""
-    metrics = main(argv)
-    expected_elsewhere = ("torch.jit.script_method",)  # imports of the speech stack, not this run's settings
-    assert [str(w.message) for w in caught if not any(p in str(w.message) for p in expected_elsewhere)] == []
-    return metrics
 
 
 def test_stage_defaults_resolve_precision_on_cpu(tmp_path):
